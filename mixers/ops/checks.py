@@ -1,0 +1,43 @@
+"""Argument checks that fail fast with the argument's name, its shape and what was expected."""
+import jax
+import numpy as np
+
+
+def shape_error(name, x, expected):
+  return ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+def check_rank(name, x, rank, expected):
+  if x.ndim != rank:
+    raise shape_error(name, x, expected)
+
+
+def check_shape(name, x, shape, expected):
+  """`shape` is a tuple of ints or None (any size)."""
+  if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+    raise shape_error(name, x, expected)
+
+
+def check_positive_int(name, value):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def is_concrete(x):
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_nonpositive(name, x):
+  """Log-decays must be <= 0; checked when the values are concrete (not under jit)."""
+  if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) > 0)):
+    raise ValueError(f"{name} must be <= 0 (a log-space decay), got a maximum of {float(np.max(np.asarray(x)))}")
+
+
+def check_positive(name, x):
+  if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) <= 0)):
+    raise ValueError(f"{name} must be > 0, got a minimum of {float(np.min(np.asarray(x)))}")

@@ -1,0 +1,52 @@
+"""Materialised form of the gated linear recurrence: the T x T mixing matrix applied to the values.
+
+  M_ts = scale * sum_i q_ti k_si exp(G_ti - G_si) for s <= t (s < t if exclusive), G = cumsum(g) over time;
+  o = M v + scale * q diag(exp(G)) S_0;  S_T = diag(exp(G_T)) S_0 + sum_s diag(exp(G_T - G_s)) k_s v_s^T.
+Quadratic in T: the oracle the other forms are tested against, and what plots show.
+"""
+import jax.numpy as jnp
+
+from mixers.ops.recurrence import shapes
+
+
+def cumulative_decay(log_decay, shape):
+  """G `[B,T,H,K]` (broadcast over K for scalar decays), inclusive cumulative sum of the log-decay."""
+  if log_decay is None:
+    return jnp.zeros(shape, jnp.float32)
+  g = log_decay if log_decay.ndim == 4 else log_decay[..., None]
+  return jnp.broadcast_to(jnp.cumsum(g, axis=1), shape)
+
+
+def decay_weights(log_decay, shape, *, causal=True, exclusive=False, dtype=jnp.float32):
+  """w `[B,H,T,T,K]`: exp(G_t - G_s) below the diagonal; non-causal also exp(G_s - G_t) above it."""
+  cum = cumulative_decay(log_decay, shape).astype(dtype)
+  cum = jnp.moveaxis(cum, 2, 1)  # [B,H,T,K]
+  diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # G_t - G_s
+  t = jnp.arange(shape[1])
+  if causal:
+    keep = (t[None, :] < t[:, None]) if exclusive else (t[None, :] <= t[:, None])
+    return jnp.exp(jnp.where(keep[None, None, :, :, None], diff, -jnp.inf))
+  return jnp.exp(-jnp.abs(diff))
+
+
+def mixing_matrix(q, k, log_decay=None, *, scale=1.0, causal=True, exclusive=False):
+  """M `[B,H,T,T]` with o = M v (per batch and head)."""
+  dtype = shapes.compute_dtype(q, k)
+  w = decay_weights(log_decay, q.shape, causal=causal, exclusive=exclusive, dtype=dtype)
+  return scale * jnp.einsum("bthi,bshi,bhtsi->bhts", q.astype(dtype), k.astype(dtype), w)
+
+
+def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False):
+  """(o `[B,T,H,V]`, final state `[B,H,K,V]`) from the materialised matrix."""
+  dtype = shapes.compute_dtype(q, k, v)
+  m = mixing_matrix(q, k, log_decay, scale=scale, exclusive=exclusive)
+  o = jnp.einsum("bhts,bshv->bthv", m, v.astype(dtype))
+  cum = cumulative_decay(log_decay, q.shape).astype(dtype)
+  tail = jnp.exp(cum[:, -1:] - cum)  # decay from each s to the end, [B,T,H,K]
+  final = jnp.einsum("bshk,bshv->bhkv", k.astype(dtype) * tail, v.astype(dtype))
+  if initial_state is not None:
+    s0 = initial_state.astype(dtype)
+    q_in = q.astype(dtype) * jnp.exp(cum)
+    o = o + scale * jnp.einsum("bthk,bhkv->bthv", q_in, s0)
+    final = final + jnp.exp(cum[:, -1])[..., None] * s0
+  return o.astype(shapes.output_dtype(q, k, v)), final
