@@ -1,0 +1,173 @@
+"""Sequence parallelism for the recurrent mixers: `[B,T,...]` arrays split along T over a mesh axis.
+
+`sequence_parallel(op, mesh)` returns a function with `op`'s signature. Inside `jax.shard_map` every
+device runs the chunked recurrence on its slice from a zero state; the slices' final states and total
+decays (never activations) are all-gathered, combined as a prefix on every device, and each slice adds
+its incoming state's contribution (see `slice_scan`). Non-causal forms without decay reduce their
+global state with a `psum`. Batch and heads stay split over the axes the logical rules give them.
+
+Each op has an adapter that maps its arguments onto (q, k, v, log_decay, scale) of the core and back.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mixers.sharding import rules as rules_lib
+from mixers.sharding.slice_scan import reverse_strict_scan, slice_scan
+
+_ADAPTERS: dict[str, Callable] = {}
+
+
+def register_adapter(name: str):
+  """Registers `make(layout) -> fn` as the sequence-parallel form of the op called `name`."""
+  def wrap(make):
+    _ADAPTERS[name] = make
+    return make
+  return wrap
+
+
+def supported_ops() -> tuple[str, ...]:
+  return tuple(sorted(_ADAPTERS))
+
+
+class Layout:
+  """Which mesh axes split batch, time and heads, given the mesh, the rules and the array sizes."""
+
+  def __init__(self, mesh: Mesh, axis: str, rules):
+    if axis not in mesh.shape:
+      raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {dict(mesh.shape)}")
+    self.mesh, self.axis, self.rules = mesh, axis, rules
+    self.size = mesh.shape[axis]
+
+  def _fit(self, logical: str, dim: int):
+    axes = tuple(a for a in rules_lib.mesh_axes_for(logical, self.mesh, self.rules) if a != self.axis)
+    while axes and dim % math.prod(self.mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    return axes or None
+
+  def specs(self, batch: int, heads: int | None):
+    """(batch axes, head axes) for shard_map specs."""
+    return self._fit("batch", batch), (None if heads is None else self._fit("heads", heads))
+
+  def padded_length(self, t: int) -> int:
+    return -(-t // self.size) * self.size
+
+  def shard_map(self, body, in_specs, out_specs):
+    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def pad_time(x, length):
+  """Zero-pads `[B,T,...]` to `[B,length,...]`; zero keys, values and log-decays leave every state unchanged."""
+  if x is None or x.shape[1] == length:
+    return x
+  return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "sequence", *,
+                      rules=rules_lib.DEFAULT_RULES) -> Callable:
+  """`op` (one of `mixers.ops.linear_attention`, `ssd`, `quasiseparable`, `lightnet`) with its `[B,T,...]`
+  inputs and outputs split along T over mesh axis `axis`.
+
+  Any T works: a T that the axis size does not divide is zero-padded at the end (which changes no
+  real token's output or the final state). Results equal the single-device op's.
+  """
+  name = getattr(op, "__name__", str(op))
+  if name not in _ADAPTERS:
+    raise ValueError(f"sequence_parallel has no form for op {name!r}; supported: {list(supported_ops())}")
+  fn = _ADAPTERS[name](Layout(mesh, axis, rules))
+  return functools.wraps(op)(fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear attention
+
+
+def _pair_to_augmented(state, normalize):
+  """(S [B,H,K,V], z [B,H,K]) -> S_aug [B,H,K,V+1]; plain S passes through."""
+  if state is None or not normalize:
+    return state
+  s, z = state
+  return jnp.concatenate([s, z[..., None].astype(s.dtype)], axis=-1)
+
+
+def _with_ones(v):
+  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _normalized(o_aug, scale_unused, eps):
+  return o_aug[..., :-1] / (o_aug[..., -1:] + eps)
+
+
+@register_adapter("linear_attention")
+def _linear_attention(layout: Layout):
+  from mixers.ops.recurrence import shapes  # pylint: disable=import-outside-toplevel
+
+  def fn(q, k, v, *, causal=True, log_decay=None, normalize=False, scale=None, eps=1e-6,
+         initial_state=None, return_state=False, chunk_size=64, impl="auto"):
+    shapes.check_qkv(q, k, v)
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = dk ** -0.5 if scale is None else scale
+    if return_state and not causal:
+      raise ValueError("return_state=True needs causal=True (a non-causal op has no final state)")
+    if initial_state is not None and not causal:
+      raise ValueError("initial_state needs causal=True")
+    if log_decay is not None:
+      log_decay = jnp.asarray(log_decay)
+      if log_decay.shape not in ((h,), (b, t, h), (b, t, h, dk)):
+        raise ValueError(f"log_decay must have shape None, [H]=({h},), [B,T,H]={(b, t, h)} or "
+                         f"[B,T,H,K]={(b, t, h, dk)}, got {tuple(log_decay.shape)}")
+    s0 = _pair_to_augmented(initial_state, normalize)
+    if s0 is not None:
+      expect = (b, h, dk, dv + (1 if normalize else 0))
+      if s0.shape != expect:
+        raise ValueError(f"initial_state must be {'the pair (S [B,H,K,V], z [B,H,K])' if normalize else '[B,H,K,V]'}"
+                         f" for B,H,K,V = {(b, h, dk, dv)}, got shape {tuple(s0.shape)}")
+    per_head_decay = log_decay is not None and log_decay.ndim == 1
+    tp = layout.padded_length(t)
+    q, k, v = (pad_time(x, tp) for x in (q, k, v))
+    if normalize:
+      v = _with_ones(v) * (jnp.arange(tp) < t)[None, :, None, None].astype(v.dtype)
+    g = log_decay if per_head_decay else pad_time(log_decay, tp)
+    bax, hax = layout.specs(b, h)
+    seq = P(bax, layout.axis, hax, None)
+    gspec = None if g is None else (P(hax) if per_head_decay else P(bax, layout.axis, hax, *([None] * (g.ndim - 3))))
+    sspec = P(bax, hax, None, None)
+
+    def body(q, k, v, g, s0):
+      if g is not None and g.ndim == 1:  # per head: broadcast locally, 0 on the padding
+        local = q.shape[1]
+        real = jax.lax.axis_index(layout.axis) * local + jnp.arange(local) < t
+        g = jnp.where(real[None, :, None], g, 0.0) * jnp.ones(q.shape[:3], g.dtype)
+      if causal:
+        o, final = slice_scan(q, k, v, g, axis=layout.axis, scale=scale, initial_state=s0,
+                              chunk_size=chunk_size, impl=impl)
+      elif g is None:
+        acc = jnp.promote_types(q.dtype, jnp.float32)
+        state = jax.lax.psum(jnp.einsum("blhk,blhv->bhkv", k.astype(acc), v.astype(acc)), layout.axis)
+        o, final = scale * jnp.einsum("blhk,bhkv->blhv", q.astype(acc), state), None
+      else:
+        o, final = slice_scan(q, k, v, g, axis=layout.axis, scale=scale, chunk_size=chunk_size, impl=impl)
+        o = o + reverse_strict_scan(q, k, v, g, axis=layout.axis, scale=scale, chunk_size=chunk_size, impl=impl)
+        final = None
+      if normalize:
+        o = _normalized(o, scale, eps)
+      return o, final
+
+    out_specs = (seq, sspec if causal else None)
+    o, final = layout.shard_map(body, in_specs=(seq, seq, seq, gspec, None if s0 is None else sspec),
+                                out_specs=out_specs)(q, k, v, g, s0)
+    o = o[:, :t].astype(jnp.result_type(q, k, v))
+    if not return_state:
+      return o
+    if normalize:
+      final = (final[..., :-1], final[..., -1])
+    return o, final
+
+  return fn
