@@ -1,0 +1,71 @@
+"""Per-channel long convolutions along time, causal or bidirectional, in O(T log T).
+
+`y_t = sum_{s<=t} k_{t-s} u_s + sum_{s>t} k_rev_{s-t-1} u_s` for u `[B,T,D]`, k and k_rev `[T,D]`.
+Both sides fit in one circular convolution of length n >= 2T with the kernel
+`[k_0 .. k_{T-1}, 0 .. 0, k_rev_{T-1} .. k_rev_0]` and u zero-padded, so nothing wraps around.
+`impl="fft"` uses `jnp.fft`; `impl="monarch"` uses the Monarch-factored DFT (GEMMs only), which is
+what maps onto matrix units.
+"""
+import jax.numpy as jnp
+
+from mixers.ops import checks
+from mixers.ops import monarch_fft
+
+IMPLS = ("fft", "monarch")
+
+
+def _check(u, k, k_rev):
+  checks.check_rank("u", u, 3, "[B, T, D]")
+  _, T, D = u.shape
+  checks.check_shape("k", k, (T, D), f"[T, D] = [{T}, {D}] (u has shape {tuple(u.shape)})")
+  if k_rev is not None:
+    checks.check_shape("k_rev", k_rev, (T, D), f"[T, D] = [{T}, {D}] (u has shape {tuple(u.shape)})")
+
+
+def circular_kernel(k, k_rev, n):
+  """`[n, D]` kernel of the length-n circular convolution equal to the linear one (n >= 2T)."""
+  T, D = k.shape
+  tail = jnp.zeros((n - T, D), k.dtype) if k_rev is None else jnp.concatenate(
+      [jnp.zeros((n - 2 * T, D), k.dtype), jnp.flip(k_rev, 0).astype(k.dtype)], 0)
+  return jnp.concatenate([k, tail], 0)
+
+
+def long_conv(u, k, *, k_rev=None, impl="fft", max_block=64, precision=monarch_fft.HIGHEST):
+  """Long convolution of u `[B,T,D]` with k (and k_rev) `[T,D]` -> `[B,T,D]` in u's dtype.
+
+  impl: "fft" (jnp.fft, length 2T) or "monarch" (Monarch DFT of length `fast_len(2T)`, blocks of
+  at most max_block). Accumulates in float32 (float64 for float64 inputs).
+  """
+  checks.check_choice("impl", impl, IMPLS)
+  _check(u, k, k_rev)
+  B, T, D = u.shape
+  ftype = jnp.float64 if u.dtype == jnp.float64 else jnp.float32
+  uf, kf = u.astype(ftype), k.astype(ftype)
+  krf = None if k_rev is None else k_rev.astype(ftype)
+  if impl == "fft":
+    n = 2 * T
+    U = jnp.fft.rfft(uf, n=n, axis=1)
+    K = jnp.fft.rfft(circular_kernel(kf, krf, n), n=n, axis=0)
+    y = jnp.fft.irfft(U * K[None], n=n, axis=1)[:, :T]
+  else:
+    n = monarch_fft.fast_len(2 * T)
+    sizes = monarch_fft.fft_sizes(n, max_block)
+    K = monarch_fft.dft_stages(circular_kernel(kf, krf, n)[None], sizes, precision=precision)
+    U = monarch_fft.dft_stages(uf, sizes, precision=precision)
+    y = monarch_fft.idft_stages(U * K, sizes, out_len=T, real_output=True, precision=precision)
+  return y.astype(u.dtype)
+
+
+def long_conv_matrix(k, k_rev=None):
+  """The `[D, T, T]` Toeplitz matrices of `long_conv`: `M[d, t, s] = k[t-s, d]` (s <= t),
+  `k_rev[s-t-1, d]` (s > t, zero without k_rev); `y[b, t, d] = sum_s M[d, t, s] u[b, s, d]`."""
+  checks.check_rank("k", k, 2, "[T, D]")
+  T, _ = k.shape
+  if k_rev is not None:
+    checks.check_shape("k_rev", k_rev, k.shape, f"[T, D] = {list(k.shape)}")
+  lag = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+  lower = jnp.where((lag >= 0)[..., None], k[jnp.clip(lag, 0, T - 1)], 0)
+  if k_rev is None:
+    return jnp.moveaxis(lower, -1, 0)
+  upper = jnp.where((lag < 0)[..., None], k_rev[jnp.clip(-lag - 1, 0, T - 1)], 0)
+  return jnp.moveaxis(lower + upper, -1, 0)
