@@ -1,0 +1,195 @@
+"""Sequence-parallel ops on 8 simulated CPU devices against single-device results and the float64 matrix form."""
+import os
+import re
+import subprocess
+import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from mixers import ops  # noqa: E402
+from mixers.ops.recurrence import mixing_matrix  # noqa: E402
+from mixers.sharding import make_mesh, sequence_parallel  # noqa: E402
+
+B, H, K, V = 2, 3, 5, 6
+T = 37  # not a multiple of the 4 sequence shards, slices of 10 not a multiple of the chunk
+CHUNK = 4
+
+
+def _inputs(t=T, decay="key", seed=0):
+  r = np.random.RandomState(seed)
+  q, k = (jnp.asarray(r.randn(B, t, H, K), jnp.float32) for _ in range(2))
+  v = jnp.asarray(r.randn(B, t, H, V), jnp.float32)
+  shapes = {"none": None, "head": (H,), "token": (B, t, H), "key": (B, t, H, K)}
+  g = None if shapes[decay] is None else jnp.asarray(-0.5 * r.rand(*shapes[decay]), jnp.float32)
+  return q, k, v, g
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh():
+  return make_mesh({"data": 2, "sequence": 4})
+
+
+@functools.lru_cache(maxsize=None)
+def _sp_fn(causal, normalize, with_state):
+  la = sequence_parallel(ops.linear_attention, _mesh())
+
+  def f(q, k, v, g, s0):
+    return la(q, k, v, causal=causal, log_decay=g, normalize=normalize, initial_state=s0,
+              return_state=with_state, chunk_size=CHUNK, impl="chunked")
+  return jax.jit(f)
+
+
+def _oracle(q, k, v, g, s0=None, *, causal=True, normalize=False, eps=1e-6):
+  """float64 materialised matrix: o = M v (+ the initial state's share), normalised by M 1."""
+  with jax.enable_x64(True):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    g = None if g is None else np.asarray(g, np.float64)
+    if g is not None and g.ndim == 1:
+      g = np.broadcast_to(g, q.shape[:3])
+    m = mixing_matrix(jnp.asarray(q), jnp.asarray(k), None if g is None else jnp.asarray(g),
+                      scale=K ** -0.5, causal=causal)
+    vv = np.concatenate([v, np.ones(v.shape[:-1] + (1,))], -1) if normalize else v
+    o = jnp.einsum("bhts,bshv->bthv", m, vv)
+    if s0 is not None:
+      s = np.asarray(s0[0] if normalize else s0, np.float64)
+      if normalize:
+        s = np.concatenate([s, np.asarray(s0[1], np.float64)[..., None]], -1)
+      cum = np.zeros(q.shape) if g is None else np.cumsum(g if g.ndim == 4 else g[..., None], axis=1)
+      o = o + K ** -0.5 * jnp.einsum("bthk,bhkv->bthv", q * np.exp(cum), s)
+    if normalize:
+      o = o[..., :-1] / (o[..., -1:] + eps)
+    return np.asarray(o)
+
+
+def _close(a, b, tol=2e-5):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  err = np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-12)
+  assert err < tol, f"relative RMS error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("decay", ["none", "head", "token", "key"])
+def test_causal_matches_matrix_form_and_final_state(decay):
+  q, k, v, g = _inputs(decay=decay)
+  o, state = _sp_fn(True, False, True)(q, k, v, g, None)
+  assert o.shape == (B, T, H, V) and state.shape == (B, H, K, V)
+  _close(o, _oracle(q, k, v, g))
+  _, ref_state = ops.linear_attention(q, k, v, log_decay=g, return_state=True, impl="chunked")
+  _close(state, ref_state)
+
+
+@pytest.mark.parametrize("decay", ["none", "key"])
+def test_non_causal_matches_matrix_form(decay):
+  q, k, v, g = _inputs(decay=decay, seed=1)
+  o = _sp_fn(False, False, False)(q, k, v, g, None)
+  _close(o, _oracle(q, k, v, g, causal=False))
+
+
+def test_normalized_with_initial_state_splits_like_one_pass():
+  q, k, v, g = _inputs(decay="token", seed=2)
+  k = jax.nn.elu(k) + 1
+  q = jax.nn.elu(q) + 1
+  r = np.random.RandomState(3)
+  s0 = (jnp.asarray(r.rand(B, H, K, V), jnp.float32), jnp.asarray(r.rand(B, H, K) + 1, jnp.float32))
+  o, (s, z) = _sp_fn(True, True, True)(q, k, v, g, s0)
+  _close(o, _oracle(q, k, v, g, s0, normalize=True))
+  _, (s_ref, z_ref) = ops.linear_attention(q, k, v, log_decay=g, normalize=True, initial_state=s0,
+                                           return_state=True, impl="chunked")
+  _close(s, s_ref)
+  _close(z, z_ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_equal_single_device(causal):
+  q, k, v, g = _inputs(decay="key", seed=4)
+  cot = jnp.asarray(np.random.RandomState(5).randn(B, T, H, V), jnp.float32)
+  sp = _sp_fn(causal, False, False)
+  single = lambda q, k, v, g: ops.linear_attention(q, k, v, causal=causal, log_decay=g, impl="chunked")
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(sp(*a, None) * cot), argnums=(0, 1, 2, 3)))(q, k, v, g)
+  want = jax.grad(lambda *a: jnp.sum(single(*a) * cot), argnums=(0, 1, 2, 3))(q, k, v, g)
+  for name, a, b in zip("qkvg", grads, want):
+    assert a.shape == b.shape, name
+    _close(a, b, tol=5e-5)
+
+
+def test_sharded_inputs_stay_sharded_along_time():
+  q, k, v, g = _inputs(t=40, decay="token")
+  seq = NamedSharding(_mesh(), P("data", "sequence"))
+  q, k, v, g = (jax.device_put(a, seq) for a in (q, k, v, g))
+  o = _sp_fn(True, False, False)(q, k, v, g, None)
+  assert o.sharding.spec[:2] == ("data", "sequence")
+  assert {s.data.shape for s in o.addressable_shards} == {(1, 10, H, V)}
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[a-z0-9\[\]{}, ]*?\)?)\s*(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+    r"(?:-start)?\(")
+_ARRAY = re.compile(r"([a-z]+[0-9]+)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+def collective_operands(hlo_text):
+  """[(kind, bytes, shapes)] for every collective of a compiled HLO module."""
+  found = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    shapes = [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(m.group(1))]
+    found.append((m.group(2), sum(_BYTES.get(dt, 4) * int(np.prod(s)) for dt, s in shapes), shapes))
+  return found
+
+
+def _step_hlo(t):
+  """Compiled HLO of forward + backward of a sequence-parallel linear attention with per-key decay."""
+  sp = _sp_fn(True, False, False)
+  seq = NamedSharding(_mesh(), P("data", "sequence"))
+  loss = lambda q, k, v, g: jnp.sum(sp(q, k, v, g, None) ** 2)
+  args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=seq)
+          for s in ((B, t, H, K), (B, t, H, K), (B, t, H, V), (B, t, H, K))]
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
+
+
+def test_collectives_carry_states_only_and_do_not_grow_with_length():
+  short, long = collective_operands(_step_hlo(64)), collective_operands(_step_hlo(1024))
+  assert short, "a sequence-parallel step must communicate its states"
+  assert sorted(c[1] for c in short) == sorted(c[1] for c in long)
+  state_bytes = 4 * (B // 2) * H * K * V  # one device's [B,H,K,V] float32 state
+  for kind, nbytes, shapes in long:
+    assert nbytes <= 4 * state_bytes, f"{kind} of {shapes} moves more than the four gathered states"
+    assert all(1024 // 4 not in s and 1024 not in s for _, s in shapes), f"{kind} of {shapes} carries activations"
+  assert any(kind == "all-gather" and (4, 1, H, K, V) in [s for _, s in shapes] for kind, _, shapes in long)
+
+
+def test_bad_arguments_raise_value_errors():
+  with pytest.raises(ValueError, match="no form for op"):
+    sequence_parallel(ops.attention, _mesh())
+  with pytest.raises(ValueError, match="not a mesh axis"):
+    sequence_parallel(ops.linear_attention, _mesh(), axis="context")
+  q, k, v, _ = _inputs(t=8)
+  la = sequence_parallel(ops.linear_attention, _mesh())
+  with pytest.raises(ValueError, match="log_decay"):
+    la(q, k, v, log_decay=jnp.zeros((B, 8)))
+  with pytest.raises(ValueError, match="return_state"):
+    la(q, k, v, causal=False, return_state=True)
+
+
+if jax.device_count() < 8 and not os.environ.get("MIXERS_FRESH_PROCESS"):
+  # jax started before this module set XLA_FLAGS: run the module again in a process of its own.
+  for _name in [n for n in list(globals()) if n.startswith("test_")]:
+    del globals()[_name]
+
+  def test_module_on_eight_devices_in_fresh_process():
+    env = dict(os.environ, MIXERS_FRESH_PROCESS="1",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          __file__], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
