@@ -1,0 +1,150 @@
+"""Mamba2's structured state space duality (SSD), causal, and VSSD's non-causal SSD.
+
+Per batch element and head h (group g = h // (H // G)), with a_t = exp(dt_t A):
+  causal:      y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t
+  non-causal:  y_t = sum_s (C_t . B_s) (-A dt_s) x_s + D x_t
+The causal form is the gated linear recurrence with q = C, k = B, v = dt x, log-decay = dt A, scale 1; its
+state S_t = a_t S_{t-1} + (dt_t x_t) B_t^T is `[B,H,P,N]` here (the core keeps it as `[B,H,N,P]`). The
+non-causal form needs no scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
+"""
+import jax.numpy as jnp
+from einops import repeat
+
+from mixers.ops import checks
+from mixers.ops import recurrence
+from mixers.ops.recurrence import shapes
+
+IMPLS = recurrence.IMPLS
+
+
+def check_ssd_inputs(x, dt, A, B, C, D=None, name_suffix=""):
+  """Validates the shapes of one SSD call; returns (batch, length, heads, head_dim, groups, state_dim)."""
+  s = name_suffix
+  checks.check_rank("x", x, 4, "[B,T,H,P]")
+  b, t, h, p = x.shape
+  checks.check_shape("dt" + s, dt, (b, t, h), f"[B,T,H] = {(b, t, h)}")
+  checks.check_shape("A", A, (h,), f"[H] = ({h},)")
+  checks.check_rank("B" + s, B, 4, f"[B,T,G,N] with [B,T] = {(b, t)}")
+  checks.check_shape("B" + s, B, (b, t, None, None), f"[B,T,G,N] with [B,T] = {(b, t)}")
+  g, n = B.shape[2:]
+  if h % g:
+    raise ValueError(f"the group count G={g} of B{s} {tuple(B.shape)} must divide the head count H={h} of x "
+                     f"{tuple(x.shape)}")
+  checks.check_shape("C" + s, C, B.shape, f"{tuple(B.shape)} like B{s} [B,T,G,N]")
+  if D is not None and D.shape not in ((h,), (b, t, h)):
+    raise ValueError(f"D must have shape [H] = ({h},) or [B,T,H] = {(b, t, h)}, got {tuple(D.shape)}")
+  checks.check_nonpositive("A", A)
+  return b, t, h, p, g, n
+
+
+def heads_from_groups(a, heads):
+  """[B,T,G,N] -> [B,T,H,N]: head h reads group h // (H // G) (materialised broadcast)."""
+  g = a.shape[2]
+  return a if g == heads else repeat(a, "b t g n -> b t (g r) n", r=heads // g)
+
+
+def skip(x, D):
+  """D x with D `[H]` or `[B,T,H]`, x `[B,T,H,P]`."""
+  return (D[..., None] * x).astype(x.dtype)
+
+
+def _causal(x, dt, A, B, C, *, chunk_size, initial_state, impl):
+  h = x.shape[2]
+  dtype = shapes.compute_dtype(x, dt, B, C)
+  dt = dt.astype(dtype)
+  q, k = heads_from_groups(C, h), heads_from_groups(B, h)
+  v = dt[..., None] * x.astype(dtype)
+  log_decay = dt * A.astype(dtype)
+  s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
+  y, state = recurrence.gated_linear_recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0,
+                                                chunk_size=chunk_size, impl=impl)
+  return y, jnp.swapaxes(state, -1, -2)
+
+
+def _noncausal(x, dt, A, B, C):
+  """Two matmuls per group: S = sum_s (-A dt_s x_s) B_s^T, y_t = S C_t; groups are never broadcast to heads."""
+  h, g = x.shape[2], B.shape[2]
+  dtype = shapes.compute_dtype(x, dt, B, C)
+  w = (dt.astype(dtype) * -A.astype(dtype))[..., None] * x.astype(dtype)  # [B,T,H,P]
+  w = w.reshape(*w.shape[:2], g, h // g, w.shape[-1])
+  state = jnp.einsum("btgn,btgjp->bgjpn", B.astype(dtype), w)
+  y = jnp.einsum("btgn,bgjpn->btgjp", C.astype(dtype), state)
+  return y.reshape(x.shape)
+
+
+def ssd_matrix(dt, A, B, C, *, D=None, causal=True):
+  """The mixing matrix M `[B,H,T,T]` of `ssd` (y[:, t, h] = sum_s M[:, h, t, s] x[:, s, h]), D on its diagonal.
+
+  Causal: M_ts = (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s for s <= t (a semiseparable matrix);
+  non-causal: M_ts = (C_t . B_s) (-A dt_s).
+  """
+  h = dt.shape[-1]
+  dtype = shapes.compute_dtype(dt, B, C)
+  dt = dt.astype(dtype)
+  q, k = heads_from_groups(C, h).astype(dtype), heads_from_groups(B, h).astype(dtype)
+  if causal:
+    m = recurrence.mixing_matrix(q, k, dt * A.astype(dtype), scale=1.0, causal=True)
+    m = m * jnp.moveaxis(dt, 1, 2)[:, :, None, :]
+  else:
+    m = jnp.einsum("bthn,bshn->bhts", q, k) * jnp.moveaxis(dt * -A.astype(dtype), 1, 2)[:, :, None, :]
+  if D is not None:
+    d = jnp.broadcast_to(D.astype(dtype), dt.shape)  # [B,T,H]
+    m = m + jnp.moveaxis(d, 1, 2)[..., None] * jnp.eye(dt.shape[1], dtype=dtype)
+  return m
+
+
+def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=None, return_state=False,
+        impl="auto"):
+  """Mamba2 SSD (causal) or VSSD's non-causal SSD.
+
+  Args:
+    x: `[B,T,H,P]` inputs (the values).
+    dt: `[B,T,H]` positive step sizes (already through softplus); 0 marks a token that neither writes nor decays.
+    A: `[H]` negative per-head rates (`-exp(A_log)`).
+    B, C: `[B,T,G,N]` input and output projections; G divides H and head h reads group h // (H // G).
+    D: None, `[H]` or `[B,T,H]`: the skip term D x.
+    causal: the Mamba2 recurrence (True) or the non-causal sum over every position (False).
+    chunk_size: chunk length of the chunked form (any T works).
+    initial_state: `[B,H,P,N]` state before the first token (causal only).
+    return_state: also return the final state `[B,H,P,N]` in float32 (causal only).
+    impl: "auto" | "chunked" | "recurrent" | "reference" | "pallas", passed to the recurrence core; for
+      causal=False "reference" materialises the T x T matrix and every other choice runs the two matmuls.
+
+  Returns:
+    y `[B,T,H,P]` in x's dtype, or (y, final state) when `return_state`.
+  """
+  checks.check_choice("impl", impl, IMPLS)
+  checks.check_positive_int("chunk_size", chunk_size)
+  b, _, h, p, _, n = check_ssd_inputs(x, dt, A, B, C, D)
+  if initial_state is not None:
+    checks.check_shape("initial_state", initial_state, (b, h, p, n), f"[B,H,P,N] = {(b, h, p, n)}")
+  if not causal:
+    if initial_state is not None or return_state:
+      raise ValueError("initial_state and return_state need causal=True (the non-causal SSD has no running state)")
+    if impl == "reference":
+      y = jnp.einsum("bhts,bshp->bthp", ssd_matrix(dt, A, B, C, causal=False),
+                     x.astype(shapes.compute_dtype(x, dt, B, C)))
+    else:
+      y = _noncausal(x, dt, A, B, C)
+    y = y.astype(x.dtype)
+    return y if D is None else y + skip(x, D)
+  y, state = _causal(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, impl=impl)
+  y = y.astype(x.dtype)
+  if D is not None:
+    y = y + skip(x, D)
+  return (y, state) if return_state else y
+
+
+def ssd_step(x, dt, A, B, C, state, *, D=None):
+  """One causal SSD token: x `[B,H,P]`, dt `[B,H]`, B and C `[B,G,N]`, state `[B,H,P,N]` -> (y `[B,H,P]`, state)."""
+  h = x.shape[1]
+  dtype = state.dtype
+  r = h // B.shape[1]
+  bh, ch = (jnp.repeat(a.astype(dtype), r, axis=1) for a in (B, C))
+  dt = dt.astype(dtype)
+  state = jnp.exp(dt * A.astype(dtype))[..., None, None] * state + (dt[..., None] * x.astype(dtype))[..., None] * bh[
+      :, :, None, :]
+  y = jnp.einsum("bhpn,bhn->bhp", state, ch)
+  if D is not None:
+    y = y + D.astype(dtype)[..., None] * x.astype(dtype)
+  return y.astype(x.dtype), state
