@@ -1,0 +1,167 @@
+"""TPU (Mosaic) kernels for the chunked gated linear recurrence: forward, dq, and dk/dv/dS0.
+
+Grid `(batch*heads, chunks)`: the head axis is parallel (split across TensorCores), the chunk axis is
+sequential ("arbitrary") and carries the float32 state `[K, V]` (or its gradient) in a VMEM scratch
+buffer, so the state never leaves the chip between chunks. Each grid step sees one `[C, K]` / `[C, V]`
+tile; the math per chunk lives in `chunk_math`. Layout constraints (checked by `supports_tpu`): K and V
+are padded to multiples of 128 by the caller (lanes), C is a multiple of 8 (16 for 16-bit inputs;
+sublanes). Inputs are pre-arranged by `dispatch`: q, k `[BH,T,K]`, v `[BH,T,V]`, within-chunk cumulative
+log decay g `[BH,T,K]` or `[BH,T,1]`, plus `g_row` `[BH,n,1,C]` (scalar) or `g_tot` `[BH,n*K,1]`
+(per channel).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mixers.kernels import chunk_math
+
+LANES = 128
+
+
+def sublane_multiple(dtype):
+  return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def supports_tpu(t, dk, dv, chunk_size, dtype, per_channel):
+  """Shape constraints of the TPU kernels (dk, dv before lane padding)."""
+  del per_channel
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    return False
+  if chunk_size % sublane_multiple(dtype) or t % chunk_size or not 8 <= chunk_size <= 256:
+    return False
+  return dk <= 512 and dv <= 512
+
+
+def _sub_size(chunk):
+  return 16 if chunk % 16 == 0 else 8
+
+
+def _decay_specs(g, g_aux, per_channel, chunk, dk, tile):
+  """BlockSpecs for g and its auxiliary array; `tile(bh, i)` is the chunk index of grid step i."""
+  width = dk if per_channel else 1
+  g_spec = pl.BlockSpec((None, chunk, width), lambda bh, i: (bh, tile(i), 0))
+  if per_channel:
+    aux_spec = pl.BlockSpec((None, dk, 1), lambda bh, i: (bh, tile(i), 0))
+  else:
+    aux_spec = pl.BlockSpec((None, None, 1, chunk), lambda bh, i: (bh, tile(i), 0, 0))
+  return g_spec, aux_spec
+
+
+def _chunk(q, k, v, g, aux, *, chunk, per_channel, dtype):
+  return chunk_math.Chunk(
+      q=q, k=k, v=v, g=g, g_row=None if per_channel else aux, g_tot=aux if per_channel else None,
+      base=0, tot_base=0, size=chunk, sub=_sub_size(chunk), per_channel=per_channel, dtype=dtype)
+
+
+def _params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False):
+  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32)."""
+  bh, t, dk = q.shape
+  dv = v.shape[-1]
+  n = t // chunk
+
+  def kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, s0_ref, o_ref, st_ref, s_scr):
+    i = pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _():
+      s_scr[...] = s0_ref[...]
+
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+               dtype=q.dtype)
+    s_scr[...] = chunk_math.forward_chunk(c, s_scr[...], o_ref, scale=scale)
+
+    @pl.when(i == n - 1)
+    def _():
+      st_ref[...] = s_scr[...]
+
+  same = lambda i: i
+  g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, same)
+  row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, i, 0))
+  state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(bh, n),
+      in_specs=[row(dk), row(dk), row(dv), g_spec, aux_spec, state],
+      out_specs=[row(dv), state],
+      out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
+                 jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
+      compiler_params=_params(),
+      interpret=interpret,
+      name="chunk_recurrence_fwd",
+  )(q, k, v, g, g_aux, s0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False):
+  """Returns (dq, dk `[BH,T,K]` float32, dv `[BH,T,V]` float32, dS0 `[BH,K,V]` float32)."""
+  bh, t, dk = q.shape
+  dv = v.shape[-1]
+  n = t // chunk
+  f32 = jnp.float32
+
+  def dq_kernel(k_ref, v_ref, g_ref, aux_ref, s0_ref, do_ref, dq_ref, s_scr):
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+      s_scr[...] = s0_ref[...]
+
+    c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+               dtype=q.dtype)
+    s_scr[...] = chunk_math.dq_chunk(c, s_scr[...], do_ref, dq_ref, scale=scale)
+
+  def dkdv_kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref,
+                  ds_scr):
+    i = pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _():
+      ds_scr[...] = dsf_ref[...]
+
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+               dtype=q.dtype)
+    ds_scr[...] = chunk_math.dkdv_chunk(c, ds_scr[...], do_ref, dk_ref, dv_ref, scale=scale)
+
+    @pl.when(i == n - 1)
+    def _():
+      ds0_ref[...] = ds_scr[...]
+
+  state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
+  scratch = [pltpu.VMEM((dk, dv), f32)]
+
+  fwd_row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, i, 0))
+  g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, lambda i: i)
+  dq = pl.pallas_call(
+      dq_kernel,
+      grid=(bh, n),
+      in_specs=[fwd_row(dk), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
+      out_specs=fwd_row(dk),
+      out_shape=jax.ShapeDtypeStruct((bh, t, dk), f32),
+      scratch_shapes=scratch,
+      compiler_params=_params(),
+      interpret=interpret,
+      name="chunk_recurrence_bwd_dq",
+  )(k, v, g, g_aux, s0, do)
+
+  rev_row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, n - 1 - i, 0))
+  g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, lambda i: n - 1 - i)
+  dk_, dv_, ds0 = pl.pallas_call(
+      dkdv_kernel,
+      grid=(bh, n),
+      in_specs=[rev_row(dk), rev_row(dk), rev_row(dv), g_spec, aux_spec, rev_row(dv), state],
+      out_specs=[rev_row(dk), rev_row(dv), state],
+      out_shape=[jax.ShapeDtypeStruct((bh, t, dk), f32), jax.ShapeDtypeStruct((bh, t, dv), f32),
+                 jax.ShapeDtypeStruct((bh, dk, dv), f32)],
+      scratch_shapes=scratch,
+      compiler_params=_params(),
+      interpret=interpret,
+      name="chunk_recurrence_bwd_dkdv",
+  )(q, k, v, g, g_aux, do, ds_final)
+  return dq, dk_, dv_, ds0

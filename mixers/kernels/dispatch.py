@@ -1,0 +1,210 @@
+"""`chunked_recurrence`: the Pallas chunked gated linear recurrence with its custom VJP.
+
+`S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`; q, k `[B,T,H,K]`, v `[B,T,H,V]`,
+g None | `[B,T,H]` | `[B,T,H,K]` (<= 0), state `[B,H,K,V]` float32.
+
+The backend is picked when the function is lowered (`lax.platform_dependent`): the Mosaic kernel for
+`tpu`, the Triton kernel for `cuda`, the token-loop reference anywhere else, so
+`jax.export(..., platforms=["tpu"])` on a CPU machine lowers the TPU kernel. `backend="tpu"|"gpu"` forces a
+kernel (with `interpret=True` it runs on CPU).
+
+Gradients: dq, dk, dv and dS0 come from a second pair of kernels (dq walks the chunks forward recomputing
+the state; dk, dv, dS0 walk them backward carrying dS). The log-decay gradient needs no kernel: with
+`c_t = sum_{r<=t} g_r`, the output depends on c only through `q_t * e^{c_t}` and `k_s * e^{-c_s}`, plus
+`e^{c_T}` scaling the final state's rows, so `dL/dc_t = q_t * dq_t - k_t * dk_t (+ rowsum(S_T * dS_T) at
+t = T)` and `dg_t = sum_{t' >= t} dL/dc_t'` (summed over K for a scalar decay).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mixers.kernels import chunk_gpu
+from mixers.kernels import chunk_tpu
+from mixers.kernels.reference import recurrence_reference
+
+BACKENDS = ("tpu", "gpu")
+_PLATFORM_TO_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}
+
+
+def _check_inputs(q, k, v, log_decay, initial_state, chunk_size):
+  """Raises ValueError on a bad shape; returns whether the decay is per key channel."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B,T,H,K], got shape {q.shape}")
+  b, t, h, dk = q.shape
+  if k.shape != q.shape:
+    raise ValueError(f"k must have q's shape {q.shape}, got {k.shape}")
+  if v.ndim != 4 or v.shape[:3] != (b, t, h):
+    raise ValueError(f"v must be [B,T,H,V] = [{b},{t},{h},V], got shape {v.shape}")
+  if log_decay is not None and log_decay.shape not in ((b, t, h), (b, t, h, dk)):
+    raise ValueError(f"log_decay must be None, [B,T,H] = {(b, t, h)} or [B,T,H,K] = "
+                     f"{(b, t, h, dk)}, got shape {log_decay.shape}")
+  if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
+    raise ValueError(f"initial_state must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}, "
+                     f"got shape {initial_state.shape}")
+  if not isinstance(chunk_size, int) or chunk_size <= 0 or t % chunk_size:
+    raise ValueError(f"T = {t} (q shape {q.shape}) must be a multiple of chunk_size = "
+                     f"{chunk_size}; pad the sequence first")
+  return log_decay is not None and log_decay.ndim == 4
+
+
+def supports(q, k, v, log_decay=None, chunk_size=64, backend=None):
+  """Whether a kernel exists for these shapes on `backend` ("tpu" | "gpu"; None: the default backend).
+
+  Takes arrays or `jax.ShapeDtypeStruct`s; never raises for a shape it cannot handle.
+  """
+  backend = _PLATFORM_TO_BACKEND.get(backend or jax.default_backend())
+  if backend is None:
+    return False
+  try:
+    per_channel = _check_inputs(q, k, v, log_decay, None, chunk_size)
+  except ValueError:
+    return False
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    return False
+  check = chunk_tpu.supports_tpu if backend == "tpu" else chunk_gpu.supports_gpu
+  return check(q.shape[1], q.shape[3], v.shape[3], chunk_size, q.dtype, per_channel)
+
+
+def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, interpret=False,
+                       backend=None):
+  """Chunked gated linear recurrence on Pallas kernels; returns (o in q's dtype, final state f32).
+
+  Args:
+    q, k: `[B,T,H,K]`; v: `[B,T,H,V]`; T a multiple of chunk_size (ValueError otherwise).
+    log_decay: None, `[B,T,H]` (per token and head) or `[B,T,H,K]` (per key channel), all <= 0.
+    scale: multiplies q. initial_state: None or `[B,H,K,V]` (float32).
+    chunk_size: tokens per chunk (see `supports` for what each backend accepts).
+    interpret: run the kernel in the Pallas interpreter (CPU); backend defaults to "gpu" then.
+    backend: "tpu" | "gpu" forces that kernel; None picks it per platform at lowering time.
+  Returns:
+    o `[B,T,H,V]` (q's dtype), final state `[B,H,K,V]` float32.
+  """
+  per_channel = _check_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  if backend not in (None,) + BACKENDS:
+    raise ValueError(f"backend must be None, 'tpu' or 'gpu', got {backend!r}")
+  if interpret and backend is None:
+    backend = "gpu"
+  b, t, h, dk = q.shape
+  g = (jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay)
+  s0 = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  config = (float(scale), chunk_size, per_channel, bool(interpret), backend)
+  return _recurrence(config, q, k, v.astype(q.dtype), g, s0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout: [B,T,H,D] <-> [B*H, T, D], padded to the backend's tile widths.
+
+
+def _padded(backend, d):
+  return -(-d // chunk_tpu.LANES) * chunk_tpu.LANES if backend == "tpu" else chunk_gpu.padded_width(d)
+
+
+def _to_rows(x, width):
+  b, t, h, d = x.shape
+  x = x.transpose(0, 2, 1, 3).reshape(b * h, t, d)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, width - d)))
+
+
+def _from_rows(x, b, h, d):
+  return x[..., :d].reshape(b, h, x.shape[1], d).transpose(0, 2, 1, 3)
+
+
+def _pad_state(s, kp, vp):
+  b, h, dk, dv = s.shape
+  return jnp.pad(s.reshape(b * h, dk, dv), ((0, 0), (0, kp - dk), (0, vp - dv)))
+
+
+def _prepare(backend, config, q, k, v, g, s0):
+  """Kernel operands: rows of q, k, v, within-chunk cumulative decay and its auxiliary layout."""
+  _, chunk, per_channel, _, _ = config
+  b, t, h, dk = q.shape
+  kp, vp = _padded(backend, dk), _padded(backend, v.shape[-1])
+  n = t // chunk
+  if per_channel:
+    gc = _to_rows(g.astype(jnp.float32), kp).reshape(b * h, n, chunk, kp).cumsum(2)
+    aux = gc[:, :, -1, :].reshape(b * h, n * kp, 1)
+    gc = gc.reshape(b * h, t, 1 * kp)
+  else:
+    gc = g.astype(jnp.float32).transpose(0, 2, 1).reshape(b * h, n, chunk).cumsum(2)
+    aux = gc.reshape(b * h, n, 1, chunk) if backend == "tpu" else gc.reshape(b * h, 1, t)
+    gc = gc.reshape(b * h, t, 1)
+  return (_to_rows(q, kp), _to_rows(k, kp), _to_rows(v, vp), gc, aux, _pad_state(s0, kp, vp))
+
+
+def _module(backend):
+  return chunk_tpu if backend == "tpu" else chunk_gpu
+
+
+def _kernel_forward(backend, config, q, k, v, g, s0):
+  scale, chunk, per_channel, interpret, _ = config
+  b, _, h, dk = q.shape
+  dv = v.shape[-1]
+  o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=scale,
+                                   chunk=chunk, per_channel=per_channel, interpret=interpret)
+  return _from_rows(o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
+
+
+def _kernel_backward(backend, config, q, k, v, g, s0, do, ds):
+  scale, chunk, per_channel, interpret, _ = config
+  b, _, h, dk = q.shape
+  dv = v.shape[-1]
+  ops = _prepare(backend, config, q, k, v, g, s0)
+  kp, vp = ops[0].shape[-1], ops[2].shape[-1]
+  dq, dk_, dv_, ds0 = _module(backend).backward(
+      *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=scale, chunk=chunk,
+      per_channel=per_channel, interpret=interpret)
+  return (_from_rows(dq, b, h, dk), _from_rows(dk_, b, h, dk), _from_rows(dv_, b, h, dv),
+          ds0[:, :dk, :dv].reshape(b, h, dk, dv))
+
+
+def _reference_forward(config, q, k, v, g, s0):
+  return recurrence_reference(q, k, v, g, scale=config[0], initial_state=s0)
+
+
+def _reference_backward(config, q, k, v, g, s0, do, ds):
+  _, vjp = jax.vjp(functools.partial(_reference_forward, config), q, k, v, g.astype(jnp.float32), s0)
+  dq, dk, dv, _, ds0 = vjp((do, ds))
+  return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32), ds0
+
+
+def _per_platform(kernel_fn, reference_fn, config, *args):
+  backend = config[4]
+  if backend is not None:
+    return kernel_fn(backend, config, *args)
+  return lax.platform_dependent(
+      *args,
+      tpu=functools.partial(kernel_fn, "tpu", config),
+      cuda=functools.partial(kernel_fn, "gpu", config),
+      default=functools.partial(reference_fn, config))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(config, q, k, v, g, s0):
+  return _per_platform(_kernel_forward, _reference_forward, config, q, k, v, g, s0)
+
+
+def _recurrence_fwd(config, q, k, v, g, s0):
+  o, st = _recurrence(config, q, k, v, g, s0)
+  return (o, st), (q, k, v, g, s0, st)
+
+
+def _recurrence_bwd(config, res, cotangents):
+  q, k, v, g, s0, st = res
+  do, ds = cotangents
+  ds = ds.astype(jnp.float32)
+  dq, dk, dv, ds0 = _per_platform(_kernel_backward, _reference_backward, config, q, k, v, g, s0,
+                                  do, ds)
+  f32 = lambda x: x.astype(jnp.float32)
+  dc = f32(q) * dq - f32(k) * dk
+  # The final state's rows scale with exp(c_T): their share lands on the last token.
+  dc = dc.at[:, -1].add(jnp.sum(st * ds, axis=-1))
+  if g.ndim == 3:
+    dc = dc.sum(-1)
+  dg = jnp.flip(jnp.cumsum(jnp.flip(dc, 1), axis=1), 1)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

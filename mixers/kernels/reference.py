@@ -1,0 +1,32 @@
+"""Token-by-token reference of the gated linear recurrence the kernels compute.
+
+`S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`, in float32 with `lax.scan`.
+Shapes: q, k `[B,T,H,K]`, v `[B,T,H,V]`, g None | `[B,T,H]` | `[B,T,H,K]`, state `[B,H,K,V]`.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def recurrence_reference(q, k, v, log_decay=None, *, scale=1.0, initial_state=None):
+  """Returns (o `[B,T,H,V]` in q's dtype, final state `[B,H,K,V]` float32)."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  f32 = lambda x: x.astype(jnp.float32)
+  if log_decay is None:
+    log_decay = jnp.zeros((b, t, h), jnp.float32)
+  g = f32(log_decay)
+  if g.ndim == 3:
+    g = g[..., None]
+  g = jnp.broadcast_to(g, (b, t, h, dk))
+  s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+        else f32(initial_state))
+
+  def step(s, xs):
+    q_t, k_t, v_t, g_t = xs  # [B,H,K], [B,H,K], [B,H,V], [B,H,K]
+    s = jnp.exp(g_t)[..., None] * s + k_t[..., None] * v_t[..., None, :]
+    o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, s, precision="highest")
+    return s, o_t
+
+  xs = tuple(jnp.moveaxis(f32(x), 1, 0) for x in (q, k, v, g))
+  s, o = jax.lax.scan(step, s0, xs)
+  return jnp.moveaxis(o, 0, 1).astype(q.dtype), s
