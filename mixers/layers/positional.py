@@ -1,0 +1,107 @@
+"""Multi-dimensional relative positional encodings as layers usable by any mixer: MD-LRPE and MD-TPE (LightNet).
+
+MdLrpe turns q or k `[B,*spatial,H,D]` into `[B,*spatial,H,2D]` so that scores depend on the relative n-D offset.
+MdTpe is a token mixer returning an encoding to add to x: per head a Toeplitz sum lambda_h^{|offset|} along every
+grid axis (causal: past only), summed over axes, RMS-normalised per head, then projected.
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mixers.layers.common import decode_cache, projection, rms_normalize
+from mixers.ops import positional
+
+
+def token_grid(x, grid_shape=None):
+  """(x as `[B,T,d]`, spatial shape) for x `[B,*spatial,d]`, or x `[B,T,d]` read as a `grid_shape` grid."""
+  if x.ndim < 3:
+    raise ValueError(f"x must have shape [B,T,d] or [B,*spatial,d], got {tuple(x.shape)}")
+  if x.ndim > 3:
+    if grid_shape is not None and tuple(grid_shape) != tuple(x.shape[1:-1]):
+      raise ValueError(f"grid_shape={tuple(grid_shape)} disagrees with the grid of x {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]), tuple(x.shape[1:-1])
+  if grid_shape is None:
+    return x, (x.shape[1],)
+  grid_shape = tuple(grid_shape)
+  n = 1
+  for s in grid_shape:
+    n *= s
+  if n != x.shape[1]:
+    raise ValueError(f"grid_shape={grid_shape} holds {n} tokens but x {tuple(x.shape)} has T={x.shape[1]}")
+  return x, grid_shape
+
+
+class MdLrpe(nn.Module):
+  """MD-LRPE: x `[..., H, D]` at coordinates `[..., n]` -> [x cos(phi), x sin(phi)] `[..., H, 2D]`, no parameters.
+
+  The D channels are split across the n grid axes; phi_i = theta_i * p_{axis(i)} with theta_j = base^(-j/D_a).
+  """
+  base: float = 10000.0
+
+  def phases(self, positions, dim):
+    """phi `[..., 1, dim]` (broadcast over heads) from coordinates `[..., n]`."""
+    return positional.lrpe_phases(positions, dim, self.base)[..., None, :]
+
+  def __call__(self, x, positions):
+    return positional.lrpe(x, self.phases(positions, x.shape[-1]))
+
+
+class MdTpe(nn.Module):
+  """MD-TPE encoding e `[B,*spatial,d]` (add it: x + e) of x `[B,*spatial,d]` or `[B,T,d]` (+ `grid_shape`).
+
+  e = W_o rmsnorm_h(sum_a sum_{p'_a} lambda_h^{|p_a - p'_a|} x[p']), lambda_h = sigmoid(w_h) per head. Causal:
+  1-D only, past tokens only; decode keeps the decayed running sum in the `cache` collection.
+  """
+  num_heads: int = 8
+  causal: bool = False
+  grid_shape: Optional[Sequence[int]] = None
+  decay_init: Sequence[float] = (0.5, 0.99)
+  eps: float = 1e-6
+  chunk_size: int = 64
+  impl: str = "auto"
+
+  def _log_decay(self):
+    lo, hi = self.decay_init
+    h = self.num_heads
+
+    def init(key, shape, dtype=jnp.float32):
+      del key
+      lam = jnp.linspace(lo, hi, h, dtype=dtype).reshape(shape)
+      return jnp.log(lam) - jnp.log1p(-lam)  # logit, so sigmoid gives lambda
+
+    w = self.param("decay_logit", nn.with_logical_partitioning(init, ("heads",)), (h,), jnp.float32)
+    return jax.nn.log_sigmoid(w)
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, decode=False):
+    shape = x.shape
+    xf, grid = token_grid(x, self.grid_shape)
+    b, t, d = xf.shape
+    h = self.num_heads
+    if d % h:
+      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(shape)}")
+    if self.causal and len(grid) != 1:
+      raise ValueError(f"causal MD-TPE needs a 1-D sequence, got grid {grid}")
+    if mask is not None:
+      if mask.shape != shape[:-1] and mask.shape != (b, t):
+        raise ValueError(f"mask must have shape {tuple(shape[:-1])}, got {tuple(mask.shape)}")
+      xf = xf * mask.reshape(b, t, 1).astype(xf.dtype)
+    log_decay = self._log_decay()
+    xh = xf.reshape((b,) + grid + (h, d // h))
+    if decode:
+      if not self.causal:
+        raise ValueError("decode=True needs a causal MdTpe")
+      cache, ready = decode_cache(self, "tpe_state", (b, h, 1, d // h))
+      y, state = positional.md_tpe(xh, log_decay, causal=True, initial_state=cache.value if ready else None,
+                                   return_state=True, chunk_size=self.chunk_size, impl=self.impl)
+      if ready:
+        cache.value = state
+    else:
+      y = positional.md_tpe(xh, log_decay, causal=self.causal, chunk_size=self.chunk_size, impl=self.impl)
+    y = rms_normalize(y, self.eps).reshape(b, t, d)
+    scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,))
+    y = (y * scale).astype(x.dtype)
+    out = projection(d, (None, "embed"), kernel_init=nn.initializers.normal(0.02), name="out_proj")(y)
+    return out.reshape(shape)
