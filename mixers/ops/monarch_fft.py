@@ -64,10 +64,13 @@ def fft_sizes(n, max_block=64):
   if m > 1:
     primes.append(m)
   order = max(1, math.ceil(math.log(n) / math.log(max_block) - 1e-9)) if n > 1 else 1
-  bins = [1] * order
-  for p in sorted(primes, reverse=True):
-    bins[bins.index(min(bins))] *= p
-  return tuple(sorted((b for b in bins if b > 1), reverse=True)) or (1,)
+  while True:
+    bins = [1] * order
+    for p in sorted(primes, reverse=True):
+      bins[bins.index(min(bins))] *= p
+    if max(bins) <= max_block or order >= len(primes):
+      return tuple(sorted((b for b in bins if b > 1), reverse=True)) or (1,)
+    order += 1
 
 
 def fast_len(n):
