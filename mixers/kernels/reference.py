@@ -1,6 +1,6 @@
 """Token-by-token reference of the gated linear recurrence the kernels compute.
 
-`S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`, in float32 with `lax.scan`.
+`S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`, in float32 (or wider) with `lax.scan`.
 Shapes: q, k `[B,T,H,K]`, v `[B,T,H,V]`, g None | `[B,T,H]` | `[B,T,H,K]`, state `[B,H,K,V]`.
 """
 import jax
@@ -8,17 +8,18 @@ import jax.numpy as jnp
 
 
 def recurrence_reference(q, k, v, log_decay=None, *, scale=1.0, initial_state=None):
-  """Returns (o `[B,T,H,V]` in q's dtype, final state `[B,H,K,V]` float32)."""
+  """Returns (o `[B,T,H,V]` in q's dtype, final state `[B,H,K,V]` float32, or float64 for float64 q)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  f32 = lambda x: x.astype(jnp.float32)
+  acc = jnp.promote_types(jnp.float32, q.dtype)  # float64 inputs stay float64
+  f32 = lambda x: x.astype(acc)
   if log_decay is None:
-    log_decay = jnp.zeros((b, t, h), jnp.float32)
+    log_decay = jnp.zeros((b, t, h), acc)
   g = f32(log_decay)
   if g.ndim == 3:
     g = g[..., None]
   g = jnp.broadcast_to(g, (b, t, h, dk))
-  s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+  s0 = (jnp.zeros((b, h, dk, dv), acc) if initial_state is None
         else f32(initial_state))
 
   def step(s, xs):
