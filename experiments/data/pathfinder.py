@@ -1,7 +1,7 @@
 """Pathfinder (Long Range Arena) as a TFDS builder, with its own numpy renderer.
 
-A black image holds smooth random contours drawn as dashes (paddles) of `dash` pixels
-separated by gaps of `gap` = 1 pixel, and two round markers. Two long contours are drawn; in
+A black image holds smooth random contours drawn as dashes (paddles) separated by gaps of
+about one pixel, and two round markers. Two long contours are drawn; in
 a positive (label 1) both markers sit on the two ends of the first one, in a negative one
 marker sits on an end of each, so both classes show the same contours and markers. Short
 distractor contours fill the rest.
@@ -56,9 +56,14 @@ def _curve(rng, geometry, length):
 
 
 def _dash_pixels(points, dash):
-  """Integer pixels [M, 2] of the dashes: on for arc length s with s mod (dash + 1) < dash."""
+  """Integer pixels [M, 2] of the dashes: dashes of `dash - 1` pixels of arc, gaps of 1.75.
+
+  The gap from the last point of a dash to the first of the next is 1.75 pixels of arc: long
+  enough to leave an unlit pixel on most straight runs, short enough that the rounded pixels
+  stay within Chebyshev distance BRIDGE = 2.
+  """
   arc = _SAMPLE * np.arange(len(points))
-  on = np.mod(arc, dash + 1) < dash
+  on = np.mod(arc, dash + 0.75) < dash - 0.75
   return np.unique(np.rint(points[on]).astype(np.int64), axis=0)
 
 

@@ -91,7 +91,8 @@ def prepare(builder_cls, data_dir, *, quiet=True, **fields):
   """Builds (once; later calls reuse `data_dir`) and returns `builder_cls` with these fields."""
   with _quiet_absl():
     builder = builder_cls(config=builder_cls.make_config(**fields), data_dir=data_dir)
-  if not builder.is_prepared():
+    prepared = builder.is_prepared()
+  if not prepared:
     previous = tqdm_utils._active  # pylint: disable=protected-access
     tfds.display_progress_bar(not quiet and previous)
     try:
