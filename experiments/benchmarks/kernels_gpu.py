@@ -1,0 +1,129 @@
+r"""Pallas chunked-recurrence kernels on a GPU, beside the chunked XLA form, cuDNN flash attention and fla.
+
+  python -m experiments.benchmark --suite kernels_gpu --max_len 32768 --repeats 10
+
+B=1, H=16, K=V=128, bf16, T = 2048..max_len (doubling), forward and forward+backward, for a scalar decay
+per token and head (fla's `chunk_simple_gla`) and a per-key-channel decay (fla's `chunk_gla`). Columns:
+milliseconds per call and the Pallas kernel's speed-up over each other form; `rel_err` is the relative RMS
+difference between the kernel and the chunked XLA form (outputs, and for fwd+bwd the gradients).
+fla columns appear when `torch` and `flash-linear-attention` import (pip install torch
+flash-linear-attention). Without a CUDA GPU the suite returns one row saying so.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common
+from mixers.kernels import chunked_recurrence
+from mixers.ops.recurrence import gated_linear_recurrence
+
+B, H, DK, DV, CHUNK = 1, 16, 128, 128, 64
+DECAYS = ("scalar", "channel")
+
+
+def _inputs(t, decay):
+  ks = jax.random.split(jax.random.key(t), 4)
+  q, k = (jax.random.normal(x, (B, t, H, DK), jnp.bfloat16) for x in ks[:2])
+  k = k * DK**-0.5
+  v = jax.random.normal(ks[2], (B, t, H, DV), jnp.bfloat16)
+  shape = (B, t, H) if decay == "scalar" else (B, t, H, DK)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape, jnp.float32) + 4.0)
+  return q, k, v, g
+
+
+def _pallas(q, k, v, g):
+  return chunked_recurrence(q, k, v, g, scale=DK**-0.5, initial_state=None, chunk_size=CHUNK,
+                            backend="gpu")[0]
+
+
+def _chunked(q, k, v, g):
+  return gated_linear_recurrence(q, k, v, g, scale=DK**-0.5, chunk_size=CHUNK, impl="chunked")[0]
+
+
+def _flash(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _rel_err(a, b):
+  a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
+  return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-12))
+
+
+def _fla():
+  """(torch, {decay: fla function}) or None when torch / fla are not importable."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from fla.ops.gla import chunk_gla  # pylint: disable=import-outside-toplevel
+    from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  return torch, {"scalar": chunk_simple_gla, "channel": chunk_gla}
+
+
+def _time_torch(torch, fn, repeats):
+  fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(repeats):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) / 1e3)
+  return float(np.median(times))
+
+
+def _fla_seconds(fla, decay, inputs, backward, repeats):
+  torch, fns = fla
+  to_torch = lambda x: torch.from_numpy(np.asarray(jnp.asarray(x, jnp.float32))).cuda()
+  q, k, v, g = inputs
+  tq, tk, tv = (to_torch(x).to(torch.bfloat16).requires_grad_(backward) for x in (q, k, v))
+  tg = to_torch(g).requires_grad_(backward)
+  fn = fns[decay]
+
+  def call():
+    o = fn(tq, tk, tv, tg, scale=DK**-0.5)[0]
+    if backward:
+      o.float().sum().backward()
+    return o
+
+  if not backward:
+    with torch.no_grad():
+      return _time_torch(torch, call, repeats)
+  return _time_torch(torch, call, repeats)
+
+
+def run(args):
+  if jax.default_backend() != "gpu":
+    return [{"note": f"kernels_gpu needs a CUDA GPU; JAX backend is {jax.default_backend()}"}]
+  repeats = max(args.repeats, 3)
+  lengths = [t for t in (2048, 4096, 8192, 16384, 32768) if t <= args.max_len]
+  fla = _fla()
+  rows = []
+  for decay in DECAYS:
+    for t in lengths:
+      inputs = _inputs(t, decay)
+      q, k, v, _ = inputs
+      for mode in ("fwd", "fwd+bwd"):
+        wrap = (lambda f: jax.jit(f)) if mode == "fwd" else common.fwd_bwd
+        pallas, chunked, flash = wrap(_pallas), wrap(_chunked), wrap(_flash)
+        row = {"decay": decay, "T": t, "mode": mode}
+        row["rel_err"] = max(_rel_err(a, b) for a, b in
+                             zip(jax.tree.leaves(pallas(*inputs)), jax.tree.leaves(chunked(*inputs))))
+        row["pallas_ms"] = 1e3 * common.time_fn(pallas, *inputs, repeats=repeats)
+        row["chunked_xla_ms"] = 1e3 * common.time_fn(chunked, *inputs, repeats=repeats)
+        try:
+          row["cudnn_flash_ms"] = 1e3 * common.time_fn(flash, q, k, v, repeats=repeats)
+        except Exception as e:  # pylint: disable=broad-except
+          row["cudnn_flash_ms"] = None
+          row["note"] = f"cudnn: {type(e).__name__}"
+        if fla is not None:
+          row["fla_ms"] = 1e3 * _fla_seconds(fla, decay, inputs, mode != "fwd", repeats)
+        for other in ("chunked_xla_ms", "cudnn_flash_ms", "fla_ms"):
+          if row.get(other):
+            row["x_vs_" + other[:-3]] = row[other] / row["pallas_ms"]
+        rows.append(row)
+  return rows
