@@ -1,0 +1,162 @@
+"""M2 sequence mixer (Monarch Mixer, arXiv 2310.12109): gated implicit long convolutions.
+
+  x1, x2, v = shortconv(x W_in)                      three streams `[B,T,d]`
+  y = W_out (x2 * (k * (x1 v) + D x1 v))             `*` a per-channel long convolution over time
+
+k is an implicit (Hyena-style) filter: a small sine-activated MLP of positional features of the lag,
+times an exponential decay window. Non-causal (M2-BERT): a second MLP gives the anti-causal side
+k_rev and the short conv is centred. Causal (M2-GPT): one-sided filter, causal short conv, and
+autoregressive decoding through a cache of past (gated) values.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixers.layers.common import ShortConv, constrain, decode_cache, projection
+from mixers.ops.long_conv import long_conv, long_conv_matrix
+from mixers.registry import register
+
+
+class ImplicitFilter(nn.Module):
+  """Filter `[n, d]` at integer lags: `k[j] = MLP(z(j)) * exp(-|delta| j / length_scale)`.
+
+  z(j) = [j/L, cos(2 pi f j / L), sin(2 pi f j / L)] for (emb_dim-1)/2 frequencies f; the MLP is
+  Dense-sin-Dense-sin-Dense with `sin(freq * .)` activations (freq learned, initialised to `sin_freq`).
+  Decay rates span `log(target)/fast_decay_pct .. log(target)/slow_decay_pct` across channels.
+  """
+  features: int
+  order: int = 64
+  emb_dim: int = 5
+  length_scale: int = 2048
+  sin_freq: float = 10.0
+  fast_decay_pct: float = 0.3
+  slow_decay_pct: float = 1.5
+  decay_target: float = 1e-2
+
+  def positional_features(self, lags):
+    t = lags.astype(jnp.float32)[:, None] / self.length_scale
+    bands = (self.emb_dim - 1) // 2
+    f = jnp.linspace(1e-4, bands - 1, bands, dtype=jnp.float32)
+    w = 2 * jnp.pi * t * f
+    return t, jnp.concatenate([t, jnp.cos(w), jnp.sin(w)], axis=-1)
+
+  @nn.compact
+  def __call__(self, lags):
+    if self.emb_dim < 3 or self.emb_dim % 2 == 0:
+      raise ValueError(f"emb_dim must be odd and >= 3 (time, cosine and sine), got {self.emb_dim}")
+    t, z = self.positional_features(lags)
+    freq = self.param("sin_freq", nn.with_logical_partitioning(
+        nn.initializers.constant(self.sin_freq), (None,)), (self.order,), jnp.float32)
+    h = z
+    for i in range(2):
+      h = nn.Dense(self.order, name=f"dense_{i}", kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), (None, None)))(h)
+      h = jnp.sin(freq * h)
+    h = nn.Dense(self.features, use_bias=False, name="dense_out", kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, "mlp")))(h)
+    max_decay = np.log(self.decay_target) / self.fast_decay_pct
+    min_decay = np.log(self.decay_target) / self.slow_decay_pct
+    deltas = jnp.abs(jnp.linspace(min_decay, max_decay, self.features, dtype=jnp.float32))
+    return h * jnp.exp(-t * deltas)
+
+
+@register("m2")
+class MonarchMixer(nn.Module):
+  """M2 mixer: x `[B,T,d]` -> y `[B,T,d]`; any T (long convolutions in O(T log T)).
+
+  causal: one-sided filter and causal short conv (decodes); else bidirectional filter, centred conv.
+  max_len: length scale of the filter's positions, and the decode cache length (decoding past it
+    is not supported). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
+    positional features and sine frequency. short_width: the short conv's window.
+  conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`.
+
+  Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (`[B, max_len, d]`)
+  and the short conv's window; a step costs O(T) per token (the whole filter against the history),
+  a chunk of c > 1 tokens one long convolution over the history.
+  """
+  causal: bool = False
+  max_len: int = 2048
+  filter_order: int = 64
+  emb_dim: int = 5
+  sin_freq: float = 10.0
+  short_width: int = 3
+  conv_impl: str = "fft"
+  dtype: Optional[jnp.dtype] = None
+
+  supports_causal = True
+
+  def __call__(self, x, *, mask=None, decode=False):
+    return self._mix(x, mask, decode, matrix=False)
+
+  def mixing_matrix(self, x, *, mask=None):
+    """`(M, v)`: M `[B,d,T,T]` per channel, `M[b,c,t,s] = x2[t] (k[t-s] + D [t=s]) x1[s]` (k_rev above
+    the diagonal), and the value stream v `[B,T,d]` it mixes: `y = out_proj(einsum("bcts,bsc->btc", M, v))`."""
+    return self._mix(x, mask, False, matrix=True)
+
+  def _filters(self, t, d):
+    kw = dict(features=d, order=self.filter_order, emb_dim=self.emb_dim, length_scale=self.max_len,
+              sin_freq=self.sin_freq)
+    lags = jnp.arange(t)
+    k = ImplicitFilter(**kw, name="filter")(lags)
+    k_rev = None if self.causal else ImplicitFilter(**kw, name="filter_rev")(lags)
+    return k, k_rev
+
+  @nn.compact
+  def _mix(self, x, mask, decode, matrix):
+    if x.ndim != 3:
+      raise ValueError(f"x must have shape [B, T, d_model], got {tuple(x.shape)}")
+    b, t, d = x.shape
+    if mask is not None and tuple(mask.shape) != (b, t):
+      raise ValueError(f"mask must have shape [B, T] = {[b, t]}, got {tuple(mask.shape)}")
+    if decode and not self.causal:
+      raise ValueError("decode=True needs a causal MonarchMixer (causal=True)")
+    dtype = self.dtype or x.dtype
+    x = constrain(x)
+    u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", dtype=dtype)(x)
+    u = ShortConv(width=self.short_width, causal=self.causal, activation=None, channel_axis="mlp",
+                  name="short_conv")(u, mask=mask, decode=decode)
+    x1, x2, v = jnp.split(u, 3, axis=-1)
+    gated = x1 * v
+    if mask is not None:
+      gated = gated * mask[..., None].astype(gated.dtype)
+    skip = self.param("skip", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",)), (d,),
+                      jnp.float32)
+
+    if matrix:
+      k, k_rev = self._filters(t, d)
+      M = long_conv_matrix(k, k_rev) + jnp.eye(t)[None] * skip[:, None, None]
+      M = jnp.swapaxes(x2, 1, 2)[..., :, None] * M[None] * jnp.swapaxes(x1, 1, 2)[..., None, :]
+      if mask is not None:
+        M = M * mask[:, None, None, :]
+      return M, v
+
+    if decode:
+      history, ready = decode_cache(self, "history", (b, self.max_len, d), jnp.float32)
+      index, _ = decode_cache(self, "index", (), jnp.int32)
+    if decode and ready:
+      y = self._decode_conv(history, index, gated)
+    else:
+      k, k_rev = self._filters(t, d)
+      y = long_conv(gated.astype(jnp.float32), k, k_rev=k_rev, impl=self.conv_impl)
+    y = (y + skip * gated.astype(jnp.float32)).astype(dtype) * x2
+    out = projection(d, ("mlp", "embed"), use_bias=True, name="out_proj", dtype=dtype)(y)
+    return constrain(out).astype(x.dtype)
+
+  def _decode_conv(self, history, index, gated):
+    """Long convolution of a chunk against the cached history; updates the cache."""
+    b, c, d = gated.shape
+    start = index.value
+    hist = jax.lax.dynamic_update_slice(history.value, gated.astype(jnp.float32), (0, start, 0))
+    k, _ = self._filters(self.max_len, d)
+    if c == 1:  # y_t = sum_{s <= t} k[t-s] h_s: one pass over the filter and the history
+      lag = start - jnp.arange(self.max_len)
+      taps = jnp.where((lag >= 0)[:, None], k[jnp.clip(lag, 0, self.max_len - 1)], 0.0)
+      y = jnp.einsum("sd,bsd->bd", taps, hist)[:, None]
+    else:
+      y = jax.lax.dynamic_slice_in_dim(long_conv(hist, k, impl=self.conv_impl), start, c, axis=1)
+    history.value = hist
+    index.value = start + c
+    return y
