@@ -1,0 +1,115 @@
+"""M2 mixer: causality, decode == forward, full dependence when non-causal, mixing-matrix view, masks."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixers import registry
+from mixers.layers.monarch_mixer import MonarchMixer
+
+B, T, D = 2, 11, 8
+KW = dict(max_len=16, filter_order=8, emb_dim=3)
+CAUSAL = MonarchMixer(causal=True, conv_impl="monarch", **KW)
+BIDIR = MonarchMixer(causal=False, **KW)
+
+
+def _x(seed, t=T):
+  return jax.random.normal(jax.random.PRNGKey(seed), (B, t, D))
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def forward(variables, x, mask=None, causal=True):
+  return (CAUSAL if causal else BIDIR).apply(variables, x, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def matrix_view(variables, x, causal=True):
+  return (CAUSAL if causal else BIDIR).apply(variables, x, method=MonarchMixer.mixing_matrix)
+
+
+@jax.jit
+def decode(variables, cache, x):
+  return CAUSAL.apply({**variables, "cache": cache}, x, decode=True, mutable=["cache"])
+
+
+@pytest.fixture(scope="module")
+def params():
+  return {name: jax.jit(m.init)(jax.random.PRNGKey(1), _x(0)) for name, m in (("causal", CAUSAL), ("bidir", BIDIR))}
+
+
+def test_registry_builds_m2():
+  assert isinstance(registry.build_mixer("m2", causal=True), MonarchMixer)
+  assert registry.is_causal_capable("m2")
+
+
+def test_causal_future_changes_no_past_output(params):
+  x = _x(2)
+  x2 = x.at[:, 6:].set(_x(3)[:, 6:])
+  y, y2 = forward(params["causal"], x), forward(params["causal"], x2)
+  np.testing.assert_allclose(y[:, :6], y2[:, :6], atol=1e-5)
+  assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
+
+
+def test_decode_matches_forward(params):
+  x = _x(4)
+  y = forward(params["causal"], x)
+  cache = jax.jit(functools.partial(CAUSAL.init, decode=True))(jax.random.PRNGKey(1), x[:, :1])["cache"]
+  assert all(float(jnp.abs(c).max()) == 0 for c in jax.tree_util.tree_leaves(cache))
+  for chunks in ([1] * T, [5, 1, 1, T - 7]):
+    outs, state, start = [], cache, 0
+    for c in chunks:
+      o, upd = decode(params["causal"], state, x[:, start:start + c])
+      outs.append(o)
+      state, start = upd["cache"], start + c
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), y, rtol=1e-4, atol=1e-4 * float(jnp.abs(y).max()))
+
+
+def test_fft_and_monarch_impls_agree(params):
+  x = _x(5)
+  y_fft = jax.jit(MonarchMixer(causal=True, conv_impl="fft", **KW).apply)(params["causal"], x)
+  np.testing.assert_allclose(forward(params["causal"], x), y_fft, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_output_depends_on_every_input(params):
+  x = _x(6)
+  jac = jax.jacrev(lambda x: forward(params["bidir"], x[None], causal=False)[0])(x[0])  # [T, D, T, D]
+  dependence = jnp.abs(jac).sum(axis=(1, 3))
+  assert float(dependence.min()) > 1e-6 * float(dependence.max())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixing_matrix_reproduces_forward(causal, params):
+  variables = params["causal" if causal else "bidir"]
+  x = _x(7)
+  M, v = matrix_view(variables, x, causal=causal)
+  assert M.shape == (B, D, T, T)
+  out = nn.unbox(variables)["params"]["out_proj"]
+  y = jnp.einsum("bcts,bsc->btc", M, v) @ out["kernel"] + out["bias"]
+  np.testing.assert_allclose(y, forward(variables, x, causal=causal), rtol=1e-4, atol=1e-5)
+  upper = np.triu(np.ones((T, T), bool), 1)
+  if causal:
+    assert float(jnp.abs(M[..., upper]).max()) == 0
+  else:
+    assert float(jnp.abs(M[..., upper]).min()) > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_does_not_leak(causal, params):
+  variables = params["causal" if causal else "bidir"]
+  mask = jnp.arange(T)[None, :] < jnp.array([[T], [7]])
+  x = _x(8)
+  x2 = jnp.where(mask[..., None], x, 100.0 * _x(9))
+  y, y2 = forward(variables, x, mask, causal=causal), forward(variables, x2, mask, causal=causal)
+  np.testing.assert_allclose(jnp.where(mask[..., None], y, 0), jnp.where(mask[..., None], y2, 0), atol=1e-5)
+
+
+def test_bad_inputs_raise(params):
+  with pytest.raises(ValueError, match="decode=True needs a causal"):
+    BIDIR.apply(params["bidir"], _x(0), decode=True, mutable=["cache"])
+  with pytest.raises(ValueError, match="x must have shape"):
+    CAUSAL.apply(params["causal"], jnp.ones((T, D)))
+  with pytest.raises(ValueError, match="mask must have shape"):
+    CAUSAL.apply(params["causal"], _x(0), mask=jnp.ones((B, T + 1), bool))
