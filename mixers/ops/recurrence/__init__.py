@@ -8,6 +8,9 @@ o_t = scale * q_t^T diag(exp(g_t)) S_{t-1}. Forms (`impl`): "reference" (materia
 "recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (kernels); "auto" picks pallas where a
 kernel supports the backend and shape, else chunked.
 """
+import jax
+import jax.numpy as jnp
+
 from mixers.ops import checks
 from mixers.ops.recurrence import chunked, recurrent, reference, shapes
 from mixers.ops.recurrence.reference import mixing_matrix
@@ -17,10 +20,23 @@ IMPLS = ("auto", "chunked", "recurrent", "reference", "pallas")
 
 
 def _pallas_supported(q, k, v, log_decay, chunk_size, exclusive):
-  if exclusive:
+  if exclusive or jax.default_backend() not in ("gpu", "tpu"):
     return False
   from mixers import kernels  # pylint: disable=import-outside-toplevel
   return kernels.supports(q, k, v, log_decay, chunk_size)
+
+
+def _pallas(q, k, v, log_decay, *, scale, initial_state, chunk_size):
+  """The kernels need T to be a multiple of the chunk: zero-padded tokens change neither o nor the state."""
+  from mixers import kernels  # pylint: disable=import-outside-toplevel
+  t = q.shape[1]
+  pad = -t % chunk_size
+  if pad:
+    pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v, log_decay = pad_time(q), pad_time(k), pad_time(v), pad_time(log_decay)
+  o, state = kernels.chunked_recurrence(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                        chunk_size=chunk_size)
+  return o[:, :t], state
 
 
 def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False,
@@ -31,6 +47,9 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   shapes.check_qkv(q, k, v)
   log_decay = shapes.normalize_log_decay(log_decay, q)
   shapes.check_state("initial_state", initial_state, q, v)
+  if log_decay is not None:
+    # Decays are often constants (fixed per-head rates); keep XLA from constant-folding their cumsums.
+    log_decay = jax.lax.optimization_barrier(log_decay)
   if impl == "auto":
     impl = "pallas" if _pallas_supported(q, k, v, log_decay, chunk_size, exclusive) else "chunked"
   if impl == "reference":
@@ -40,9 +59,7 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   if impl == "pallas":
     if exclusive:
       raise ValueError("impl='pallas' does not support exclusive=True; use impl='chunked'")
-    from mixers import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.chunked_recurrence(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                      chunk_size=chunk_size)
+    return _pallas(q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
   return chunked.recurrence(q, k, v, log_decay, scale=scale, initial_state=initial_state, exclusive=exclusive,
                             chunk_size=chunk_size)
 
