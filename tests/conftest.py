@@ -1,0 +1,28 @@
+"""Shared fixtures: float64 mode and error metrics."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def rel_rms(a, b):
+  """||a - b|| / ||b|| (the metric fla uses to compare kernels)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.sqrt(np.sum((a - b) ** 2)) / max(np.sqrt(np.sum(b ** 2)), 1e-30))
+
+
+def assert_close(a, b, tol, what=""):
+  err = rel_rms(a, b)
+  assert err <= tol, f"{what} relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def random_like(key, tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape, jnp.result_type(x)) for k, x in zip(keys, leaves)])
