@@ -112,3 +112,32 @@ class ShortConv(nn.Module):
     if bias is not None:
       y = y + bias.astype(x.dtype)
     return self.activation(y) if self.activation is not None else y
+
+
+def cached_recurrence(module: nn.Module, run: Callable, state_init: Callable, *, decode: bool):
+  """Runs `run(initial_state) -> (y, final_state)`, keeping the state in `cache['state']` when decoding.
+
+  `state_init()` returns the zero state (any pytree). Outside decode mode the recurrence starts from zero
+  and nothing is stored; the first decode call (inside `init`) only creates the cache.
+  """
+  if not decode:
+    return run(None)[0]
+  existed = module.has_variable("cache", "state")
+  state = module.variable("cache", "state", state_init)
+  if not existed:
+    return run(None)[0]
+  y, state.value = run(state.value)
+  return y
+
+
+def decode_positions(module: nn.Module, batch: int, length: int, *, decode: bool):
+  """Token positions `[B,T]`: 0..T-1, or continuing from the cached index when decoding."""
+  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if not decode:
+    return pos
+  index, existed = decode_cache(module, "index", (), jnp.int32)
+  if not existed:
+    return pos
+  start = index.value
+  index.value = start + length
+  return pos + start

@@ -1,0 +1,63 @@
+"""Gated linear attention (GLA): data-dependent decays per key channel."""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mixers import ops
+from mixers.layers import common, linear_family
+from mixers.registry import register
+
+
+@register("gla")
+class GLA(nn.Module):
+  """S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(Dk), log a_t = logsigmoid(x W1 W2 + b) / tau.
+
+  The gate is low-rank (W1: d_model x gate_rank) and divided by tau = gate_logit_normalizer (GLA's 16), so
+  decays start close to 1. Per-head RMSNorm and a swish output gate; non-causal runs the gates both ways.
+  """
+  num_heads: int = 4
+  expand_k: float = 0.5
+  expand_v: float = 1.0
+  gate_rank: int = 16
+  gate_logit_normalizer: float = 16.0
+  short_conv: bool = False
+  conv_width: int = 4
+  causal: bool = True
+  chunk_size: int = 64
+  impl: str = "auto"
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, decode=False):
+    if decode and not self.causal:
+      raise ValueError("decode=True needs causal=True")
+    b, t, d_model = x.shape
+    key_total, value_total = int(d_model * self.expand_k), int(d_model * self.expand_v)
+    if key_total % self.num_heads or value_total % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide the key width {key_total} and value width "
+                       f"{value_total} (d_model={d_model}, expand_k={self.expand_k}, expand_v={self.expand_v})")
+    dk, dv = key_total // self.num_heads, value_total // self.num_heads
+    q = linear_family.heads_projection(self.num_heads, dk, "query", self.dtype)(x)
+    k = linear_family.heads_projection(self.num_heads, dk, "key", self.dtype)(x)
+    v = linear_family.heads_projection(self.num_heads, dv, "value", self.dtype)(x)
+    if self.short_conv:
+      conv = lambda a, n: linear_family.conv_heads(a, n, causal=self.causal, width=self.conv_width, mask=mask,
+                                                   decode=decode)
+      q, k, v = conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+    low = common.projection(self.gate_rank, ("embed", None), name="gate_down", dtype=self.dtype)(x)
+    logits = common.projection((self.num_heads, dk), (None, "heads", "kv"), use_bias=True, name="gate_up",
+                               dtype=self.dtype)(low)
+    log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / self.gate_logit_normalizer
+    k, v, log_decay = linear_family.mask_tokens(mask, k, v, log_decay)
+    kw = dict(causal=self.causal, log_decay=log_decay, chunk_size=self.chunk_size, impl=self.impl)
+
+    def run(state):
+      if not self.causal:
+        return ops.linear_attention(q, k, v, **kw), None
+      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
+
+    zero = lambda: jnp.zeros((b, self.num_heads, dk, dv), jnp.float32)
+    o = common.cached_recurrence(self, run, zero, decode=decode)
+    return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)

@@ -1,0 +1,86 @@
+"""Linear attention layer: feature-mapped queries and keys, optional normaliser, short conv and output gate."""
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mixers import ops
+from mixers.layers import common, linear_family
+from mixers.ops import feature_maps
+from mixers.registry import register
+
+FEATURE_MAPS = ("identity", "elu", "relu", "taylor", "cosformer", "hedgehog")
+
+
+@register("linear_attention")
+class LinearAttention(nn.Module):
+  """o_t = sum_s phi(q_t)^T phi(k_s) v_s (/ sum_s phi(q_t)^T phi(k_s)), s <= t when causal.
+
+  feature_map: identity | elu (elu+1) | relu | taylor (Based, 1 + q.k + (q.k)^2/2 on `feature_dim`-wide
+  projections scaled by feature_dim^-1/4) | cosformer (relu, reweighted by cos(pi (t-s) / 2 max_len)) |
+  hedgehog (learned [softmax(qW), softmax(-qW)]). Decoding keeps (S, z) in the cache: O(1) per token.
+  """
+  num_heads: int = 4
+  head_dim: Optional[int] = None
+  feature_map: str = "elu"
+  feature_dim: Optional[int] = None
+  normalize: bool = True
+  short_conv: bool = False
+  conv_width: int = 4
+  output_gate: bool = False
+  output_norm: bool = False
+  causal: bool = True
+  max_len: int = 8192
+  eps: float = 1e-6
+  chunk_size: int = 64
+  impl: str = "auto"
+  dtype: Optional[jnp.dtype] = None
+
+  def _phi(self, x, pos, name):
+    if self.feature_map == "taylor":
+      return feature_maps.taylor_exp(x * x.shape[-1] ** -0.25)
+    if self.feature_map == "cosformer":
+      return feature_maps.cosformer(x, pos, self.max_len)
+    if self.feature_map == "hedgehog":
+      h, d = x.shape[-2:]
+      w = self.param(name, nn.with_logical_partitioning(lambda k, s: jnp.broadcast_to(jnp.eye(d), s), ("heads", None, None)),
+                     (h, d, d))
+      return feature_maps.hedgehog(x, w)
+    return feature_maps.get(self.feature_map)(x)
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, decode=False):
+    if self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
+    if decode and not self.causal:
+      raise ValueError("decode=True needs causal=True")
+    b, t, d_model = x.shape
+    head_dim = self.head_dim or d_model // self.num_heads
+    key_dim = self.feature_dim or head_dim
+    q = linear_family.heads_projection(self.num_heads, key_dim, "query", self.dtype)(x)
+    k = linear_family.heads_projection(self.num_heads, key_dim, "key", self.dtype)(x)
+    v = linear_family.heads_projection(self.num_heads, head_dim, "value", self.dtype)(x)
+    if self.short_conv:
+      conv = lambda a, n: linear_family.conv_heads(a, n, causal=self.causal, width=self.conv_width, mask=mask,
+                                                   decode=decode)
+      q, k, v = conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+    pos = common.decode_positions(self, b, t, decode=decode)
+    q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
+    k, v = linear_family.mask_tokens(mask, k, v)
+    phi_dim = q.shape[-1]
+    scale = 1.0 if self.normalize else phi_dim ** -0.5
+    kw = dict(causal=self.causal, normalize=self.normalize, scale=scale, eps=self.eps, chunk_size=self.chunk_size,
+              impl=self.impl)
+
+    def run(state):
+      if not self.causal:
+        return ops.linear_attention(q, k, v, **kw), None
+      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
+
+    def zero_state():
+      s = jnp.zeros((b, self.num_heads, phi_dim, head_dim), jnp.float32)
+      return (s, jnp.zeros(s.shape[:-1], jnp.float32)) if self.normalize else s
+
+    o = common.cached_recurrence(self, run, zero_state, decode=decode)
+    return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, dtype=self.dtype,
+                                    name="output")(o, x)

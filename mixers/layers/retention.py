@@ -1,0 +1,57 @@
+"""Retention (RetNet / Lightning style): linear attention with a fixed decay per head."""
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mixers import ops
+from mixers.layers import common, linear_family
+from mixers.layers.rotary import apply_rotary
+from mixers.registry import register
+
+
+def retnet_log_decays(num_heads):
+  """log(gamma_h), gamma_h = 1 - 2^(-5-h): head h forgets over about 2^(5+h) tokens."""
+  return np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads)))).astype(np.float32)
+
+
+@register("retention")
+class Retention(nn.Module):
+  """S_t = gamma_h S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(D) (rotary q, k); per-head norm, swish gate.
+
+  Non-causal: weights gamma_h^|t-s|. Decoding keeps S in the cache: O(1) per token.
+  """
+  num_heads: int = 4
+  head_dim: Optional[int] = None
+  causal: bool = True
+  rotary: bool = True
+  chunk_size: int = 64
+  impl: str = "auto"
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, decode=False):
+    if decode and not self.causal:
+      raise ValueError("decode=True needs causal=True")
+    b, t, d_model = x.shape
+    head_dim = self.head_dim or d_model // self.num_heads
+    proj = lambda n: linear_family.heads_projection(self.num_heads, head_dim, n, self.dtype)
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    pos = common.decode_positions(self, b, t, decode=decode)
+    if self.rotary:
+      q, k = apply_rotary(q, pos), apply_rotary(k, pos)
+    k, v = linear_family.mask_tokens(mask, k, v)
+    log_decay = jnp.asarray(retnet_log_decays(self.num_heads))
+    if mask is not None:  # padded tokens neither write nor decay the state
+      log_decay = log_decay * mask[..., None].astype(jnp.float32)
+    kw = dict(causal=self.causal, log_decay=log_decay, chunk_size=self.chunk_size, impl=self.impl)
+
+    def run(state):
+      if not self.causal:
+        return ops.linear_attention(q, k, v, **kw), None
+      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
+
+    zero = lambda: jnp.zeros((b, self.num_heads, head_dim, head_dim), jnp.float32)
+    o = common.cached_recurrence(self, run, zero, decode=decode)
+    return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)
