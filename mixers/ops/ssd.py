@@ -4,11 +4,16 @@ Per batch element and head h (group g = h // (H // G)), with a_t = exp(dt_t A):
   causal:      y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t
   non-causal:  y_t = sum_s (C_t . B_s) (-A dt_s) x_s + D x_t
 The causal form is the gated linear recurrence with q = C, k = B, v = dt x, log-decay = dt A, scale 1; its
-state S_t = a_t S_{t-1} + (dt_t x_t) B_t^T is `[B,H,P,N]` here (the core keeps it as `[B,H,N,P]`). The
-non-causal form needs no scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
+state S_t = a_t S_{t-1} + (dt_t x_t) B_t^T is `[B,H,P,N]` here (the core keeps it as `[B,H,N,P]`).
+impl="chunked" (and "auto" on CPU) runs SSD's own chunked form, which keeps B and C per group: the
+intra-chunk scores C B^T are computed once per group (not per head), and the chunk states are combined by
+an associative scan (log-depth, cheap to differentiate). "recurrent", "reference", "pallas" (and "auto"
+off CPU) go through the core, with B and C broadcast from groups to heads. The non-causal form needs no
+scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
 """
+import jax
 import jax.numpy as jnp
-from einops import repeat
+from einops import rearrange, repeat
 
 from mixers.ops import checks
 from mixers.ops import recurrence
@@ -48,7 +53,49 @@ def skip(x, D):
   return (D[..., None] * x).astype(x.dtype)
 
 
+def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
+  """(y `[B,T,H,P]`, final state `[B,H,P,N]`) chunk by chunk; b = cumulative dt A inside a chunk:
+
+    intra:  y_t += sum_{s<=t} (C_t . B_s) exp(b_t - b_s) dt_s x_s       (scores per group, decay per head)
+    inter:  y_t += exp(b_t) S_prev C_t
+    state:  S = exp(b_end) S_prev + sum_s exp(b_end - b_s) dt_s x_s B_s^T
+  Every exponent is a sum of dt A over an interval (<= 0), masked to -inf before exp above the diagonal.
+  """
+  bsz, t, h, p = x.shape
+  g, n = B.shape[2:]
+  dtype = shapes.compute_dtype(x, dt, B, C)
+  c = min(chunk_size, max(t, 1))
+  pad = (-t) % c
+  padded = lambda a: jnp.pad(a.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+  xs = rearrange(padded(x), "b (m c) (g j) p -> m b g j c p", c=c, g=g)
+  dts = rearrange(padded(dt), "b (m c) (g j) -> m b g j c", c=c, g=g)
+  bs, cs = (rearrange(padded(a), "b (m c) g n -> m b g c n", c=c) for a in (B, C))
+  cum = jnp.cumsum(dts * A.astype(dtype).reshape(g, h // g, 1), axis=-1)  # [M,B,G,J,c]
+  v = dts[..., None] * xs
+  lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+  decay = jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [M,B,G,J,c,c]
+  scores = jnp.einsum("mbgtn,mbgsn->mbgts", cs, bs)
+  y = jnp.einsum("mbgjts,mbgjsp->mbgjtp", scores[:, :, :, None] * decay, v)
+  end = cum[..., -1]
+  local = jnp.einsum("mbgsn,mbgjsp->mbgjpn", bs, v * jnp.exp(end[..., None] - cum)[..., None])
+  if initial_state is not None:
+    s0 = initial_state.astype(dtype).reshape(1, bsz, g, h // g, p, n)
+    local, end = jnp.concatenate([s0, local]), jnp.concatenate([jnp.zeros_like(end[:1]), end])
+
+  def combine(first, second):  # (log-decay, state) of two consecutive spans -> of their union
+    return first[0] + second[0], jnp.exp(second[0])[..., None, None] * first[1] + second[1]
+
+  _, states = jax.lax.associative_scan(combine, (end, local))  # state after each chunk
+  if initial_state is None:
+    states = jnp.concatenate([jnp.zeros_like(states[:1]), states])
+  y = y + jnp.exp(cum)[..., None] * jnp.einsum("mbgtn,mbgjpn->mbgjtp", cs, states[:-1])
+  y = rearrange(y, "m b g j c p -> b (m c) (g j) p")[:, :t]
+  return y, states[-1].reshape(bsz, h, p, n)
+
+
 def _causal(x, dt, A, B, C, *, chunk_size, initial_state, impl):
+  if impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu"):
+    return _chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
   h = x.shape[2]
   dtype = shapes.compute_dtype(x, dt, B, C)
   dt = dt.astype(dtype)
@@ -107,8 +154,9 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
     chunk_size: chunk length of the chunked form (any T works).
     initial_state: `[B,H,P,N]` state before the first token (causal only).
     return_state: also return the final state `[B,H,P,N]` in float32 (causal only).
-    impl: "auto" | "chunked" | "recurrent" | "reference" | "pallas", passed to the recurrence core; for
-      causal=False "reference" materialises the T x T matrix and every other choice runs the two matmuls.
+    impl: "auto" | "chunked" | "recurrent" | "reference" | "pallas": "chunked" is SSD's grouped chunked form
+      ("auto" picks it on CPU); the others go to the recurrence core. For causal=False "reference"
+      materialises the T x T matrix and every other choice runs the two matmuls.
 
   Returns:
     y `[B,T,H,P]` in x's dtype, or (y, final state) when `return_state`.
