@@ -1,0 +1,129 @@
+"""Models built from ConfigDicts: language model, classifiers, hybrids, decoding, NNX bridge."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mixers import models
+from tests.conftest import assert_close
+
+
+def lm_config(mixer="gla,attention"):
+  c = models.default_config()
+  c.mixer, c.d_model, c.num_layers, c.vocab_size = mixer, 32, 2, 50
+  c.mixer_kwargs.num_heads = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def hybrid_lm():
+  model = models.build_model(lm_config())
+  tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 50)
+  return model, model.init(jax.random.key(1), tokens), tokens
+
+
+def test_hybrid_lm_layers_and_logical_axes(hybrid_lm):
+  model, variables, tokens = hybrid_lm
+  logits = model.apply(variables, tokens)
+  assert logits.shape == (2, 11, 50) and logits.dtype == jnp.float32
+  params = variables["params"]["backbone"]
+  assert "gate_down" in params["block_0"]["mixer"] and "cached_key" not in params["block_1"]["mixer"]
+  assert "query" in params["block_1"]["mixer"]
+  names = {tuple(p.names) for p in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+           if isinstance(p, nn.Partitioned)}
+  assert ("vocab", "embed") in names and ("embed", "heads", "kv") in names and ("embed", "mlp") in names
+
+
+def test_lm_causal_and_decodes(hybrid_lm):
+  model, variables, tokens = hybrid_lm
+  logits = model.apply(variables, tokens)
+  changed = model.apply(variables, tokens.at[:, 6:].set(7))
+  np.testing.assert_allclose(logits[:, :6], changed[:, :6], atol=1e-5)
+  cache = model.init(jax.random.key(1), tokens, decode=True)["cache"]
+  step = jax.jit(lambda c, t: model.apply({**variables, "cache": c}, t, decode=True, mutable=["cache"]))
+  outs = []
+  for t in range(tokens.shape[1]):
+    out, mut = step(cache, tokens[:, t:t + 1])
+    cache = mut["cache"]
+    outs.append(out)
+  assert_close(jnp.concatenate(outs, axis=1), logits, 1e-5)
+
+
+def test_image_classifier_trains():
+  """A LightNet image classifier with MD-TPE lowers its loss on a small batch in a few steps."""
+  c = models.default_config()
+  c.update(dict(kind="classifier", causal=False, mixer="lightnet", d_model=32, num_layers=1, num_classes=4,
+                patch_size=4, image_size=(16, 16), positional="md_tpe", pool="mean"))
+  c.mixer_kwargs.num_heads = 2
+  c.positional_kwargs.num_heads = 2
+  model = models.build_model(c)
+  images = jax.random.randint(jax.random.key(0), (8, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(8) % 4
+  params = model.init(jax.random.key(1), images)["params"]
+  opt = optax.adam(3e-3)
+  state = opt.init(params)
+
+  @jax.jit
+  def train_step(params, state):
+    loss, g = jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, images), labels).mean())(params)
+    updates, state = opt.update(g, state)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for _ in range(15):
+    params, state, loss = train_step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_token_classifier_masks_padding(pool):
+  c = models.default_config()
+  c.update(dict(kind="classifier", causal=False, mixer="linear_attention", d_model=16, num_layers=1,
+                vocab_size=20, num_classes=3, pool=pool, positional="learned", max_len=16))
+  c.mixer_kwargs.num_heads = 2
+  model = models.build_model(c)
+  tokens = jax.random.randint(jax.random.key(2), (2, 10), 1, 20)
+  variables = model.init(jax.random.key(3), tokens)
+  mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
+  padded = model.apply(variables, tokens.at[1, 6:].set(0), mask=mask)
+  alone = model.apply(variables, tokens[1:, :6])
+  assert padded.shape == (2, 3)
+  assert_close(padded[1], alone[0], 1e-5)
+
+
+def test_nnx_bridge():
+  """NNX users wrap the Linen models with flax.nnx.bridge; outside a mesh, eager sharding is switched off."""
+  from flax import nnx
+  model = models.build_model(lm_config("retention"))
+  tokens = jnp.ones((1, 5), jnp.int32)
+  with nnx.use_eager_sharding(False):
+    bridged = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(bridged, tokens)
+  logits = bridged(tokens)
+  assert logits.shape == (1, 5, 50)
+  params = nnx.to_pure_dict(nnx.state(bridged, nnx.Param))
+  assert_close(logits, model.apply({"params": params}, tokens), 1e-6)
+
+
+@pytest.mark.parametrize("update, match", [
+    (dict(mixer="hydra"), r"\['hydra'\] are non-causal"),
+    (dict(mixer="gla,transformer"), "unknown mixer 'transformer'; valid names: attention"),
+    (dict(channel_mixer="moe"), "unknown channel_mixer 'moe'; valid: none, glu, mlp, monarch_mlp"),
+    (dict(kind="seq2seq"), "model.kind must be one of"),
+])
+def test_bad_configs(update, match):
+  c = lm_config()
+  c.update(update)
+  with pytest.raises(ValueError, match=match):
+    models.build_model(c)
+
+
+def test_unknown_config_key_lists_valid_keys():
+  c = lm_config()
+  c.mixr = "gla"
+  with pytest.raises(ValueError, match="unknown model config keys \\['mixr'\\]; valid keys: causal, "):
+    models.build_model(c)
