@@ -57,11 +57,12 @@ def monarch(x, L, R, *, precision=None):
   if x.ndim < 1 or x.shape[-1] != k * p:
     raise checks.shape_error("x", x, f"[..., {k * p}] (R has shape {tuple(R.shape)})")
   batch = x.shape[:-1]
-  X = x.reshape(*batch, k, p)
-  Y = jnp.einsum("...im,ijm->...ij", X, R, precision=precision)
-  Z = jnp.swapaxes(Y.reshape(*batch, r, l), -1, -2)
-  W = jnp.einsum("...im,ijm->...ij", Z, L, precision=precision)
-  return jnp.swapaxes(W, -1, -2).reshape(*batch, s * l)
+  # Block-major layout, so that both products are plain batched GEMMs (batch axis leading).
+  X = x.reshape(-1, k, p).transpose(1, 0, 2)  # [k, rows, p]
+  Y = jnp.matmul(X, jnp.swapaxes(R, 1, 2), precision=precision)  # [k, rows, q]
+  Z = Y.transpose(1, 0, 2).reshape(-1, r, l).transpose(2, 0, 1)  # [l, rows, r]
+  W = jnp.matmul(Z, jnp.swapaxes(L, 1, 2), precision=precision)  # [l, rows, s]
+  return W.transpose(1, 2, 0).reshape(*batch, s * l)
 
 
 def _block_diag_dense(W):
