@@ -169,6 +169,43 @@ def test_collectives_carry_states_only_and_do_not_grow_with_length():
   assert any(kind == "all-gather" and (4, 1, H, K, V) in [s for _, s in shapes] for kind, _, shapes in long)
 
 
+def _ssd_inputs(seed=6, g=2, n=5, p=3):
+  r = np.random.RandomState(seed)
+  f = lambda *shape: jnp.asarray(r.randn(*shape), jnp.float32)
+  pair = lambda make: (make(), make())
+  return dict(x=f(B, T, 4, p), dt=pair(lambda: jax.nn.softplus(f(B, T, 4))), A=-jnp.exp(f(4)),
+              B=pair(lambda: f(B, T, g, n)), C=pair(lambda: f(B, T, g, n)), D=f(B, T, 4), s0=f(B, 4, p, n))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ssd_equals_single_device(causal):
+  from mixers.ops.ssd import ssd  # pylint: disable=import-outside-toplevel
+  a = _ssd_inputs()
+  kw = dict(D=a["D"], causal=causal, chunk_size=CHUNK, impl="chunked")
+  if causal:
+    kw.update(initial_state=a["s0"], return_state=True)
+  sp = sequence_parallel(ssd, _mesh())
+  args = (a["x"], a["dt"][0], a["A"], a["B"][0], a["C"][0])
+  got, want = jax.jit(lambda *z: sp(*z, **kw))(*args), ssd(*args, **kw)
+  for u, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(u, w)
+
+
+def test_quasiseparable_equals_matrix_form_with_gradients():
+  from mixers.ops.quasiseparable import quasiseparable  # pylint: disable=import-outside-toplevel
+  a = _ssd_inputs(seed=7)
+  sp = sequence_parallel(quasiseparable, _mesh())
+  cot = jnp.asarray(np.random.RandomState(8).randn(*a["x"].shape), jnp.float32)
+  run = lambda f, impl: (lambda x, dt, bc: jnp.sum(cot * f(x, dt, a["A"], bc[0], bc[1], D=a["D"], chunk_size=CHUNK,
+                                                              impl=impl)))
+  args = (a["x"], a["dt"], (a["B"], a["C"]))
+  loss, grads = jax.jit(jax.value_and_grad(run(sp, "chunked"), argnums=(0, 1, 2)))(*args)
+  loss_ref, grads_ref = jax.value_and_grad(run(quasiseparable, "reference"), argnums=(0, 1, 2))(*args)
+  _close(loss, loss_ref)
+  for u, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    _close(u, w, tol=5e-5)
+
+
 def test_bad_arguments_raise_value_errors():
   with pytest.raises(ValueError, match="no form for op"):
     sequence_parallel(ops.attention, _mesh())

@@ -171,3 +171,104 @@ def _linear_attention(layout: Layout):
     return o, final
 
   return fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# SSD (Mamba2, VSSD) and Hydra's quasiseparable mixer: q = C, k = B (groups read per head), v = dt x,
+# log-decay = dt A, scale 1. Heads stay whole on every device (groups map onto them locally).
+
+
+def _ssd_core_inputs(x, dt, A, B, C):
+  from mixers.ops import ssd as ssd_lib  # pylint: disable=import-outside-toplevel
+  h = x.shape[2]
+  acc = jnp.promote_types(jnp.result_type(x, dt, B, C), jnp.float32)
+  dt = dt.astype(acc)
+  q, k = ssd_lib.heads_from_groups(C, h).astype(acc), ssd_lib.heads_from_groups(B, h).astype(acc)
+  return q, k, dt[..., None] * x.astype(acc), dt * A.astype(acc)
+
+
+def _skip(y, x, D):
+  return y if D is None else y + D[..., None].astype(y.dtype) * x.astype(y.dtype)
+
+
+@register_adapter("ssd")
+def _ssd(layout: Layout):
+  from mixers.ops import ssd as ssd_lib  # pylint: disable=import-outside-toplevel
+
+  def fn(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=None, return_state=False,
+         impl="auto"):
+    b, t, h, p, _, n = ssd_lib.check_ssd_inputs(x, dt, A, B, C, D)
+    if not causal and (initial_state is not None or return_state):
+      raise ValueError("initial_state and return_state need causal=True (the non-causal SSD has no running state)")
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+      raise ValueError(f"initial_state must have shape [B,H,P,N] = {(b, h, p, n)}, got {tuple(initial_state.shape)}")
+    tp = layout.padded_length(t)
+    x, dt, B, C = (pad_time(a, tp) for a in (x, dt, B, C))  # dt = 0 on the padding: no write, no decay
+    per_token_d = D is not None and D.ndim == 3
+    if per_token_d:
+      D = pad_time(D, tp)
+    bax, _ = layout.specs(b, None)
+    seq = lambda nd: P(bax, layout.axis, *([None] * (nd - 2)))
+    s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)  # core keeps [B,H,N,P]
+    sspec = P(bax, None, None, None)
+    dspec = None if D is None else (seq(3) if per_token_d else P())
+
+    def body(x, dt, A, B, C, D, s0):
+      q, k, v, g = _ssd_core_inputs(x, dt, A, B, C)
+      if causal:
+        y, final = slice_scan(q, k, v, g, axis=layout.axis, scale=1.0, initial_state=s0,
+                              chunk_size=chunk_size, impl=impl)
+      else:
+        state = jax.lax.psum(jnp.einsum("blhn,blhp->bhnp", k, v * -A.astype(v.dtype)[:, None]), layout.axis)
+        y, final = jnp.einsum("blhn,bhnp->blhp", q, state), None
+      return _skip(y, x, D), final
+
+    y, final = layout.shard_map(body, in_specs=(seq(4), seq(3), P(), seq(4), seq(4), dspec,
+                                                None if s0 is None else sspec),
+                                out_specs=(seq(4), sspec if causal else None))(x, dt, A, B, C, D, s0)
+    y = y[:, :t].astype(x.dtype)
+    return (y, jnp.swapaxes(final, -1, -2)) if return_state else y
+
+  return fn
+
+
+@register_adapter("quasiseparable")
+def _quasiseparable(layout: Layout):
+  from mixers.ops import quasiseparable as qs_lib  # pylint: disable=import-outside-toplevel
+  from mixers.sharding.slice_scan import next_slice_first, previous_slice_last  # pylint: disable=import-outside-toplevel
+
+  def fn(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=None, lengths=None):
+    dtf, dtb, bf, bb, cf, cb = qs_lib._check(x, dt, A, B, C, D)  # pylint: disable=protected-access
+    bsz, t = x.shape[:2]
+    keep = qs_lib.token_mask(mask, lengths, bsz, t)
+    if keep is not None:
+      x = jnp.where(keep[..., None, None], x, 0)
+      dtf, dtb = (jnp.where(keep[..., None], d, 0) for d in (dtf, dtb))
+    tp = layout.padded_length(t)
+    x, dtf, dtb, bf, bb, cf, cb = (pad_time(a, tp) for a in (x, dtf, dtb, bf, bb, cf, cb))
+    per_token_d = D is not None and D.ndim == 3
+    if per_token_d:
+      D = pad_time(D, tp)
+    bax, _ = layout.specs(bsz, None)
+    seq = lambda nd: P(bax, layout.axis, *([None] * (nd - 2)))
+    dspec = None if D is None else (seq(3) if per_token_d else P())
+    flip = lambda a: jnp.flip(a, axis=1)
+    kw = dict(axis=layout.axis, scale=1.0, chunk_size=chunk_size, impl=impl)
+
+    def body(x, dtf, dtb, A, bf, bb, cf, cb, D):
+      yf, _ = slice_scan(*_ssd_core_inputs(x, dtf, A, bf, cf), **kw)
+      yf = jnp.concatenate([previous_slice_last(yf, layout.axis), yf[:, :-1]], axis=1)  # shift down one token
+      q, k, v, g = (flip(a) for a in _ssd_core_inputs(x, dtb, A, bb, cb))
+      yb, _ = slice_scan(q, k, v, g, reverse_order=True, **kw)
+      yb = flip(yb)
+      yb = jnp.concatenate([yb[:, 1:], next_slice_first(yb, layout.axis)], axis=1)  # shift up one token
+      return _skip(yf + yb, x, D)
+
+    y = layout.shard_map(body, in_specs=(seq(4), seq(3), seq(3), P(), seq(4), seq(4), seq(4), seq(4), dspec),
+                         out_specs=seq(4))(x, dtf, dtb, A, bf, bb, cf, cb, D)
+    y = y[:, :t]
+    if keep is not None:
+      y = jnp.where(keep[..., None, None], y, 0)
+    return y.astype(x.dtype)
+
+  return fn
