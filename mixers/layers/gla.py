@@ -5,7 +5,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers import ops
 from mixers.layers import common, linear_family
 from mixers.registry import register
 
@@ -43,21 +42,13 @@ class GLA(nn.Module):
     k = linear_family.heads_projection(self.num_heads, dk, "key", self.dtype)(x)
     v = linear_family.heads_projection(self.num_heads, dv, "value", self.dtype)(x)
     if self.short_conv:
-      conv = lambda a, n: linear_family.conv_heads(a, n, causal=self.causal, width=self.conv_width, mask=mask,
-                                                   decode=decode)
-      q, k, v = conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+      q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
+                                          decode=decode)
     low = common.projection(self.gate_rank, ("embed", None), name="gate_down", dtype=self.dtype)(x)
     logits = common.projection((self.num_heads, dk), (None, "heads", "kv"), use_bias=True, name="gate_up",
                                dtype=self.dtype)(low)
     log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / self.gate_logit_normalizer
     k, v, log_decay = linear_family.mask_tokens(mask, k, v, log_decay)
-    kw = dict(causal=self.causal, log_decay=log_decay, chunk_size=self.chunk_size, impl=self.impl)
-
-    def run(state):
-      if not self.causal:
-        return ops.linear_attention(q, k, v, **kw), None
-      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
-
-    zero = lambda: jnp.zeros((b, self.num_heads, dk, dv), jnp.float32)
-    o = common.cached_recurrence(self, run, zero, decode=decode)
+    o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
+                             chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)

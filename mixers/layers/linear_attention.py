@@ -4,7 +4,6 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mixers import ops
 from mixers.layers import common, linear_family
 from mixers.ops import feature_maps
 from mixers.registry import register
@@ -61,26 +60,14 @@ class LinearAttention(nn.Module):
     k = linear_family.heads_projection(self.num_heads, key_dim, "key", self.dtype)(x)
     v = linear_family.heads_projection(self.num_heads, head_dim, "value", self.dtype)(x)
     if self.short_conv:
-      conv = lambda a, n: linear_family.conv_heads(a, n, causal=self.causal, width=self.conv_width, mask=mask,
-                                                   decode=decode)
-      q, k, v = conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+      q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
+                                          decode=decode)
     pos = common.decode_positions(self, b, t, decode=decode)
     q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
     k, v = linear_family.mask_tokens(mask, k, v)
     phi_dim = q.shape[-1]
     scale = 1.0 if self.normalize else phi_dim ** -0.5
-    kw = dict(causal=self.causal, normalize=self.normalize, scale=scale, eps=self.eps, chunk_size=self.chunk_size,
-              impl=self.impl)
-
-    def run(state):
-      if not self.causal:
-        return ops.linear_attention(q, k, v, **kw), None
-      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
-
-    def zero_state():
-      s = jnp.zeros((b, self.num_heads, phi_dim, head_dim), jnp.float32)
-      return (s, jnp.zeros(s.shape[:-1], jnp.float32)) if self.normalize else s
-
-    o = common.cached_recurrence(self, run, zero_state, decode=decode)
+    o = linear_family.attend(self, q, k, v, decode=decode, normalize=self.normalize, causal=self.causal,
+                             scale=scale, eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, dtype=self.dtype,
                                     name="output")(o, x)

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixers import ops
 from mixers.layers import common
 
 
@@ -19,6 +20,29 @@ def conv_heads(x, name, *, causal, width, mask, decode):
   y = common.ShortConv(width=width, causal=causal, channel_axis="heads", name=name)(
       x.reshape(b, t, h * d), mask=mask, decode=decode)
   return y.reshape(b, t, h, d)
+
+
+def short_convs(q, k, v, *, causal, width, mask, decode):
+  """Separate short convs over q, k and v (named conv_q, conv_k, conv_v), as in fla's layers."""
+  conv = lambda a, n: conv_heads(a, n, causal=causal, width=width, mask=mask, decode=decode)
+  return conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+
+
+def attend(module, q, k, v, *, decode, normalize=False, **kwargs):
+  """`ops.linear_attention` over q, k `[B,T,H,K]`, v `[B,T,H,V]`; causal layers keep (S[, z]) in the cache."""
+  causal = kwargs.get("causal", True)
+
+  def run(state):
+    if not causal:
+      return ops.linear_attention(q, k, v, normalize=normalize, **kwargs), None
+    return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
+
+  def zero_state():
+    b, _, h, dk = q.shape
+    s = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+    return (s, jnp.zeros(s.shape[:-1], jnp.float32)) if normalize else s
+
+  return common.cached_recurrence(module, run, zero_state, decode=decode)
 
 
 def mask_tokens(mask, *xs):

@@ -5,7 +5,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mixers import ops
 from mixers.layers import common, linear_family
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
@@ -45,13 +44,6 @@ class Retention(nn.Module):
     log_decay = jnp.asarray(retnet_log_decays(self.num_heads))
     if mask is not None:  # padded tokens neither write nor decay the state
       log_decay = log_decay * mask[..., None].astype(jnp.float32)
-    kw = dict(causal=self.causal, log_decay=log_decay, chunk_size=self.chunk_size, impl=self.impl)
-
-    def run(state):
-      if not self.causal:
-        return ops.linear_attention(q, k, v, **kw), None
-      return ops.linear_attention(q, k, v, initial_state=state, return_state=True, **kw)
-
-    zero = lambda: jnp.zeros((b, self.num_heads, head_dim, head_dim), jnp.float32)
-    o = common.cached_recurrence(self, run, zero, decode=decode)
+    o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
+                             chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)
