@@ -92,29 +92,28 @@ class LightNet(nn.Module):
 
 
 def lightnet_block_config(task="image"):
-  """The LightNet block for `task` in {"image", "lm"}, as a ConfigDict a backbone builds its layers from.
+  """LightNet overrides of the model config (`mixers.models.default_config()`) for `task` in {"image", "lm"}.
 
-  image: non-causal LightNet on the patch grid with MD-LRPE over both grid axes, MD-TPE added once after the
-  patch embedding, GLU channel mixer, pre-norm residual blocks, mean pool. lm: causal LightNet with 1-D LRPE
-  (decodes through the cache), no TPE, GLU channel mixer.
+    config = mixers.models.default_config()
+    config.update(lightnet_block_config("image"))
+    model = mixers.models.build_model(config)
+
+  image: classifier on 4x4 patches; non-causal LightNet reads the patch grid (grid_shape from the image size)
+  with MD-LRPE over both grid axes; MD-TPE added once after the patch embedding; GLU channel mixer; mean pool.
+  lm: causal LightNet with 1-D MD-LRPE (decodes through the cache), no positional layer, GLU channel mixer.
   """
   if task not in ("image", "lm"):
     raise ValueError(f"task must be one of ['image', 'lm'], got {task!r}")
+  image = task == "image"
   c = ml_collections.ConfigDict()
+  c.kind = "classifier" if image else "lm"
+  c.causal = not image
   c.mixer = "lightnet"
-  c.mixer_kwargs = ml_collections.ConfigDict(dict(num_heads=8, causal=task == "lm", gate_rank=32, use_lrpe=True))
+  c.mixer_kwargs = ml_collections.ConfigDict(dict(num_heads=8, gate_rank=32, use_lrpe=True))
   c.channel_mixer = "glu"
-  c.norm = "rmsnorm"
-  c.pre_norm = True
-  if task == "image":
+  c.positional = "md_tpe" if image else ""
+  c.positional_kwargs = ml_collections.ConfigDict(dict(num_heads=8, causal=False) if image else {})
+  if image:
     c.patch_size = 4
-    c.positional = "md_tpe"  # applied once: x = x + MdTpe(num_heads, causal=False)(x) on the patch grid
-    c.positional_kwargs = ml_collections.ConfigDict(dict(num_heads=8, causal=False))
-    c.keep_grid = True  # hand the mixer [B,H',W',d] (or [B,T,d] with mixer_kwargs.grid_shape)
-    c.pool = "mean"
-  else:
-    c.positional = None
-    c.positional_kwargs = ml_collections.ConfigDict()
-    c.keep_grid = False
-    c.pool = None
+    c.pool = "mean"  # a cls token would break the patch grid the mixer reads
   return c

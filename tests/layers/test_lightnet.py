@@ -1,18 +1,12 @@
-"""LightNet layer: decode equals the forward, grid inputs, padding, registry, and a tiny classifier that trains.
-
-The classifier here is self-contained (patch embedding + MD-TPE + LightNet + mean pool + head) so that the layer
-is tested on its own; the backbones in mixers.models build the same block from `lightnet_block_config("image")`.
-"""
-import flax.linen as nn
+"""LightNet layer: decode equals the forward, grid inputs, padding, registry, and its image classifier trains."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from mixers import build_mixer
+from mixers import build_mixer, models
 from mixers.layers.lightnet import LightNet, lightnet_block_config
-from mixers.layers.positional import MdTpe
 
 WIDTH, HEADS = 16, 2
 
@@ -63,17 +57,13 @@ def test_causal_padding_does_not_leak():
   np.testing.assert_allclose(y_other * mask[..., None], y * mask[..., None], rtol=1e-5, atol=1e-6)
 
 
-class TinyClassifier(nn.Module):
-  """Patch embedding -> x + MD-TPE(x) -> pre-norm LightNet block on the patch grid -> mean pool -> logits."""
-  num_classes: int = 2
-  patch: int = 4
-
-  @nn.compact
-  def __call__(self, images):
-    x = nn.Conv(WIDTH, (self.patch, self.patch), strides=self.patch, name="patch_embed")(images)  # [B,h,w,d]
-    x = x + MdTpe(num_heads=HEADS)(x)
-    x = x + LightNet(num_heads=HEADS, causal=False, gate_rank=4)(nn.RMSNorm()(x))
-    return nn.Dense(self.num_classes)(nn.RMSNorm()(x).mean(axis=(1, 2)))
+def classifier_config():
+  config = models.default_config()
+  config.update(lightnet_block_config("image"))
+  config.update(dict(d_model=WIDTH, num_layers=1, num_classes=2, image_size=(16, 16)))
+  config.mixer_kwargs.update(dict(num_heads=HEADS, gate_rank=4))
+  config.positional_kwargs.num_heads = HEADS
+  return config
 
 
 def test_classifier_trains_with_decreasing_loss():
@@ -82,8 +72,9 @@ def test_classifier_trains_with_decreasing_loss():
   images = rng.standard_normal((32, 16, 16, 3)).astype(np.float32)
   images[labels == 1, :8] += 1.0  # class 1: brighter top half
   images, labels = jnp.asarray(images), jnp.asarray(labels)
-  model = TinyClassifier()
+  model = models.build_model(classifier_config())
   params = model.init(jax.random.key(0), images[:1])["params"]
+  assert "md_tpe" in params
   opt = optax.adam(1e-2)
   opt_state = opt.init(params)
 
@@ -107,10 +98,13 @@ def test_classifier_trains_with_decreasing_loss():
 def test_block_configs():
   image, lm = lightnet_block_config("image"), lightnet_block_config("lm")
   assert image.mixer == lm.mixer == "lightnet"
-  assert not image.mixer_kwargs.causal and image.positional == "md_tpe"
-  assert lm.mixer_kwargs.causal and lm.positional is None
-  layer = build_mixer(lm.mixer, **{**lm.mixer_kwargs.to_dict(), "num_heads": HEADS})
-  x = jnp.ones((1, 3, WIDTH))
-  assert layer.apply(layer.init(jax.random.key(0), x), x).shape == x.shape
+  assert not image.causal and image.positional == "md_tpe" and lm.causal and not lm.positional
+  config = models.default_config()
+  config.update(lm)
+  config.update(dict(d_model=WIDTH, num_layers=1, vocab_size=11))
+  config.mixer_kwargs.update(dict(num_heads=HEADS, gate_rank=4))
+  model = models.build_model(config)
+  tokens = jnp.arange(6)[None] % 11
+  assert model.apply(model.init(jax.random.key(0), tokens), tokens).shape == (1, 6, 11)
   with pytest.raises(ValueError, match="task must be one of"):
     lightnet_block_config("video")
