@@ -1,6 +1,5 @@
 """Sequence-parallel ops on 8 simulated CPU devices against single-device results and the float64 matrix form."""
 import os
-import re
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from mixers import ops  # noqa: E402
 from mixers.ops.recurrence import mixing_matrix  # noqa: E402
 from mixers.sharding import make_mesh, sequence_parallel  # noqa: E402
+from mixers.sharding.hlo import collectives  # noqa: E402
 
 B, H, K, V = 2, 3, 5, 6
 T = 37  # not a multiple of the 4 sequence shards, slices of 10 not a multiple of the chunk
@@ -129,25 +129,6 @@ def test_sharded_inputs_stay_sharded_along_time():
   assert {s.data.shape for s in o.addressable_shards} == {(1, 10, H, V)}
 
 
-_COLLECTIVE = re.compile(
-    r"=\s*(\(?[a-z0-9\[\]{}, ]*?\)?)\s*(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
-    r"(?:-start)?\(")
-_ARRAY = re.compile(r"([a-z]+[0-9]+)\[([0-9,]*)\]")
-_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-
-
-def collective_operands(hlo_text):
-  """[(kind, bytes, shapes)] for every collective of a compiled HLO module."""
-  found = []
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE.search(line)
-    if not m:
-      continue
-    shapes = [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(m.group(1))]
-    found.append((m.group(2), sum(_BYTES.get(dt, 4) * int(np.prod(s)) for dt, s in shapes), shapes))
-  return found
-
-
 def _step_hlo(t):
   """Compiled HLO of forward + backward of a sequence-parallel linear attention with per-key decay."""
   sp = _sp_fn(True, False, False)
@@ -159,7 +140,7 @@ def _step_hlo(t):
 
 
 def test_collectives_carry_states_only_and_do_not_grow_with_length():
-  short, long = collective_operands(_step_hlo(64)), collective_operands(_step_hlo(1024))
+  short, long = collectives(_step_hlo(64)), collectives(_step_hlo(1024))
   assert short, "a sequence-parallel step must communicate its states"
   assert sorted(c[1] for c in short) == sorted(c[1] for c in long)
   state_bytes = 4 * (B // 2) * H * K * V  # one device's [B,H,K,V] float32 state
