@@ -6,9 +6,12 @@ Rows per T (B=1, H=8, P=64, N=64, G=1, float32 unless --dtype):
                  skipped when the package is not installed (`pip install --no-deps mamba2-jax`)
   quasiseparable Hydra's mixer, both directions in one pass
   two_ssd        two separate causal SSD calls (forward, and backward on the flipped sequence)
-`ratio`: for ssd, mamba2_jax's fwd+bwd time over ours; for quasiseparable and two_ssd, their fwd+bwd time over
-one causal ssd's.
+`fwd_bwd_cpu_ms` is the process CPU time of one forward+backward call, steadier than wall time on a machine
+shared with other work. `ratio` (from CPU times): for ssd, mamba2_jax's fwd+bwd over ours; for quasiseparable
+and two_ssd, theirs over one causal ssd's.
 """
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -66,12 +69,21 @@ def _peer_fn(ssd_forward):
   return peer
 
 
+def cpu_time(fn, *args, repeats=3):
+  """Mean process CPU seconds of fn(*args) after a warm-up call (all threads of this process)."""
+  common.block(fn(*args))
+  start = time.process_time()
+  for _ in range(repeats):
+    common.block(fn(*args))
+  return (time.process_time() - start) / repeats
+
+
 def _measure(fn, args, repeats):
   fwd = jax.jit(fn)
   both = common.fwd_bwd(fn)
   peak = common.peak_bytes(jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(6))), *args)
   return (1e3 * common.time_fn(fwd, *args, repeats=repeats), 1e3 * common.time_fn(both, *args, repeats=repeats),
-          None if peak is None else peak / 2 ** 20)
+          1e3 * cpu_time(both, *args, repeats=repeats), None if peak is None else peak / 2 ** 20)
 
 
 def run(args):
@@ -87,13 +99,13 @@ def run(args):
     for name, fn in fns.items():
       if fn is None:
         continue
-      fwd_ms, both_ms, peak = _measure(fn, inputs, repeats)
-      times[name] = both_ms
-      rows.append(dict(op=name, T=t, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, fwd_bwd_peak_MiB=peak,
-                       us_per_token_fwd_bwd=1e3 * both_ms / t))
+      fwd_ms, both_ms, both_cpu_ms, peak = _measure(fn, inputs, repeats)
+      times[name] = both_cpu_ms
+      rows.append(dict(op=name, T=t, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, fwd_bwd_cpu_ms=both_cpu_ms,
+                       cpu_us_per_token=1e3 * both_cpu_ms / t, fwd_bwd_peak_MiB=peak))
     for r in rows[-len(times):]:
       ref = times.get("mamba2_jax") if r["op"] == "ssd" else times["ssd"]
       r["ratio"] = None if ref is None or r["op"] == "mamba2_jax" else (
-          ref / r["fwd_bwd_ms"] if r["op"] == "ssd" else r["fwd_bwd_ms"] / ref)
+          ref / r["fwd_bwd_cpu_ms"] if r["op"] == "ssd" else r["fwd_bwd_cpu_ms"] / ref)
     t *= 2
   return rows

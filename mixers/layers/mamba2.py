@@ -140,7 +140,7 @@ class Mamba2(nn.Module):
                 D=d_skip)
 
   def __call__(self, x, *, mask=None, decode=False):
-    return self._run(x, mask, decode, matrix=False)
+    return self._run(x, mask, decode, "output")
 
   def mixing_matrix(self, x, *, mask=None):
     """The SSM's mixing matrix `[B,H,T,T]` over time for input x (semiseparable when causal), D on its diagonal.
@@ -148,20 +148,20 @@ class Mamba2(nn.Module):
     y_ssm[:, t, h] = sum_s M[:, h, t, s] x_ssm[:, s, h] with x_ssm the conv's output split into heads
     (`ssm_inputs`); the gate, norm and projections around it are not part of M.
     """
-    return self._run(x, mask, False, matrix=True)
+    return self._run(x, mask, False, "matrix")
 
   def ssm_inputs(self, x, *, mask=None):
     """The SSM's operands for input x: dict of z `[B,T,inner]`, x `[B,T,H,P]`, dt, A, B, C, D."""
-    return self._run(x, mask, False, matrix="inputs")
+    return self._run(x, mask, False, "inputs")
 
   @nn.compact
-  def _run(self, x, mask, decode, matrix):
+  def _run(self, x, mask, decode, what):
     if decode and not self.causal:
       raise ValueError("decode=True needs a causal Mamba2")
     ops = self._operands(x, mask, decode)
-    if matrix == "inputs":
+    if what == "inputs":
       return ops
-    if matrix:
+    if what == "matrix":
       return ssd_matrix(ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], causal=self.causal)
     b, t, h, p = ops["x"].shape
     state, ready = None, False
