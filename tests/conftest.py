@@ -1,4 +1,9 @@
-"""Shared fixtures: float64 mode and error metrics."""
+"""Shared fixtures: float64 mode and error metrics. Tests see 8 simulated CPU devices (meshes need them)."""
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,5 @@
 """Building blocks shared by the mixer layers: projections with logical axes, norms, short convs, caches."""
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -14,15 +14,46 @@ def constrain(x, axes=ACTIVATIONS):
   return nn.with_logical_constraint(x, axes)
 
 
+class Projection(nn.Module):
+  """y = x . W (+ b), contracting x's `axis` dims with W's leading dims; W `[*in, *features]` carries `axes`.
+
+  The kernel is created at its full shape (fan-in = the contracted dims), so its logical axis names apply to
+  it as it is under a mesh.
+  """
+  features: Tuple[int, ...]
+  axes: Tuple[Optional[str], ...]
+  axis: Tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  kernel_init: Optional[Callable] = None
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    n_in, n_out = len(axis), len(self.features)
+    if len(self.axes) != n_in + n_out:
+      raise ValueError(f"axes {self.axes} must name {n_in} input and {n_out} output dims")
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        tuple(x.shape[a] for a in axis) + self.features, jnp.float32)
+    dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((axis, tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.axes[n_in:]), self.features,
+                        jnp.float32)
+      y = y + bias.astype(dtype)
+    return y
+
+
 def projection(features, axes: Sequence[str], *, axis=-1, use_bias=False, kernel_init=None, name=None,
                dtype=None, bias_init=nn.initializers.zeros):
-  """`nn.DenseGeneral` whose kernel carries the logical `axes` (input axes then output axes)."""
+  """A `Projection` to `features` (int or tuple) whose kernel carries the logical `axes` (input then output)."""
   features = (features,) if isinstance(features, int) else tuple(features)
-  kernel_init = kernel_init or nn.initializers.lecun_normal()
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
-      bias_init=nn.with_logical_partitioning(bias_init, tuple(axes[-len(features):])))
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  return Projection(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, kernel_init=kernel_init,
+                    bias_init=bias_init, dtype=dtype, name=name)
 
 
 def rms_normalize(x, eps):

@@ -68,7 +68,6 @@ class Hydra(nn.Module):
     inner, h, p = head_layout(d, self.expand, self.head_dim, self.num_heads, self.num_groups, x.shape)
     g, n = self.num_groups, self.state_dim
     mask = check_mask(mask, x)
-    x = constrain(x)
     zxbcdt = projection(2 * inner + 4 * g * n + 2 * h, ("embed", "mlp"), use_bias=self.use_bias, name="in_proj",
                         dtype=self.dtype)(x)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 4 * g * n], axis=-1)

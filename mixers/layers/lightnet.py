@@ -64,7 +64,6 @@ class LightNet(nn.Module):
     if decode and not self.causal:
       raise ValueError("decode=True needs a causal LightNet")
     dk, dv = self.head_dim or d // h, d // h
-    xf = constrain(xf)
     q = jax.nn.silu(projection((h, dk), ("embed", "heads", "kv"), name="q_proj", dtype=self.dtype)(xf))
     k = projection((h, dk), ("embed", "heads", "kv"), name="k_proj", dtype=self.dtype)(xf)
     v = projection((h, dv), ("embed", "heads", "kv"), name="v_proj", dtype=self.dtype)(xf)
@@ -85,7 +84,8 @@ class LightNet(nn.Module):
       position.value = position.value + t
 
     gate = projection(self.gate_rank, ("embed", "mlp"), name="gate_down", dtype=self.dtype)(xf)
-    gate = projection(h * dv, ("mlp", "embed"), name="gate_up", dtype=self.dtype)(gate)
+    # The gate scales the heads' outputs, so it carries their axes (heads, kv), not embed.
+    gate = projection((h, dv), ("mlp", "heads", "kv"), name="gate_up", dtype=self.dtype)(gate).reshape(b, t, h * dv)
     o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name="embed")(o.reshape(b, t, h * dv), gate)
     y = projection(d, ("mlp", "embed"), name="out_proj", dtype=self.dtype)(o)
     return constrain(y).reshape(shape)

@@ -114,7 +114,6 @@ class MonarchMixer(nn.Module):
     if decode and not self.causal:
       raise ValueError("decode=True needs a causal MonarchMixer (causal=True)")
     dtype = self.dtype or x.dtype
-    x = constrain(x)
     u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", dtype=dtype)(x)
     u = ShortConv(width=self.short_width, causal=self.causal, activation=None, channel_axis="mlp",
                   name="short_conv")(u, mask=mask, decode=decode)

@@ -58,7 +58,6 @@ class MonarchMLP(nn.Module):
     del mask, decode
     d = x.shape[-1]
     h = self.hidden or self.expansion * d
-    x = constrain(x)
     gate = MonarchLinear(h, self.nblocks, self.dtype, name="gate")(x)
     up = MonarchLinear(h, self.nblocks, self.dtype, name="up")(x)
     y = MonarchLinear(d, self.nblocks, self.dtype, name="down")(self.activation(gate) * up)

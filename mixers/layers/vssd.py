@@ -76,7 +76,6 @@ class VSSD(nn.Module):
       if mask.shape not in (tuple(shape[:-1]), (b, t)):
         raise ValueError(f"mask must have shape {tuple(shape[:-1])} or [B,T] = {(b, t)}, got {tuple(mask.shape)}")
       mask = mask.reshape(b, t).astype(bool)
-    xf = constrain(xf)
     zxbcdt = projection(2 * inner + 2 * g * n + h, ("embed", "mlp"), use_bias=self.use_bias, name="in_proj",
                         dtype=self.dtype)(xf)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 2 * g * n], axis=-1)

@@ -127,3 +127,34 @@ def test_unknown_config_key_lists_valid_keys():
   c.mixr = "gla"
   with pytest.raises(ValueError, match="unknown model config keys \\['mixr'\\]; valid keys: causal, "):
     models.build_model(c)
+
+
+SMALL_MIXERS = {"attention": dict(num_heads=2), "linear_attention": dict(num_heads=2), "retention": dict(num_heads=2),
+                "gla": dict(num_heads=2, gate_rank=4), "mamba2": dict(head_dim=8, state_dim=8), "m2": dict(max_len=16),
+                "lightnet": dict(num_heads=2, gate_rank=4), "hydra": dict(head_dim=8, state_dim=8),
+                "vssd": dict(head_dim=8, state_dim=8)}
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier"])
+def test_every_mixer_runs_sharded_on_a_mesh(kind):
+  """Every registered mixer in one hybrid model, initialised sharded on (data=2, fsdp=2, tensor=2), equals 1 device.
+
+  (A causal LM holds the causal mixers, a non-causal classifier all of them.)
+  """
+  from mixers import registry, sharding
+  names = registry.names("sequence")
+  if kind == "lm":
+    names = [n for n in names if registry.is_causal_capable(n)]
+  c = lm_config(",".join(names))
+  c.update(dict(kind=kind, causal=kind == "lm", num_layers=len(names), d_model=32, num_classes=3))
+  c.mixer_kwargs = {}
+  c.per_mixer_kwargs = SMALL_MIXERS
+  model = models.build_model(c)
+  tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 50)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  variables, _ = sharding.init_sharded(model.init, jax.random.key(1), tokens, mesh=mesh)
+  kernel = variables["params"]["backbone"]["block_0"]["mixer"]["query"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  with sharding.use_mesh(mesh):
+    out = jax.jit(model.apply)(variables, tokens)
+  assert_close(out, model.apply(jax.device_get(variables), tokens), 1e-5)
