@@ -1,4 +1,6 @@
 """LightNet layer: decode equals the forward, grid inputs, padding, registry, and its image classifier trains."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,13 +13,14 @@ from mixers.layers.lightnet import LightNet, lightnet_block_config
 WIDTH, HEADS = 16, 2
 
 
-def test_causal_decode_matches_forward():
+def test_causal_decode_matches_forward_and_padding_does_not_leak():
   x = jax.random.normal(jax.random.key(0), (2, 11, WIDTH))
   layer = build_mixer("lightnet", num_heads=HEADS, chunk_size=4, gate_rank=4)
   assert isinstance(layer, LightNet) and layer.causal
-  params = layer.init(jax.random.key(1), x)["params"]
-  full = layer.apply({"params": params}, x)
-  cache = layer.init(jax.random.key(1), x[:, :5], decode=True)["cache"]
+  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+  forward = jax.jit(lambda xs, m: layer.apply({"params": params}, xs, mask=m))
+  full = forward(x, jnp.ones(x.shape[:2], bool))
+  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :5])["cache"]
   step = jax.jit(lambda c, xs: layer.apply({"params": params, "cache": c}, xs, decode=True, mutable=["cache"]))
   outs = []
   for lo, hi in ((0, 5),) + tuple((t, t + 1) for t in range(5, 11)):
@@ -26,35 +29,31 @@ def test_causal_decode_matches_forward():
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=2e-5, atol=2e-5)
   assert int(cache["position"]) == 11
+  mask = jnp.arange(11)[None, :] >= jnp.array([[3], [0]])  # left padding on the first row
+  y = forward(x, mask)
+  y_other = forward(jnp.where(mask[..., None], x, -5.0), mask)
+  np.testing.assert_allclose(y_other * mask[..., None], y * mask[..., None], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y[1], full[1], rtol=1e-5, atol=1e-6)
 
 
 def test_non_causal_grid_input_and_padding():
   layer = LightNet(num_heads=HEADS, causal=False, gate_rank=4)
   x = jax.random.normal(jax.random.key(2), (2, 3, 5, WIDTH))
-  variables = layer.init(jax.random.key(3), x)
-  y = layer.apply(variables, x)
+  variables = jax.jit(layer.init)(jax.random.key(3), x)
+  forward = jax.jit(lambda xs, m: layer.apply(variables, xs, mask=m))
+  y = forward(x, jnp.ones(x.shape[:3], bool))
   flat = LightNet(num_heads=HEADS, causal=False, gate_rank=4, grid_shape=(3, 5))
-  np.testing.assert_allclose(flat.apply(variables, x.reshape(2, 15, WIDTH)), y.reshape(2, 15, WIDTH), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(jax.jit(flat.apply)(variables, x.reshape(2, 15, WIDTH)), y.reshape(2, 15, WIDTH),
+                             rtol=1e-5, atol=1e-6)
   mask = jnp.asarray(np.random.default_rng(0).random((2, 3, 5)) > 0.4)
-  y_mask = layer.apply(variables, x, mask=mask)
-  y_other = layer.apply(variables, jnp.where(mask[..., None], x, 7.0), mask=mask)
+  y_mask = forward(x, mask)
+  y_other = forward(jnp.where(mask[..., None], x, 7.0), mask)
   np.testing.assert_allclose(y_other * mask[..., None], y_mask * mask[..., None], rtol=1e-5, atol=1e-6)
   assert not np.allclose(y_mask, y, atol=1e-4)
   with pytest.raises(ValueError, match="decode=True needs a causal LightNet"):
     layer.apply(variables, x, decode=True)
   with pytest.raises(ValueError, match="causal LightNet reads a 1-D sequence"):
     LightNet(num_heads=HEADS).init(jax.random.key(0), x)
-
-
-def test_causal_padding_does_not_leak():
-  layer = LightNet(num_heads=HEADS, gate_rank=4)
-  x = jax.random.normal(jax.random.key(4), (2, 9, WIDTH))
-  mask = jnp.arange(9)[None, :] >= jnp.array([[3], [0]])  # left padding on the first row
-  variables = layer.init(jax.random.key(5), x)
-  y = layer.apply(variables, x, mask=mask)
-  y_other = layer.apply(variables, jnp.where(mask[..., None], x, -5.0), mask=mask)
-  np.testing.assert_allclose(y_other * mask[..., None], y * mask[..., None], rtol=1e-5, atol=1e-6)
 
 
 def classifier_config():
@@ -73,7 +72,7 @@ def test_classifier_trains_with_decreasing_loss():
   images[labels == 1, :8] += 1.0  # class 1: brighter top half
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   model = models.build_model(classifier_config())
-  params = model.init(jax.random.key(0), images[:1])["params"]
+  params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
   assert "md_tpe" in params
   opt = optax.adam(1e-2)
   opt_state = opt.init(params)
@@ -105,6 +104,7 @@ def test_block_configs():
   config.mixer_kwargs.update(dict(num_heads=HEADS, gate_rank=4))
   model = models.build_model(config)
   tokens = jnp.arange(6)[None] % 11
-  assert model.apply(model.init(jax.random.key(0), tokens), tokens).shape == (1, 6, 11)
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  assert jax.jit(model.apply)(variables, tokens).shape == (1, 6, 11)
   with pytest.raises(ValueError, match="task must be one of"):
     lightnet_block_config("video")

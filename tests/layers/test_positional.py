@@ -68,9 +68,9 @@ def test_md_tpe_on_a_grid_sums_the_axes(x64):
 def test_md_tpe_layer_decode_matches_forward_and_grid_input():
   x = jax.random.normal(jax.random.key(0), (2, 9, 8))
   layer = MdTpe(num_heads=2, causal=True, chunk_size=4)
-  params = layer.init(jax.random.key(1), x)["params"]
-  full = layer.apply({"params": params}, x)
-  cache = layer.init(jax.random.key(1), x[:, :4], decode=True)["cache"]
+  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+  full = jax.jit(layer.apply)({"params": params}, x)
+  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :4])["cache"]
   step = jax.jit(lambda c, xs: layer.apply({"params": params, "cache": c}, xs, decode=True, mutable=["cache"]))
   outs = []
   for lo, hi in ((0, 4), (4, 5), (5, 9)):
@@ -80,9 +80,9 @@ def test_md_tpe_layer_decode_matches_forward_and_grid_input():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
   grid = MdTpe(num_heads=2)
   xg = jax.random.normal(jax.random.key(2), (2, 3, 4, 8))
-  vg = grid.init(jax.random.key(3), xg)
-  np.testing.assert_allclose(grid.apply(vg, xg).reshape(2, 12, 8),
-                             MdTpe(num_heads=2, grid_shape=(3, 4)).apply(vg, xg.reshape(2, 12, 8)), rtol=1e-5,
-                             atol=1e-6)
+  vg = jax.jit(grid.init)(jax.random.key(3), xg)
+  flat = MdTpe(num_heads=2, grid_shape=(3, 4))
+  np.testing.assert_allclose(jax.jit(grid.apply)(vg, xg).reshape(2, 12, 8),
+                             jax.jit(flat.apply)(vg, xg.reshape(2, 12, 8)), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="grid_shape"):
-    MdTpe(num_heads=2, grid_shape=(5, 4)).apply(vg, xg.reshape(2, 12, 8))
+    MdTpe(num_heads=2, grid_shape=(5, 4)).init(jax.random.key(0), xg.reshape(2, 12, 8))

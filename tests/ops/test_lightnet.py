@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixers.ops import lightnet as lightnet_ops
-from mixers.ops.lightnet import lightnet
+from mixers.ops.lightnet import lightnet, lightnet_reference as materialised_form
 from mixers.ops.positional import grid_positions, lrpe_phases
 
 BATCH, LENGTH, HEADS, KEY, VALUE = 2, 37, 3, 5, 7  # T not a multiple of the chunk (16)
@@ -57,7 +56,7 @@ def run(q, k, v, phases=None, mask=None, *, impl="chunked", causal=True):
   return lightnet(q, k, v, causal=causal, phases=phases, mask=mask, chunk_size=CHUNK, impl=impl)
 
 
-lightnet_reference = jax.jit(lightnet_ops.lightnet_reference, static_argnames=("causal",))
+lightnet_reference = jax.jit(materialised_form, static_argnames=("causal",))
 
 
 @jax.jit
