@@ -1,0 +1,1 @@
+"""The pieces of the trainer: optimizer, train / eval steps, checkpoints, metric logging."""

@@ -1,0 +1,102 @@
+"""From a config to the things a run needs: dataset spec, model, mesh, optimizer and sharded train state."""
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+import configs
+from experiments import data
+from experiments.trainer import optimizer as optimizer_lib
+from experiments.trainer import step as step_lib
+from mixers import models
+from mixers import sharding
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  spec: Any  # data.DatasetSpec
+  model: Any
+  mesh: Any
+  optimizer: Any
+  state: Any
+  shardings: Any
+
+  @property
+  def task(self):
+    return self.spec.task
+
+  def batches(self, split, *, start_step=0, batch_size=None):
+    """This host's batches of `split` as global jax.Arrays sharded over the mesh's batch axes."""
+    it = data.get_dataset(self.config.data, split, seed=self.config.seed,
+                          batch_size=batch_size or self.config.batch_size, process_index=jax.process_index(),
+                          process_count=jax.process_count(), start_step=start_step)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    return (sharding.global_batch(b, batch_sh) for b in it)
+
+
+def fill_model_config(config, spec):
+  """Sets the model fields that follow from the dataset: kind, vocab_size, num_classes, image_size, max_len."""
+  m = config.model
+  with m.ignore_type():
+    if spec.task == "lm":
+      m.kind, m.causal = "lm", True
+    else:
+      m.kind = "classifier"
+      m.num_classes = spec.num_classes
+    if spec.inputs == "tokens":
+      m.vocab_size = spec.vocab_size
+      m.max_len = max(m.max_len, spec.seq_len or 0)
+      m.patch_size = 0
+    else:
+      m.image_size = tuple(spec.image_shape[:2])
+      if not m.patch_size:
+        raise ValueError(f"dataset {spec.name!r} gives images {spec.image_shape}: set config.model.patch_size > 0 "
+                         "(or config.data.as_tokens=True to read pixels as tokens)")
+  return config
+
+
+def example_batch(spec, mesh):
+  """Zeros shaped like a batch of `spec` (one row per batch shard), for initialisation."""
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if spec.inputs == "image":
+    return {"image": np.zeros((rows,) + tuple(spec.image_shape), np.uint8)}
+  return {"inputs": np.zeros((rows, spec.seq_len), np.int32), "mask": np.ones((rows, spec.seq_len), bool)}
+
+
+def create(config):
+  """An Experiment with freshly initialised state (ValueError on a bad config, before any heavy work)."""
+  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
+  configs.check(config)
+  spec = data.dataset_spec(config.data)
+  fill_model_config(config, spec)
+  configs.check(config)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % rows:
+      raise ValueError(f"config.{name}={config[name]}: expected a multiple of the {rows} batch shards of the mesh "
+                       f"{dict(mesh.shape)}")
+  model = models.build_model(config.model)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings = step_lib.init_train_state(model, tx, mesh, jax.random.key(config.seed), example_batch(spec, mesh))
+  return Experiment(config, spec, model, mesh, tx, state, shardings)
+
+
+def save_config(config, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir):
+  """The config a run in `workdir` was trained with."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"workdir={workdir!r} has no config.json: is it the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
