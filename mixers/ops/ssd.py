@@ -67,17 +67,20 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
   c = min(chunk_size, max(t, 1))
   pad = (-t) % c
   padded = lambda a: jnp.pad(a.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-  xs = rearrange(padded(x), "b (m c) (g j) p -> m b g j c p", c=c, g=g)
-  dts = rearrange(padded(dt), "b (m c) (g j) -> m b g j c", c=c, g=g)
-  bs, cs = (rearrange(padded(a), "b (m c) g n -> m b g c n", c=c) for a in (B, C))
-  cum = jnp.cumsum(dts * A.astype(dtype).reshape(g, h // g, 1), axis=-1)  # [M,B,G,J,c]
+  # Chunks and batch share one leading axis z = (m b): dot products then carry at most three batch axes.
+  xs = rearrange(padded(x), "b (m c) (g j) p -> (m b) g j c p", c=c, g=g)
+  dts = rearrange(padded(dt), "b (m c) (g j) -> (m b) g j c", c=c, g=g)
+  bs, cs = (rearrange(padded(a), "b (m c) g n -> (m b) g c n", c=c) for a in (B, C))
+  cum = jnp.cumsum(dts * A.astype(dtype).reshape(g, h // g, 1), axis=-1)  # [Z,G,J,c]
   v = dts[..., None] * xs
   lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
-  decay = jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [M,B,G,J,c,c]
-  scores = jnp.einsum("mbgtn,mbgsn->mbgts", cs, bs)
-  y = jnp.einsum("mbgjts,mbgjsp->mbgjtp", scores[:, :, :, None] * decay, v)
+  decay = jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [Z,G,J,c,c]
+  scores = jnp.einsum("zgtn,zgsn->zgts", cs, bs)
+  y = jnp.einsum("zgjts,zgjsp->zgjtp", scores[:, :, None] * decay, v)
   end = cum[..., -1]
-  local = jnp.einsum("mbgsn,mbgjsp->mbgjpn", bs, v * jnp.exp(end[..., None] - cum)[..., None])
+  local = jnp.einsum("zgsn,zgjsp->zgjpn", bs, v * jnp.exp(end[..., None] - cum)[..., None])
+  by_chunk = lambda u: u.reshape(-1, bsz, *u.shape[1:])
+  local, end = by_chunk(local), by_chunk(end)
   if initial_state is not None:
     s0 = initial_state.astype(dtype).reshape(1, bsz, g, h // g, p, n)
     local, end = jnp.concatenate([s0, local]), jnp.concatenate([jnp.zeros_like(end[:1]), end])
@@ -88,8 +91,9 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
   _, states = jax.lax.associative_scan(combine, (end, local))  # state after each chunk
   if initial_state is None:
     states = jnp.concatenate([jnp.zeros_like(states[:1]), states])
-  y = y + jnp.exp(cum)[..., None] * jnp.einsum("mbgtn,mbgjpn->mbgjtp", cs, states[:-1])
-  y = rearrange(y, "m b g j c p -> b (m c) (g j) p")[:, :t]
+  prev = states[:-1].reshape(-1, *states.shape[2:])
+  y = y + jnp.exp(cum)[..., None] * jnp.einsum("zgtn,zgjpn->zgjtp", cs, prev)
+  y = rearrange(y, "(m b) g j c p -> b (m c) (g j) p", b=bsz)[:, :t]
   return y, states[-1].reshape(bsz, h, p, n)
 
 
