@@ -71,15 +71,21 @@ def write_csv(path, rows):
 
 
 def print_crossovers(rows):
-  """Prints and returns each mixer's softmax-attention crossover length (fwd+bwd) from the T sweep."""
+  """Prints and returns each mixer's softmax-attention crossover length (fwd+bwd) from the T sweep.
+
+  By median wall time, and by process CPU time per call (steadier when other work shares the machine).
+  """
   from experiments.benchmarks import mixers as mixer_suite
-  found = mixer_suite.crossovers(rows)
-  print(f"\n## crossover with {mixer_suite.REFERENCE} (forward+backward, d_model from the T sweep)")
+  wall = mixer_suite.crossovers(rows, column="fwdbwd_s")
+  cpu = mixer_suite.crossovers(rows, column="fwdbwd_cpu_s")
+  print(f"\n## crossover with {mixer_suite.REFERENCE}: smallest T where a forward+backward call is faster")
   out = {}
-  for name, (cross, first, last) in found.items():
+  for name, (cross, first, last) in wall.items():
     text = mixer_suite.describe_crossover(cross, first, last)
-    print(f"{name:>18}: {text}")
-    out[name] = {"crossover_T": cross, "compared_from": first, "compared_to": last, "text": text}
+    cpu_text = mixer_suite.describe_crossover(*cpu[name])
+    print(f"{name:>18}: {text:<40} (by CPU time: {cpu_text})")
+    out[name] = {"crossover_T": cross, "compared_from": first, "compared_to": last, "text": text,
+                 "crossover_T_cpu": cpu[name][0], "text_cpu": cpu_text}
   return out
 
 

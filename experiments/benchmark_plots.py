@@ -2,6 +2,8 @@ r"""Log-log plots of the `mixers` benchmark suite from its CSV.
 
   python -m experiments.benchmark_plots results/benchmark/benchmark.csv results/benchmark
 
+(also prints the softmax-attention crossover lengths again from the CSV).
+
 Writes time_vs_T.png and memory_vs_T.png (forward and forward+backward panels, reference slopes T and
 T^2), speedup_vs_T.png (attention's fwd+bwd time over each mixer's: above 1 means faster than
 attention) and time_vs_d_model.png (reference slopes d and d^2).
@@ -15,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
 REFERENCE = "attention"
 
@@ -54,16 +57,27 @@ def _style(names):
 
 
 def _reference_slopes(ax, series, powers, symbol):
-  """Dashed grey lines proportional to x^p through the geometric mean of the first points."""
+  """Grey lines proportional to x^p, starting at half the lowest first point."""
   firsts = [(xs[0], ys[0]) for xs, ys in series.values() if xs]
   if not firsts:
     return
   x_lo = min(x for xs, _ in series.values() for x in xs)
   x_hi = max(x for xs, _ in series.values() for x in xs)
-  y0 = math.exp(sum(math.log(y) for x, y in firsts if x == x_lo) / max(1, sum(x == x_lo for x, _ in firsts)))
+  y0 = 0.5 * min(y for x, y in firsts if x == x_lo)  # below every curve, so the lines stay visible
   for p, ls in zip(powers, (":", "--")):
-    label = f"∝ {symbol}" if p == 1 else f"∝ {symbol}$^{p}$"
+    label = f"∝ {symbol}" + ("" if p == 1 else "²³⁴"[p - 2])
     ax.plot([x_lo, x_hi], [y0, y0 * (x_hi / x_lo) ** p], color="grey", ls=ls, lw=1, label=label)
+
+
+def _log_axes(ax):
+  """Log-log axes with plain-number tick labels (no mathtext: it is slow and 2^k reads worse than 4096)."""
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_minor_formatter(ticker.NullFormatter())
+  ax.grid(True, which="both", alpha=0.3)
 
 
 def _panel(ax, series, style, causal, title, xlabel, ylabel, powers, symbol):
@@ -71,12 +85,10 @@ def _panel(ax, series, style, causal, title, xlabel, ylabel, powers, symbol):
     tag = "" if causal.get(name, True) else " (non-causal)"
     ax.plot(xs, ys, label=name + tag, **style[name])
   _reference_slopes(ax, series, powers, symbol)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
+  _log_axes(ax)
   ax.set_title(title)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.grid(True, which="both", alpha=0.3)
 
 
 def _figure(rows, sweep, x, ys, titles, ylabel, xlabel, powers, symbol, path, suptitle):
@@ -106,12 +118,10 @@ def _speedup(rows, path, d_model):
     if pts:
       ax.plot(*zip(*pts), label=name, **style[name])
   ax.axhline(1.0, color="black", lw=2, label=f"{REFERENCE} (= 1)")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
+  _log_axes(ax)
   ax.set_xlabel("sequence length T")
   ax.set_ylabel(f"{REFERENCE} fwd+bwd time / mixer fwd+bwd time")
   ax.set_title(f"speed-up over softmax attention (d_model={d_model}, B=1); crossover where a curve passes 1")
-  ax.grid(True, which="both", alpha=0.3)
   ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -148,3 +158,6 @@ if __name__ == "__main__":
     sys.exit("usage: python -m experiments.benchmark_plots BENCHMARK_CSV OUT_DIR")
   for p in plot_all(sys.argv[1], sys.argv[2]):
     print(f"wrote {p}")
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  with open(sys.argv[1], newline="") as f:
+    benchmark.print_crossovers([r for r in csv.DictReader(f) if r.get("suite", "mixers") == "mixers"])

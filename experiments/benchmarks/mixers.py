@@ -13,6 +13,7 @@ d_model / 64 in the d_model sweep, so every attention-like head stays 64 wide):
   hydra             expand 2: 8 heads of 64, state 64 (Hydra's default), non-causal
   vssd              expand 2: 8 heads of 64, state 64, non-causal
   m2                d_model channels of gated implicit long convolution (FFT), filter length scale = T
+  (any other)       its registered defaults
 
 The SSM family keeps its own expand-2 inner width: that is the unit which replaces attention (and
 usually the MLP) in those papers. Each time is `common.time_fn`'s median after a warm-up call; memory
@@ -187,10 +188,10 @@ def crossover_length(lengths, times, reference_times):
   return None
 
 
-def crossovers(rows, reference=REFERENCE, sweep="T"):
-  """{mixer: (crossover T or None, smallest compared T, largest compared T)} from the T-sweep rows."""
+def crossovers(rows, reference=REFERENCE, sweep="T", column="fwdbwd_s"):
+  """{mixer: (crossover T or None, smallest compared T, largest compared T)} of `column` in the T sweep."""
   def series(name):
-    return {int(r["T"]): _float(r.get("fwdbwd_s")) for r in rows
+    return {int(r["T"]): _float(r.get(column)) for r in rows
             if r.get("mixer") == name and r.get("sweep") == sweep}
   ref = series(reference)
   out = {}

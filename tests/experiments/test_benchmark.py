@@ -40,6 +40,7 @@ def test_quick_run_writes_csv_summary_and_plots(tmp_path, monkeypatch):
   assert summary["machine"]["matmul_fp32_tflops"] == 0.125
   assert set(summary["crossover"]) == {"linear_attention"}
   assert summary["crossover"]["linear_attention"]["compared_to"] == 128
+  assert "crossover_T_cpu" in summary["crossover"]["linear_attention"]
   for name in PLOTS:
     data = (tmp_path / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
