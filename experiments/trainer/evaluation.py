@@ -18,8 +18,9 @@ def evaluate(experiment, eval_step, params, split, *, max_batches=0):
 
 
 def summarize(window):
-  """Train metrics of a window of steps: [(step, metric sums)] -> loss, accuracy, grad_norm (means)."""
+  """Train metrics of a window of steps: [(step, metric sums)] -> loss, accuracy, grad_norm (means), param_norm (last)."""
   loss_sum = sum(m["loss_sum"] for _, m in window)
   count = max(sum(m["count"] for _, m in window), 1.0)
   return {"loss": float(loss_sum / count), "accuracy": float(sum(m["correct"] for _, m in window) / count),
-          "grad_norm": float(np.mean([m["grad_norm"] for _, m in window]))}
+          "grad_norm": float(np.mean([m["grad_norm"] for _, m in window])),
+          "param_norm": float(window[-1][1]["param_norm"])}

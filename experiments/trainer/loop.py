@@ -82,11 +82,12 @@ def train_and_evaluate(config, workdir):
     window = []
     for s, m in fetched:
       loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
-      if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
+      if not all(math.isfinite(v) for v in (loss, float(m["grad_norm"]), float(m["param_norm"]))):
         good = ckpt.latest_step()
         where = f"{ckpt.path(good)} (step {good})" if good is not None else "none (no checkpoint was saved yet)"
         raise NonFiniteLossError(
-            f"non-finite training loss ({loss}) at step {s}: training stopped. Last good checkpoint: {where}. "
+            f"non-finite training loss ({loss}, gradient norm {float(m['grad_norm'])}, parameter norm "
+            f"{float(m['param_norm'])}) at step {s}: training stopped. Last good checkpoint: {where}. "
             "Try a lower config.optimizer.learning_rate, config.optimizer.clip_norm > 0 or float32 compute.")
     now = time.time()
     steps = step - last_step

@@ -3,7 +3,7 @@
 The train state is a dict `{"step": int32 [], "params": ..., "opt_state": ...}` (parameters float32;
 the model's `dtype` sets the compute dtype). Metrics come back as sums over the batch so that they
 add up across steps and hosts: `loss_sum`, `correct`, `count` (scored tokens or valid examples),
-plus `grad_norm` for training.
+plus `grad_norm` (before clipping) and `param_norm` (after the update) for training.
 """
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,7 @@ def make_train_step(model, optimizer, mesh, state_shardings, *, task="lm", rules
   """Jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings on `mesh`.
 
   batch: dict of arrays with the global batch as leading axis, split over (data, fsdp).
-  metrics: replicated scalars (sums, see the module docstring; `grad_norm` before clipping).
+  metrics: replicated scalars (see the module docstring).
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -94,7 +94,7 @@ def make_train_step(model, optimizer, mesh, state_shardings, *, task="lm", rules
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   replicated = sharding.replicated(mesh)

@@ -1,0 +1,27 @@
+"""A trained run back in memory: its config, experiment (model, mesh, ...) and restored parameters."""
+import os
+
+from experiments.trainer import checkpoint as checkpoint_lib
+from experiments.trainer import experiment as experiment_lib
+
+
+def load_run(workdir, *, step=None, config=None):
+  """(experiment, restored train state, step) of the run in `workdir` (its latest checkpoint by default).
+
+  config: the run's config (default: `workdir/config.json`, written by the trainer).
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = experiment_lib.load_config(workdir) if config is None else config
+  exp = experiment_lib.create(config)
+  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=max(config.keep_checkpoints, 1))
+  if step is None:
+    state, step = ckpt.restore_latest(exp.state, exp.shardings)
+    if step == 0:
+      raise ValueError(f"workdir={workdir!r} has no readable checkpoint in {ckpt.directory}")
+  else:
+    if step not in ckpt.steps():
+      raise ValueError(f"step={step}: no such checkpoint in {ckpt.directory}; saved steps: {ckpt.steps()}")
+    state = ckpt.restore(step, exp.state, exp.shardings)
+  ckpt.close()
+  exp.state = None
+  return exp, state, step
