@@ -85,6 +85,7 @@ def base_config(data_config, *, mixer, d_model, num_layers, causal):
   c.model.d_model = d_model
   c.model.num_layers = num_layers
   c.model.causal = causal
+  c.model.kind = "lm" if causal else "classifier"
   c.optimizer = optimizer_config()
   c.seed = 0
   c.batch_size = 64
