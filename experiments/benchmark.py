@@ -34,6 +34,9 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--suite", action="append", help=f"one of {suites()} (repeatable; default: all)")
   parser.add_argument("--max_len", type=int, default=65536, help="largest sequence length")
+  parser.add_argument("--min_len", type=int, default=1024, help="mixers: smallest sequence length")
+  parser.add_argument("--d_models", type=lambda s: tuple(int(v) for v in s.split(",") if v), default=None,
+                      help="mixers: comma-separated widths of the d_model sweep ('' skips it)")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls per point (after one warm-up)")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--d_model", type=int, default=256, help="model width of the length sweep (mixers)")

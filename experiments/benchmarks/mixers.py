@@ -33,7 +33,7 @@ import mixers
 from experiments.benchmarks import common
 from mixers import registry
 
-LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 D_MODELS = (128, 256, 512, 1024)
 D_MODEL_SWEEP_LEN = 2048
 HEAD_DIM = 64
@@ -136,14 +136,16 @@ def run(args):
   unknown = [n for n in names if n not in registry.names("sequence")]
   if unknown:
     raise ValueError(f"mixer must be among {registry.names('sequence')}, got {unknown}")
-  lengths = [t for t in LENGTHS if t <= args.max_len]
+  lengths = [t for t in LENGTHS if getattr(args, "min_len", 0) <= t <= args.max_len]
+  d_models = getattr(args, "d_models", None)
+  d_models = D_MODELS if d_models is None else d_models
   sweep_len = min(D_MODEL_SWEEP_LEN, args.max_len)
   rows = []
   for name in names:
     params, n_params = _init(name, d_model, opts["dtype"])
     t_rows = length_sweep(name, lengths, d_model, opts, params, n_params)
     rows += t_rows
-    for d in D_MODELS:
+    for d in d_models:
       done = [r for r in t_rows if r["d_model"] == d and r["T"] == sweep_len]
       if done:
         rows.append({**done[0], "sweep": "d_model"})

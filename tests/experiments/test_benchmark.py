@@ -19,7 +19,7 @@ def test_quick_run_writes_csv_summary_and_plots(tmp_path, monkeypatch):
   monkeypatch.setattr(mixer_suite, "D_MODELS", (64, 128))
   monkeypatch.setattr(mixer_suite, "D_MODEL_SWEEP_LEN", 64)
   monkeypatch.setattr(common, "matmul_tflops", lambda: 0.125)
-  benchmark.main(["--suite", "mixers", "--quick", "--max_len", "128", "--d_model", "64", "--mixer", "attention",
+  benchmark.main(["--suite", "mixers", "--quick", "--min_len", "64", "--max_len", "128", "--d_model", "64", "--mixer", "attention",
                   "--mixer", "linear_attention", "--results", str(tmp_path)])
 
   with open(tmp_path / "benchmark.csv", newline="") as f:
