@@ -10,13 +10,16 @@
 Lengths double from 1024 to --max_len; an implementation stops growing once one call takes more than
 STOP_S seconds (the next length would take minutes on a small CPU); the rows say where each stopped.
 """
+import importlib
+
 import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks import common
 from mixers.layers.monarch_mixer import MonarchMixer
-from mixers.ops import monarch as monarch_ops
 from mixers.ops.long_conv import long_conv
+
+monarch_ops = importlib.import_module("mixers.ops.monarch")  # the module (mixers.ops.monarch is the function)
 
 B, D = 1, 512
 HEADS, HEAD_DIM = 8, 64

@@ -11,7 +11,7 @@ gives the real tokens exactly what the unpadded sequences would (left or right p
 import jax.numpy as jnp
 
 from mixers.ops import checks
-from mixers.ops import ssd as ssd_lib
+from mixers.ops.ssd import IMPLS, check_ssd_inputs, skip, ssd, ssd_matrix
 
 
 def _pair(name, value):
@@ -43,8 +43,8 @@ def _check(x, dt, A, B, C, D):
   dtf, dtb = _pair("dt", dt)
   bf, bb = _pair("B", B)
   cf, cb = _pair("C", C)
-  ssd_lib.check_ssd_inputs(x, dtf, A, bf, cf, D, name_suffix="[0] (forward)")
-  ssd_lib.check_ssd_inputs(x, dtb, A, bb, cb, None, name_suffix="[1] (backward)")
+  check_ssd_inputs(x, dtf, A, bf, cf, D, name_suffix="[0] (forward)")
+  check_ssd_inputs(x, dtb, A, bb, cb, None, name_suffix="[1] (backward)")
   return dtf, dtb, bf, bb, cf, cb
 
 
@@ -60,8 +60,8 @@ def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None):
   keep = token_mask(mask, lengths, b, t)
   if keep is not None:
     dtf, dtb = (jnp.where(keep[..., None], d, 0) for d in (dtf, dtb))
-  m_f = ssd_lib.ssd_matrix(dtf, A, bf, cf)  # [B,H,T,T]
-  m_b = ssd_lib.ssd_matrix(jnp.flip(dtb, 1), A, jnp.flip(bb, 1), jnp.flip(cb, 1))
+  m_f = ssd_matrix(dtf, A, bf, cf)  # [B,H,T,T]
+  m_b = ssd_matrix(jnp.flip(dtb, 1), A, jnp.flip(bb, 1), jnp.flip(cb, 1))
   shift_rows = lambda m: jnp.pad(m, [(0, 0), (0, 0), (1, 0), (0, 0)])[:, :, :-1]
   m = shift_rows(m_f) + jnp.flip(shift_rows(m_b), (2, 3))
   if D is not None:
@@ -87,7 +87,7 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
   Returns:
     y `[B,T,H,P]` in x's dtype.
   """
-  checks.check_choice("impl", impl, ssd_lib.IMPLS)
+  checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("chunk_size", chunk_size)
   dtf, dtb, bf, bb, cf, cb = _check(x, dt, A, B, C, D)
   bsz, t = x.shape[:2]
@@ -100,11 +100,11 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
     y = jnp.einsum("bhts,bshp->bthp", m, x.astype(m.dtype)).astype(x.dtype)
   else:
     both = lambda f, b_: jnp.concatenate([f, jnp.flip(b_, 1)], axis=0)
-    y2 = ssd_lib.ssd(both(x, x), both(dtf, dtb), A, both(bf, bb), both(cf, cb), chunk_size=chunk_size, impl=impl)
+    y2 = ssd(both(x, x), both(dtf, dtb), A, both(bf, bb), both(cf, cb), chunk_size=chunk_size, impl=impl)
     y2 = _shift(y2)
     y = y2[:bsz] + jnp.flip(y2[bsz:], 1)
     if D is not None:
-      y = y + ssd_lib.skip(x, D)
+      y = y + skip(x, D)
   if keep is not None:
     y = jnp.where(keep[..., None, None], y, 0)
   return y.astype(x.dtype)

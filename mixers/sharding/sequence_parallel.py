@@ -179,11 +179,11 @@ def _linear_attention(layout: Layout):
 
 
 def _ssd_core_inputs(x, dt, A, B, C):
-  from mixers.ops import ssd as ssd_lib  # pylint: disable=import-outside-toplevel
+  from mixers.ops.ssd import heads_from_groups  # pylint: disable=import-outside-toplevel
   h = x.shape[2]
   acc = jnp.promote_types(jnp.result_type(x, dt, B, C), jnp.float32)
   dt = dt.astype(acc)
-  q, k = ssd_lib.heads_from_groups(C, h).astype(acc), ssd_lib.heads_from_groups(B, h).astype(acc)
+  q, k = heads_from_groups(C, h).astype(acc), heads_from_groups(B, h).astype(acc)
   return q, k, dt[..., None] * x.astype(acc), dt * A.astype(acc)
 
 
@@ -193,11 +193,11 @@ def _skip(y, x, D):
 
 @register_adapter("ssd")
 def _ssd(layout: Layout):
-  from mixers.ops import ssd as ssd_lib  # pylint: disable=import-outside-toplevel
+  from mixers.ops.ssd import check_ssd_inputs  # pylint: disable=import-outside-toplevel
 
   def fn(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=None, return_state=False,
          impl="auto"):
-    b, t, h, p, _, n = ssd_lib.check_ssd_inputs(x, dt, A, B, C, D)
+    b, t, h, p, _, n = check_ssd_inputs(x, dt, A, B, C, D)
     if not causal and (initial_state is not None or return_state):
       raise ValueError("initial_state and return_state need causal=True (the non-causal SSD has no running state)")
     if initial_state is not None and initial_state.shape != (b, h, p, n):
@@ -234,13 +234,13 @@ def _ssd(layout: Layout):
 
 @register_adapter("quasiseparable")
 def _quasiseparable(layout: Layout):
-  from mixers.ops import quasiseparable as qs_lib  # pylint: disable=import-outside-toplevel
+  from mixers.ops.quasiseparable import _check, token_mask  # pylint: disable=import-outside-toplevel
   from mixers.sharding.slice_scan import next_slice_first, previous_slice_last  # pylint: disable=import-outside-toplevel
 
   def fn(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=None, lengths=None):
-    dtf, dtb, bf, bb, cf, cb = qs_lib._check(x, dt, A, B, C, D)  # pylint: disable=protected-access
+    dtf, dtb, bf, bb, cf, cb = _check(x, dt, A, B, C, D)  # pylint: disable=protected-access
     bsz, t = x.shape[:2]
-    keep = qs_lib.token_mask(mask, lengths, bsz, t)
+    keep = token_mask(mask, lengths, bsz, t)
     if keep is not None:
       x = jnp.where(keep[..., None, None], x, 0)
       dtf, dtb = (jnp.where(keep[..., None], d, 0) for d in (dtf, dtb))
