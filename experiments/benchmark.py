@@ -96,7 +96,8 @@ def main(argv=None):
   args = parse_args(argv)
   tflops = common.matmul_tflops()
   machine = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-             "matmul_fp32_tflops": tflops, "jax": jax.__version__, "command": " ".join(sys.argv)}
+             "matmul_fp32_tflops": tflops, "jax": jax.__version__,
+             "command": " ".join(["python -m experiments.benchmark", *(sys.argv[1:] if argv is None else argv)])}
   print(f"backend={machine['backend']} devices={jax.devices()} matmul_fp32={tflops:.3f} TFLOP/s")
   all_rows = []
   for name in args.suite:
