@@ -1,6 +1,6 @@
 """Multi-query associative recall (Zoology): can a causal model recall the value paired with each queried key?
 
-    python -m experiments.train --config configs/mqar.py --workdir DIR            # gla, small
+    python -m experiments.train --config configs/mqar.py --workdir DIR            # gla, base
     python -m experiments.train --config configs/mqar.py:mamba2 --workdir DIR
     python -m experiments.train --config configs/mqar.py:attention,tiny --workdir DIR
 
@@ -29,7 +29,7 @@ MIXER_KWARGS = {
 
 
 def get_config(arg=""):
-  mixer, size = configs.parse_arg(arg, mixer="gla", size="small", sizes=SIZES)
+  mixer, size = configs.parse_arg(arg, mixer="gla", size="base", sizes=SIZES)
   configs.require_causal(mixer, "MQAR")
   d_model, num_layers = SIZES[size]
   data = data_config.defaults("mqar")
@@ -43,13 +43,13 @@ def get_config(arg=""):
   config.model.per_mixer_kwargs = ml_collections.ConfigDict(
       {name: MIXER_KWARGS[name] for name in mixer.split(",") if name in MIXER_KWARGS})
   config.batch_size = 32
-  config.num_steps = 1000
-  config.optimizer.learning_rate = 3e-3
+  config.num_steps = 1500
+  config.optimizer.learning_rate = 1e-2
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.1
   config.log_every = 50
-  config.eval_every = 200
+  config.eval_every = 250
   config.eval_steps = 0
   config.eval_batch_size = 256
-  config.checkpoint_every = 200
+  config.checkpoint_every = 250
   return config

@@ -11,11 +11,6 @@ from experiments.trainer import evaluation
 from experiments.trainer import restore
 from experiments.trainer import step as step_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
-_SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the dataset's evaluation split)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest readable one)")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "evaluate only this many batches (0: the whole split)")
-
 
 def evaluate_run(workdir, *, split=None, step=None, max_batches=0):
   """{"loss", "accuracy", "count", "split", "step"} of checkpoint `step` of the run in `workdir` on `split`."""
@@ -32,11 +27,21 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  r = evaluate_run(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value, max_batches=_MAX_BATCHES.value)
+  f = flags.FLAGS
+  r = evaluate_run(f.workdir, split=f.split, step=f.step, max_batches=f.max_batches)
   print(f"step={r['step']} {r['split']} accuracy={r['accuracy']:.4f} loss={r['loss']:.4f} "
         f"({int(r['count'])} scored targets)", flush=True)
 
 
+def define_flags():
+  """The command-line flags (defined only when run as a program, so that the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "the training run's workdir")
+  flags.DEFINE_string("split", None, "split to evaluate (default: the dataset's evaluation split)")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest readable one)")
+  flags.DEFINE_integer("max_batches", 0, "evaluate only this many batches (0: the whole split)")
+
+
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

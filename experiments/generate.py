@@ -17,16 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.trainer import restore
-from mixers import sharding
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir (a language model)")
-_PROMPT = flags.DEFINE_string("prompt", "def ", "text prompt (byte-level models)")
-_PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", "", "comma-separated token ids (overrides --prompt)")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 128, "tokens to generate")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 picks the most likely token")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "samples drawn in parallel")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest readable one)")
 
 
 def sample_token(logits, rng, temperature):
@@ -73,31 +63,44 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  exp, state, step = restore.load_run(_WORKDIR.value, step=_STEP.value)
+  exp, state, step = restore.load_run(flags.FLAGS.workdir, step=flags.FLAGS.step)
   if exp.task != "lm":
-    raise ValueError(f"workdir={_WORKDIR.value!r} holds a {exp.task} model; generate needs a language model")
+    raise ValueError(f"workdir={flags.FLAGS.workdir!r} holds a {exp.task} model; generate needs a language model")
   byte_level = exp.spec.vocab_size == 256 and exp.spec.name != "mqar"
-  if _PROMPT_TOKENS.value:
-    ids = [int(t) for t in _PROMPT_TOKENS.value.split(",")]
+  if flags.FLAGS.prompt_tokens:
+    ids = [int(t) for t in flags.FLAGS.prompt_tokens.split(",")]
   else:
-    ids = list(_PROMPT.value.encode("utf-8"))
+    ids = list(flags.FLAGS.prompt.encode("utf-8"))
   bad = [i for i in ids if not 0 <= i < exp.spec.vocab_size]
   if bad:
     raise ValueError(f"prompt tokens {bad} are outside the vocabulary [0, {exp.spec.vocab_size})")
-  prompt = np.tile(np.asarray(ids, np.int32), (_BATCH.value, 1))
-  with sharding.use_mesh(exp.mesh):
-    tokens, per_token = generate(exp.model, state["params"], prompt, _NUM_TOKENS.value,
-                                 rng=jax.random.key(_SEED.value), temperature=_TEMPERATURE.value)
+  prompt = np.tile(np.asarray(ids, np.int32), (flags.FLAGS.batch_size, 1))
+  # Sampling runs without the training mesh's constraints, so any batch size works.
+  tokens, per_token = generate(exp.model, state["params"], prompt, flags.FLAGS.num_tokens,
+                               rng=jax.random.key(flags.FLAGS.seed), temperature=flags.FLAGS.temperature)
   tokens = np.asarray(tokens)
   for row in tokens:
     if byte_level:
       print(repr(bytes(ids).decode("utf-8", "replace") + bytes(row.astype(np.uint8)).decode("utf-8", "replace")))
     else:
       print(" ".join(map(str, ids)), "|", " ".join(map(str, row)))
-  print(f"checkpoint step {step}: {tokens.size} tokens, {_BATCH.value / per_token:,.0f} tokens/s "
-        f"({per_token * 1e3:.2f} ms per decode step, batch {_BATCH.value})", flush=True)
+  print(f"checkpoint step {step}: {tokens.size} tokens, {flags.FLAGS.batch_size / per_token:,.0f} tokens/s "
+        f"({per_token * 1e3:.2f} ms per decode step, batch {flags.FLAGS.batch_size})", flush=True)
+
+
+def define_flags():
+  """The command-line flags (defined only when run as a program, so that the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "the training run's workdir (a language model)")
+  flags.DEFINE_string("prompt", "def ", "text prompt (byte-level models)")
+  flags.DEFINE_string("prompt_tokens", "", "comma-separated token ids (overrides --prompt)")
+  flags.DEFINE_integer("num_tokens", 128, "tokens to generate")
+  flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 picks the most likely token")
+  flags.DEFINE_integer("batch_size", 1, "samples drawn in parallel")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest readable one)")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -8,7 +8,6 @@ import numpy as np
 from configs import lm
 from experiments import evaluate, generate, plots
 from experiments.trainer import loop, restore
-from mixers import sharding
 from tests.experiments.test_train import make_text_dir, tiny
 
 
@@ -25,12 +24,11 @@ def test_evaluate_generate_and_plot_a_checkpoint(tmp_path):
 
   exp, state, step = restore.load_run(workdir)
   prompt = np.frombuffer(b"def f1(", np.uint8).astype(np.int32)[None].repeat(2, 0)
-  with sharding.use_mesh(exp.mesh):
-    tokens, per_token = generate.generate(exp.model, state["params"], prompt, 6, rng=jax.random.key(0),
-                                          temperature=0.0)
-    # Greedy decoding through the cache picks the argmax of the full forward pass at every position.
-    full = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
-    logits = exp.model.apply({"params": state["params"]}, full)
+  tokens, per_token = generate.generate(exp.model, state["params"], prompt, 6, rng=jax.random.key(0),
+                                        temperature=0.0)
+  # Greedy decoding through the cache picks the argmax of the full forward pass at every position.
+  full = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+  logits = exp.model.apply({"params": state["params"]}, full)
   assert tokens.shape == (2, 6) and per_token > 0
   np.testing.assert_array_equal(tokens, np.argmax(logits[:, prompt.shape[1] - 1:], -1))
 

@@ -88,12 +88,17 @@ def test_listops_learns(tmp_path):
   _assert_learns(config, tmp_path / "run")
 
 
+@pytest.fixture(scope="module")
+def pathfinder_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("pathfinder")
+
+
 @pytest.mark.parametrize("as_tokens", [True, False], ids=["pixel_tokens", "patches"])
-def test_pathfinder_and_image_learn(tmp_path, as_tokens):
+def test_pathfinder_and_image_learn(tmp_path, pathfinder_dir, as_tokens):
   # The image config (patch embedding, MD-TPE) on locally generated Pathfinder images, so nothing is downloaded.
   config = pathfinder.get_config("retention,tiny") if as_tokens else image.get_config("vssd,tiny")
   config.data = pathfinder.get_config().data
-  tiny(config, tmp_path / "data", resolution=16, as_tokens=as_tokens)
+  tiny(config, pathfinder_dir, resolution=32, as_tokens=as_tokens)
   if not as_tokens:
     config.model.patch_size = 4
   _assert_learns(config, tmp_path / "run")
