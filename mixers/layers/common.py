@@ -104,6 +104,12 @@ def decode_cache(module: nn.Module, name: str, shape, dtype=jnp.float32, init_fn
   return module.variable("cache", name, init_fn, shape, dtype), existed
 
 
+def torch_conv_init(width):
+  """U(-1/sqrt(width), 1/sqrt(width)), PyTorch's default for a depthwise Conv1d (Mamba2's and Hydra's conv)."""
+  bound = width ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class ShortConv(nn.Module):
   """Depthwise convolution over time, y_t = act(sum_j w_j x_{t+j-offset} + b), x and y `[B,T,C]`.
 
@@ -116,15 +122,17 @@ class ShortConv(nn.Module):
   activation: Optional[Callable] = jax.nn.silu
   use_bias: bool = True
   channel_axis: Optional[str] = None
+  kernel_init: Callable = nn.initializers.lecun_normal(in_axis=0, out_axis=1)
+  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
     if x.ndim != 3:
       raise ValueError(f"x must be [B,T,C], got shape {x.shape}")
     b, t, c = x.shape
-    w = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=0, out_axis=1),
-                                                          ("conv", self.channel_axis)), (self.width, c))
-    bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.channel_axis,)), (c,))
+    w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("conv", self.channel_axis)),
+                   (self.width, c))
+    bias = (self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)), (c,))
             if self.use_bias else None)
     if mask is not None:
       x = x * mask[..., None].astype(x.dtype)

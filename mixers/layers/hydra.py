@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mixers.layers.common import GatedRMSNorm, ShortConv, constrain, projection
+from mixers.layers.common import torch_conv_init, GatedRMSNorm, ShortConv, constrain, projection
 from mixers.layers.mamba2 import SSMParams, check_mask, head_layout
 from mixers.ops.quasiseparable import quasiseparable, quasiseparable_matrix
 from mixers.registry import register
@@ -71,8 +71,9 @@ class Hydra(nn.Module):
     zxbcdt = projection(2 * inner + 4 * g * n + 2 * h, ("embed", "mlp"), use_bias=self.use_bias, name="in_proj",
                         dtype=self.dtype)(x)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 4 * g * n], axis=-1)
-    xbc = ShortConv(self.conv_width, causal=False, use_bias=self.conv_bias, channel_axis="mlp", name="conv")(
-        xbc, mask=mask)
+    xbc = ShortConv(self.conv_width, causal=False, use_bias=self.conv_bias, channel_axis="mlp",
+                    kernel_init=torch_conv_init(self.conv_width), bias_init=torch_conv_init(self.conv_width),
+                    name="conv")(xbc, mask=mask)
     xs, bf, cf, bb, cb = jnp.split(xbc, [inner + i * g * n for i in range(4)], axis=-1)
     ssm = SSMParams(h, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_limit, self.a_init_range, name="ssm")
     dt = (ssm.steps(dt_raw[..., :h], mask), ssm.steps(dt_raw[..., h:], mask))

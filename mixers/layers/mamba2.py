@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import GatedRMSNorm, ShortConv, constrain, decode_cache, projection
+from mixers.layers.common import torch_conv_init, GatedRMSNorm, ShortConv, constrain, decode_cache, projection
 from mixers.ops.ssd import ssd, ssd_matrix
 from mixers.registry import register
 
@@ -131,6 +131,7 @@ class Mamba2(nn.Module):
                         dtype=self.dtype)(x)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 2 * g * n], axis=-1)
     xbc = ShortConv(self.conv_width, causal=self.causal, use_bias=self.conv_bias, channel_axis="mlp",
+                    kernel_init=torch_conv_init(self.conv_width), bias_init=torch_conv_init(self.conv_width),
                     name="conv")(xbc, mask=mask, decode=decode)
     xs, bs, cs = jnp.split(xbc, [inner, inner + g * n], axis=-1)
     dt, a, d_skip = SSMParams(h, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_limit,
