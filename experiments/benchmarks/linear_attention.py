@@ -12,7 +12,7 @@ from experiments.benchmarks import common
 from mixers import ops
 
 B, H, D = 1, 8, 64
-LENGTHS = (1024, 4096, 16384, 65536)
+LENGTHS = (1024, 4096, 8192, 16384, 65536)
 SOFTMAX_MAX = 8192
 
 
