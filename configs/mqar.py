@@ -43,7 +43,7 @@ def get_config(arg=""):
   config.model.per_mixer_kwargs = ml_collections.ConfigDict(
       {name: MIXER_KWARGS[name] for name in mixer.split(",") if name in MIXER_KWARGS})
   config.batch_size = 32
-  config.num_steps = 1000
+  config.num_steps = 1500
   config.optimizer.learning_rate = 1e-2
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.1
