@@ -200,6 +200,32 @@ def test_bad_arguments_raise_value_errors():
     la(q, k, v, causal=False, return_state=True)
 
 
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lightnet_equals_single_device_with_state_and_gradients(causal):
+  """Masked keys, MD-LRPE phases and an initial state; loss on the outputs and the returned state."""
+  from mixers.ops.lightnet import lightnet  # pylint: disable=import-outside-toplevel
+  r = np.random.RandomState(9)
+  f = lambda *shape: jnp.asarray(r.randn(*shape), jnp.float32)
+  q, k, v = f(B, T, H, K), 3 * f(B, T, H, K), f(B, T, H, V)
+  mask, phases = jnp.asarray(r.rand(B, T) > 0.3), f(1, T, 1, K)
+  s0 = (f(B, H, 2 * K, V), f(B, H, K))
+  cot = (f(B, T, H, V), f(B, H, 2 * K, V), f(B, H, K))
+  kw = dict(causal=causal, mask=mask, phases=phases, return_state=True, chunk_size=CHUNK, impl="chunked")
+
+  def loss(op):
+    def run(q, k, v, s0):
+      o, (s, z) = op(q, k, v, initial_state=s0, **kw)
+      return jnp.sum(o * cot[0]) + jnp.sum(s * cot[1]) + jnp.sum(z * cot[2]), (o, s, z)
+    return jax.value_and_grad(run, argnums=(0, 1, 2, 3), has_aux=True)
+
+  (_, got), grads = jax.jit(loss(sequence_parallel(lightnet, _mesh())))(q, k, v, s0)
+  (_, want), grads_ref = loss(lightnet)(q, k, v, s0)
+  assert got[0].shape == (B, T, H, V)
+  for u, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, grads_ref))):
+    assert u.shape == w.shape
+    _close(u, w, tol=5e-5)
+
 if jax.device_count() < 8 and not os.environ.get("MIXERS_FRESH_PROCESS"):
   # jax started before this module set XLA_FLAGS: run the module again in a process of its own.
   for _name in [n for n in list(globals()) if n.startswith("test_")]:

@@ -11,6 +11,7 @@ Each op has an adapter that maps its arguments onto (q, k, v, log_decay, scale) 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -270,5 +271,84 @@ def _quasiseparable(layout: Layout):
     if keep is not None:
       y = jnp.where(keep[..., None, None], y, 0)
     return y.astype(x.dtype)
+
+  return fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# LightNet: keys normalised by a running (causal) or global (non-causal) softmax over positions. Only the
+# per-slice log-sums of exp(k) `[B,H,K]` and the states cross devices; the slice's normaliser entering it
+# (z_in) is the log-add-exp of the initial state's and all earlier slices' log-sums.
+
+
+@register_adapter("lightnet")
+def _lightnet(layout: Layout):
+  ln = importlib.import_module("mixers.ops.lightnet")  # the module: `mixers.ops.lightnet` names the function
+  from mixers.ops.recurrence import IMPLS  # pylint: disable=import-outside-toplevel
+  from mixers.ops import checks  # pylint: disable=import-outside-toplevel
+
+  def local_log_sums(km):
+    """Per-slice log sum of exp(k) `[B,H,K]` of every slice, `[P,B,H,K]` on every device."""
+    return jax.lax.all_gather(jax.scipy.special.logsumexp(km, axis=1), layout.axis, to="invarying")
+
+  def fn(q, k, v, *, causal=True, scale=None, initial_state=None, return_state=False, mask=None, phases=None,
+         chunk_size=64, impl="auto"):
+    checks.check_choice("impl", impl, IMPLS)
+    ln._check_inputs(q, k, v, causal, mask, phases)  # pylint: disable=protected-access
+    key_dim = q.shape[-1] * (1 if phases is None else 2)
+    ln._check_state(initial_state, q, v, key_dim)  # pylint: disable=protected-access
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    grid = q.shape[:-2]
+    b, h, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    if phases is not None:
+      phases = jnp.broadcast_to(phases, q.shape).reshape(b, -1, h, dk)
+    if mask is not None:
+      mask = mask.reshape(b, -1)
+    q, k, v = q.reshape(b, -1, h, dk), k.reshape(b, -1, h, dk), v.reshape(b, -1, h, dv)  # grids: order-free
+    t = q.shape[1]
+    tp = layout.padded_length(t)
+    if tp != t:  # padded positions are masked out of every sum
+      mask = pad_time(jnp.ones((b, t), bool) if mask is None else mask, tp)
+    q, k, v, phases = (pad_time(x, tp) for x in (q, k, v, phases))
+    s0, z0 = (None, None) if initial_state is None else initial_state
+    bax, hax = layout.specs(b, h)
+    seq = P(bax, layout.axis, hax, None)
+    mspec = None if mask is None else P(bax, layout.axis)
+    sspec, zspec = P(bax, hax, None, None), P(bax, hax, None)
+
+    def body(q, k, v, mask, phases, s0, z0):
+      km = ln._masked_keys(k, mask)  # pylint: disable=protected-access
+      if mask is not None:
+        v = jnp.where(mask[..., None, None], v, 0)
+      log_sums = local_log_sums(km)
+      start = jnp.full_like(log_sums[:1], ln._LOG_ZERO) if z0 is None else (  # pylint: disable=protected-access
+          jnp.maximum(z0.astype(km.dtype), ln._LOG_ZERO)[None])  # pylint: disable=protected-access
+      q_in = ln._expand(q.astype(km.dtype), phases)  # pylint: disable=protected-access
+      if causal:
+        prefix = jax.lax.cumlogsumexp(jnp.concatenate([start, log_sums]), axis=0)  # [P+1,B,H,K]
+        z_in, z = prefix[jax.lax.axis_index(layout.axis)], prefix[-1]
+        k_norm, log_decay, _ = ln.causal_keys(k, log_sum=z_in, mask=mask)
+        o, s = slice_scan(q_in, ln._expand(k_norm, phases), v,  # pylint: disable=protected-access
+                          ln._repeat_channels(log_decay, phases), axis=layout.axis,  # pylint: disable=protected-access
+                          scale=scale, initial_state=s0, chunk_size=chunk_size, impl=impl)
+      else:
+        z = jax.scipy.special.logsumexp(jnp.concatenate([start, log_sums]), axis=0)
+        k_norm = jnp.exp(km - z[:, None])
+        if mask is not None:
+          k_norm = jnp.where(mask[..., None, None], k_norm, 0.0)
+        s = jax.lax.psum(jnp.einsum("blhk,blhv->bhkv", ln._expand(k_norm, phases),  # pylint: disable=protected-access
+                                    v.astype(km.dtype)), layout.axis)
+        if s0 is not None:
+          carry = jnp.exp(start[0] - z)
+          s = s + ln._repeat_channels(carry, phases)[..., None] * s0.astype(s.dtype)  # pylint: disable=protected-access
+        o = scale * jnp.einsum("blhk,bhkv->blhv", q_in, s)
+      return o, s, jnp.where(z <= ln._LOG_ZERO / 2, -jnp.inf, z)  # pylint: disable=protected-access
+
+    o, s, z = layout.shard_map(
+        body, in_specs=(seq, seq, seq, mspec, None if phases is None else seq,
+                        None if s0 is None else sspec, None if z0 is None else zspec),
+        out_specs=(seq, sspec, zspec))(q, k, v, mask, phases, s0, z0)
+    o = o[:, :t].reshape(grid + (h, dv)).astype(jnp.result_type(q, k, v))
+    return (o, (s, z)) if return_state else o
 
   return fn
