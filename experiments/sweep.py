@@ -1,0 +1,198 @@
+"""MQAR study (Zoology, arXiv 2312.04927): recall accuracy versus model width, one line per mixer.
+
+    python -m experiments.sweep --quick                 # small grid, < 15 minutes on 2 CPU cores
+    python -m experiments.sweep                         # the full grid (T=256, 16..64 pairs): a bigger machine
+    python -m experiments.sweep --plot_only --out results/mqar_sweep_quick
+
+Each point (mixer, d_model, seq_len, num_pairs) is trained once per learning rate and scored by its best
+validation accuracy over the learning rates, as in Zoology. Every run appends a row to `OUT/runs.jsonl`
+(a rerun skips the rows already there), the best-over-LR table goes to `OUT/mqar.csv` and `OUT/mqar.json`,
+the figure to `OUT/mqar_accuracy_vs_width.png`.
+"""
+import csv
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "m2", "lightnet")
+
+# Full grid: Zoology's MQAR setting at T=256 (vocabulary 8192, 16..64 pairs, 2 layers, widths 32..256,
+# a log-spaced learning-rate sweep).
+FULL = dict(mixers=MIXERS, d_models=(32, 64, 128, 256), seq_lens=(256,), num_pairs=(16, 32, 64),
+            learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2), vocab_size=8192, num_train=100_000, num_validation=3_000,
+            batch_size=64, num_steps=20_000, warmup_steps=500)
+
+# Quick grid: fits 2 CPU cores in under 15 minutes (20 runs of ~40 s): short sequences and few pairs so
+# that a few hundred steps separate the mixers; five mixers, one of each family (softmax attention, linear
+# attention, gated recurrence, state-space model, gated convolution).
+QUICK = dict(mixers=("attention", "linear_attention", "gla", "mamba2", "m2"), d_models=(32, 64), seq_lens=(64,), num_pairs=(4,),
+             learning_rates=(3e-3, 1e-2), vocab_size=256, num_train=4_000, num_validation=256,
+             batch_size=32, num_steps=200, warmup_steps=20)
+
+
+
+def define_flags():
+  """The command-line flags (defined by the program only, so that importing the module defines none)."""
+  flags.DEFINE_bool("quick", False, "run the quick grid instead of the full one")
+  flags.DEFINE_string("out", None, "output folder (default results/mqar_sweep[_quick])")
+  flags.DEFINE_list("mixers", None, "override the grid's mixers")
+  flags.DEFINE_list("d_models", None, "override the grid's widths")
+  flags.DEFINE_list("learning_rates", None, "override the grid's learning rates")
+  flags.DEFINE_integer("num_steps", None, "override the grid's training steps")
+  flags.DEFINE_bool("plot_only", False, "only redraw table and figure from OUT/runs.jsonl")
+  flags.DEFINE_string("data_dir", None, "where the generated MQAR datasets are stored")
+
+
+def points(grid):
+  """Every (mixer, d_model, seq_len, num_pairs, learning_rate) of `grid`, pairs that do not fit dropped."""
+  return [(m, d, t, p, lr) for m in grid["mixers"] for t in grid["seq_lens"] for p in grid["num_pairs"]
+          if 4 * p <= t for d in grid["d_models"] for lr in grid["learning_rates"]]
+
+
+def make_config(grid, mixer, d_model, seq_len, num_pairs, learning_rate, data_dir=None):
+  """The `configs/mqar.py` config of one run of the grid."""
+  from configs import mqar  # pylint: disable=g-import-not-at-top
+  config = mqar.get_config(mixer)
+  config.model.d_model = d_model
+  config.data.update(vocab_size=grid["vocab_size"], seq_len=seq_len, num_pairs=num_pairs,
+                     num_train=grid["num_train"], num_validation=grid["num_validation"])
+  if data_dir:
+    config.data.data_dir = data_dir
+  config.batch_size = grid["batch_size"]
+  config.num_steps = grid["num_steps"]
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.warmup_steps = grid["warmup_steps"]
+  config.eval_every = 0
+  config.checkpoint_every = grid["num_steps"]
+  config.keep_checkpoints = 1
+  config.log_every = max(1, grid["num_steps"] // 4)
+  config.plot = False
+  return config
+
+
+def run_name(mixer, d_model, seq_len, num_pairs, learning_rate):
+  return f"{mixer}_d{d_model}_T{seq_len}_P{num_pairs}_lr{learning_rate:g}"
+
+
+def best_over_lr(rows):
+  """One row per (mixer, d_model, seq_len, num_pairs): the run with the highest accuracy (NaN counts as 0)."""
+  best = {}
+  for r in rows:
+    key = (r["mixer"], r["d_model"], r["seq_len"], r["num_pairs"])
+    acc = r["accuracy"] if r["accuracy"] == r["accuracy"] else 0.0
+    if key not in best or acc > best[key][0]:
+      best[key] = (acc, r)
+  return [dict(v[1], accuracy=v[0]) for _, v in sorted(best.items())]
+
+
+def read_runs(out):
+  path = os.path.join(out, "runs.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_table(best, out):
+  """Writes OUT/mqar.csv and OUT/mqar.json; returns the CSV path."""
+  os.makedirs(out, exist_ok=True)
+  fields = ["mixer", "d_model", "seq_len", "num_pairs", "learning_rate", "accuracy", "loss", "seconds"]
+  path = os.path.join(out, "mqar.csv")
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(best)
+  with open(os.path.join(out, "mqar.json"), "w") as f:
+    json.dump(best, f, indent=1)
+  return path
+
+
+def plot_accuracy_vs_width(best, path):
+  """Zoology-style figure: a panel per (seq_len, num_pairs), accuracy vs d_model (log2), a line per mixer."""
+  panels = sorted({(r["seq_len"], r["num_pairs"]) for r in best})
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  mixers = sorted({r["mixer"] for r in best}, key=lambda m: (MIXERS + (m,)).index(m))
+  for ax, (t, p) in zip(axes[0], panels):
+    for m in mixers:
+      pts = sorted((r["d_model"], r["accuracy"]) for r in best if (r["mixer"], r["seq_len"], r["num_pairs"]) == (m, t, p))
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=m)
+    widths = sorted({r["d_model"] for r in best})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"T={t}, {p} key-value pairs")
+    ax.set_xlabel("model width (d_model)")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("MQAR accuracy (best LR)")
+  axes[0][-1].legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def run_grid(grid, out, data_dir=None):
+  """Trains every point of `grid` not yet in OUT/runs.jsonl; returns all rows."""
+  from experiments.trainer import loop  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  done = {r["name"] for r in read_runs(out)}
+  todo = [p for p in points(grid) if run_name(*p) not in done]
+  start = time.time()
+  for i, p in enumerate(todo):
+    name = run_name(*p)
+    t0 = time.time()
+    try:
+      result = loop.train_and_evaluate(make_config(grid, *p, data_dir=data_dir), os.path.join(out, "runs", name))
+      acc, loss = result["accuracy"], result["loss"]
+    except loop.NonFiniteLossError:
+      acc, loss = float("nan"), float("nan")
+    row = dict(name=name, mixer=p[0], d_model=p[1], seq_len=p[2], num_pairs=p[3], learning_rate=p[4],
+               accuracy=acc, loss=loss, seconds=round(time.time() - t0, 1), num_steps=grid["num_steps"])
+    with open(os.path.join(out, "runs.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(f"[{i + 1}/{len(todo)}] {name}: accuracy={acc:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)",
+          flush=True)
+  return read_runs(out)
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
+  grid = dict(QUICK if FLAGS.quick else FULL)
+  if FLAGS.mixers:
+    grid["mixers"] = tuple(FLAGS.mixers)
+  if FLAGS.d_models:
+    grid["d_models"] = tuple(int(d) for d in FLAGS.d_models)
+  if FLAGS.learning_rates:
+    grid["learning_rates"] = tuple(float(lr) for lr in FLAGS.learning_rates)
+  if FLAGS.num_steps:
+    grid["num_steps"] = FLAGS.num_steps
+  out = FLAGS.out or os.path.join("results", "mqar_sweep_quick" if FLAGS.quick else "mqar_sweep")
+  start = time.time()
+  rows = read_runs(out) if FLAGS.plot_only else run_grid(grid, out, FLAGS.data_dir)
+  best = best_over_lr(rows)
+  table = write_table(best, out)
+  figure = plot_accuracy_vs_width(best, os.path.join(out, "mqar_accuracy_vs_width.png"))
+  print(f"{'mixer':18s} {'d_model':>7s} {'T':>5s} {'pairs':>5s} {'best lr':>8s} {'accuracy':>8s}")
+  for r in best:
+    print(f"{r['mixer']:18s} {r['d_model']:7d} {r['seq_len']:5d} {r['num_pairs']:5d} {r['learning_rate']:8.2g} "
+          f"{r['accuracy']:8.3f}")
+  print(f"table: {table}; figure: {figure}; wall time {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
