@@ -15,6 +15,7 @@ from mixers.layers.common import torch_conv_init, GatedRMSNorm, ShortConv, const
 from mixers.layers.mamba2 import SSMParams, check_mask, head_layout
 from mixers.ops.quasiseparable import quasiseparable, quasiseparable_matrix
 from mixers.registry import register
+from mixers.sharding import maybe_sequence_parallel
 
 
 @register("hydra")
@@ -85,7 +86,7 @@ class Hydra(nn.Module):
       return ops
     if what == "matrix":
       return quasiseparable_matrix(ops["dt"], ops["A"], ops["B"], ops["C"], D=d_tok, mask=mask)
-    y = quasiseparable(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=d_tok, mask=mask,
+    y = maybe_sequence_parallel(quasiseparable)(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=d_tok, mask=mask,
                        chunk_size=self.chunk_size, impl=self.impl)
     y = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, name="norm")(
         y.reshape(b, t, inner), z)

@@ -20,6 +20,7 @@ from mixers.layers.positional import MdLrpe, token_grid
 from mixers.ops import positional
 from mixers.ops.lightnet import lightnet
 from mixers.registry import register
+from mixers.sharding import maybe_sequence_parallel
 
 
 @register("lightnet")
@@ -77,7 +78,7 @@ class LightNet(nn.Module):
         state = (s_var.value, z_var.value)
     offset = position.value if ready else 0
     phases = (MdLrpe(self.lrpe_base).phases(self._positions(grid, t, offset), dk) if self.use_lrpe else None)
-    o, new_state = lightnet(q, k, v, causal=self.causal, initial_state=state, return_state=True, mask=mask,
+    o, new_state = maybe_sequence_parallel(lightnet)(q, k, v, causal=self.causal, initial_state=state, return_state=True, mask=mask,
                             phases=phases, chunk_size=self.chunk_size, impl=self.impl)
     if ready:
       s_var.value, z_var.value = new_state

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
+from mixers.sharding import maybe_sequence_parallel
 
 
 def heads_projection(num_heads, head_dim, name, dtype=None):
@@ -31,11 +32,12 @@ def short_convs(q, k, v, *, causal, width, mask, decode):
 def attend(module, q, k, v, *, decode, normalize=False, **kwargs):
   """`ops.linear_attention` over q, k `[B,T,H,K]`, v `[B,T,H,V]`; causal layers keep (S[, z]) in the cache."""
   causal = kwargs.get("causal", True)
+  linear_attention = maybe_sequence_parallel(ops.linear_attention)
 
   def run(state):
     if not causal:
-      return ops.linear_attention(q, k, v, normalize=normalize, **kwargs), None
-    return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
+      return linear_attention(q, k, v, normalize=normalize, **kwargs), None
+    return linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
 
   def zero_state():
     b, _, h, dk = q.shape

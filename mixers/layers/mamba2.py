@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mixers.layers.common import torch_conv_init, GatedRMSNorm, ShortConv, constrain, decode_cache, projection
 from mixers.ops.ssd import ssd, ssd_matrix
 from mixers.registry import register
+from mixers.sharding import maybe_sequence_parallel
 
 
 def dt_bias_init(dt_min, dt_max, dt_init_floor):
@@ -167,7 +168,7 @@ class Mamba2(nn.Module):
     state, ready = None, False
     if decode:
       state, ready = decode_cache(self, "ssm_state", (b, h, p, self.state_dim))
-    y = ssd(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], causal=self.causal,
+    y = maybe_sequence_parallel(ssd)(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], causal=self.causal,
             chunk_size=self.chunk_size, initial_state=state.value if ready else None, return_state=ready,
             impl=self.impl)
     if ready:

@@ -11,11 +11,13 @@ from mixers.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from mixers.sharding.rules import (DEFAULT_RULES, batch_sharding, init_sharded, like_params_shardings,
                                    logical_to_sharding, mesh_axes_for, opt_state_shardings, param_shardings,
                                    replicated, shard_params, use_mesh, with_rules)
-from mixers.sharding.sequence_parallel import sequence_parallel, supported_ops
+from mixers.sharding.sequence_parallel import (active_sequence_mesh, maybe_sequence_parallel, sequence_parallel,
+                                               supported_ops)
 
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "make_mesh", "mesh_shape", "with_rules", "use_mesh", "logical_to_sharding",
     "param_shardings", "shard_params", "init_sharded", "like_params_shardings", "opt_state_shardings",
-    "batch_sharding", "replicated", "mesh_axes_for", "sequence_parallel", "supported_ops",
+    "batch_sharding", "replicated", "mesh_axes_for", "sequence_parallel", "maybe_sequence_parallel",
+    "active_sequence_mesh", "supported_ops",
     "maybe_initialize_distributed", "is_multi_host_platform", "host_batch_slice", "global_batch",
 ]

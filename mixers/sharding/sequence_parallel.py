@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from flax.linen import spmd as nn_rules
+
 from mixers.sharding import rules as rules_lib
 from mixers.sharding.slice_scan import reverse_strict_scan, slice_scan
 
@@ -83,6 +85,30 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "sequence", *,
     raise ValueError(f"sequence_parallel has no form for op {name!r}; supported: {list(supported_ops())}")
   fn = _ADAPTERS[name](Layout(mesh, axis, rules))
   return functools.wraps(op)(fn)
+
+
+def active_sequence_mesh(axis: str = "sequence"):
+  """The mesh set by `jax.set_mesh` / `use_mesh` if it has `axis` larger than 1 (not already manual), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(axis, 1) <= 1 or axis in mesh.manual_axes:
+    return None
+  return mesh
+
+
+def maybe_sequence_parallel(op: Callable, axis: str = "sequence") -> Callable:
+  """`op`, run sequence-parallel when the active mesh splits `axis` (see `sequence_parallel`).
+
+  Decided at call time: with no such mesh, or a length (axis 1 of the first argument) that the axis
+  size does not divide (decoding a token, a short prompt), the plain `op` runs.
+  """
+  @functools.wraps(op)
+  def fn(*args, **kwargs):
+    mesh = active_sequence_mesh(axis)
+    if mesh is None or args[0].ndim < 4 or args[0].shape[1] % mesh.shape[axis]:
+      return op(*args, **kwargs)
+    rules = nn_rules.get_logical_axis_rules() or rules_lib.DEFAULT_RULES
+    return sequence_parallel(op, mesh, axis, rules=rules)(*args, **kwargs)
+  return fn
 
 
 # ----------------------------------------------------------------------------------------------------

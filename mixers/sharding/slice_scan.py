@@ -24,9 +24,12 @@ def _decay_shape(g):
 
 def zero_state(q, v):
   """Zeros `[B,H,K,V]` varying over the same manual mesh axes as q and v (a valid scan carry inside
-  shard_map): the contraction of their empty prefixes."""
+  shard_map)."""
   dtype = jnp.promote_types(jnp.result_type(q, v), jnp.float32)
-  return jnp.einsum("blhk,blhv->bhkv", q[:, :0].astype(dtype), v[:, :0].astype(dtype))
+  zeros = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype)
+  varying = lambda x: jax.typeof(x).manual_axis_type.varying
+  axes = tuple(sorted(varying(q) | varying(v)))
+  return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
 
 
 def combine_states(states, log_totals, initial_state=None):
