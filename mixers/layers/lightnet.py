@@ -78,8 +78,9 @@ class LightNet(nn.Module):
         state = (s_var.value, z_var.value)
     offset = position.value if ready else 0
     phases = (MdLrpe(self.lrpe_base).phases(self._positions(grid, t, offset), dk) if self.use_lrpe else None)
-    o, new_state = maybe_sequence_parallel(lightnet)(q, k, v, causal=self.causal, initial_state=state, return_state=True, mask=mask,
-                            phases=phases, chunk_size=self.chunk_size, impl=self.impl)
+    o, new_state = maybe_sequence_parallel(lightnet)(q, k, v, causal=self.causal, initial_state=state,
+                                                     return_state=True, mask=mask, phases=phases,
+                                                     chunk_size=self.chunk_size, impl=self.impl)
     if ready:
       s_var.value, z_var.value = new_state
       position.value = position.value + t
