@@ -141,6 +141,9 @@ def run_grid(grid, out, tasks, data_dir=None):
       t0 = time.time()
       try:
         result = loop.train_and_evaluate(config, os.path.join(out, "runs", name))
+        if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
+          print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
+          return read_runs(out)
         acc, loss = result["accuracy"], result["loss"]
       except loop.NonFiniteLossError:
         acc, loss = float("nan"), float("nan")

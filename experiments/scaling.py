@@ -194,6 +194,9 @@ def run_family(family, out):
         try:
           result = loop.train_and_evaluate(make_config(family, mixer, d_model, num_layers, steps),
                                            os.path.join(out, "runs", name))
+          if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
+            print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
+            return read_runs(out)
           loss = result["loss"]
         except loop.NonFiniteLossError:
           loss = float("nan")

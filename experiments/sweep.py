@@ -30,7 +30,8 @@ FULL = dict(mixers=MIXERS, d_models=(32, 64, 128, 256), seq_lens=(256,), num_pai
             learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2), vocab_size=8192, num_train=100_000, num_validation=3_000,
             batch_size=64, num_steps=20_000, warmup_steps=500)
 
-# Quick grid: fits 2 CPU cores in under 15 minutes (20 runs of ~40 s): short sequences and few pairs so
+# Quick grid: 20 runs of 200 steps, sized for 15 minutes on 2 free CPU cores (docs/RESULTS.md has the time
+# measured on shared cores): short sequences and few pairs so
 # that a few hundred steps separate the mixers; five mixers, one of each family (softmax attention, linear
 # attention, gated recurrence, state-space model, gated convolution).
 QUICK = dict(mixers=("attention", "linear_attention", "gla", "mamba2", "m2"), d_models=(32, 64), seq_lens=(64,), num_pairs=(4,),
@@ -154,6 +155,9 @@ def run_grid(grid, out, data_dir=None):
     t0 = time.time()
     try:
       result = loop.train_and_evaluate(make_config(grid, *p, data_dir=data_dir), os.path.join(out, "runs", name))
+      if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
+        print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
+        return read_runs(out)
       acc, loss = result["accuracy"], result["loss"]
     except loop.NonFiniteLossError:
       acc, loss = float("nan"), float("nan")
