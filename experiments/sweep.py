@@ -31,10 +31,10 @@ FULL = dict(mixers=MIXERS, d_models=(32, 64, 128, 256), seq_lens=(256,), num_pai
             batch_size=64, num_steps=20_000, warmup_steps=500)
 
 # Quick grid: 20 runs of 200 steps, sized for 15 minutes on 2 free CPU cores (docs/RESULTS.md has the time
-# measured on shared cores): short sequences and few pairs so
-# that a few hundred steps separate the mixers; five mixers, one of each family (softmax attention, linear
-# attention, gated recurrence, state-space model, gated convolution).
-QUICK = dict(mixers=("attention", "linear_attention", "gla", "mamba2", "m2"), d_models=(32, 64), seq_lens=(64,), num_pairs=(4,),
+# measured on shared cores); short sequences and few pairs; five mixers, one of each family (softmax
+# attention, linear attention, gated recurrence, state-space model, gated convolution).
+QUICK = dict(mixers=("attention", "linear_attention", "gla", "mamba2", "m2"), d_models=(32, 64), seq_lens=(64,),
+             num_pairs=(4,),
              learning_rates=(3e-3, 1e-2), vocab_size=256, num_train=4_000, num_validation=256,
              batch_size=32, num_steps=200, warmup_steps=20)
 
