@@ -123,7 +123,8 @@ def plot_accuracy_vs_width(best, path):
   mixers = sorted({r["mixer"] for r in best}, key=lambda m: (MIXERS + (m,)).index(m))
   for ax, (t, p) in zip(axes[0], panels):
     for m in mixers:
-      pts = sorted((r["d_model"], r["accuracy"]) for r in best if (r["mixer"], r["seq_len"], r["num_pairs"]) == (m, t, p))
+      pts = sorted((r["d_model"], r["accuracy"]) for r in best
+                   if (r["mixer"], r["seq_len"], r["num_pairs"]) == (m, t, p))
       if pts:
         ax.plot(*zip(*pts), marker="o", label=m)
     widths = sorted({r["d_model"] for r in best})
