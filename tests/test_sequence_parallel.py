@@ -256,9 +256,9 @@ def test_layer_decoding_under_a_sequence_mesh_matches_the_forward():
   from mixers.registry import build_mixer  # pylint: disable=import-outside-toplevel
   layer = build_mixer("lightnet")
   x = jnp.asarray(np.random.RandomState(11).randn(4, 9, 16), jnp.float32)
-  variables = layer.init(jax.random.key(0), x)
-  want = layer.apply(variables, x)
-  cache = layer.init(jax.random.key(0), x[:, :8], decode=True)["cache"]
+  variables = jax.jit(layer.init)(jax.random.key(0), x)
+  want = jax.jit(layer.apply)(variables, x)
+  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(0), x[:, :8])["cache"]
   step = jax.jit(lambda cache, x: layer.apply(dict(variables, cache=cache), x, decode=True, mutable=["cache"]))
   with sharding.use_mesh(_mesh()):
     prompt, cache = step(cache, x[:, :8])
