@@ -1,6 +1,6 @@
 """Long Range Arena, non-causal: ListOps and Pathfinder accuracy of small models, beside the LRA paper's numbers.
 
-    python -m experiments.lra --quick                  # short ListOps, 16x16 Pathfinder, tiny models, 2 CPU cores
+    python -m experiments.lra --quick                  # short ListOps, Pathfinder-32, tiny models, CPU
     python -m experiments.lra                          # LRA's lengths (ListOps 2K, Pathfinder-32: 1024 pixels)
     python -m experiments.lra --plot_only --out results/lra_quick
 
@@ -35,12 +35,13 @@ FULL = dict(mixers=MIXERS, d_model=128, num_layers=4, batch_size=32, learning_ra
             data={"listops": dict(num_train=96_000, num_validation=2_000),
                   "pathfinder": dict(resolution=32, num_train=100_000, num_validation=2_000)})
 
-# Quick: ListOps expressions of 32..128 tokens (depth <= 4), 16x16 Pathfinder (256 pixels); 2 layers of 32.
+# Quick: ListOps expressions of 32..128 tokens (depth <= 4), Pathfinder-32 (1024 pixels: the contour
+# generator finds no room for its paths at 16x16); 2 layers of width 32.
 QUICK = dict(mixers=MIXERS, d_model=32, num_layers=2, batch_size=32, learning_rate=3e-3,
              num_steps={"listops": 150, "pathfinder": 150},
              data={"listops": dict(num_train=2_000, num_validation=256, seq_len=128, min_length=32, max_length=128,
                                    max_depth=4, max_args=5),
-                   "pathfinder": dict(resolution=16, num_train=2_000, num_validation=256)})
+                   "pathfinder": dict(resolution=32, num_train=2_000, num_validation=256, num_test=256)})
 
 
 
