@@ -103,7 +103,7 @@ def table_markdown(rows):
       cells.append(f"{100 * r['accuracy']:.1f} (T={r['seq_len']})" if r else "not run")
     lines.append(f"| {m} | {cells[0]} | {cells[1]} | this repository |")
   for name, v in LRA_PAPER.items():
-    lines.append(f"| {name} | {v['listops']:.1f} (T=2K) | {v['pathfinder']:.1f} (T=1K) | Tay et al. 2020 |")
+    lines.append(f"| {name} | {v['listops']:.2f} (T=2K) | {v['pathfinder']:.2f} (T=1K) | Tay et al. 2020 |")
   return "\n".join(lines) + "\n"
 
 

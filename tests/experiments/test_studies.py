@@ -96,5 +96,5 @@ def test_plots_and_tables_are_written(tmp_path):
   lra_rows = [dict(mixer="hydra", task="listops", accuracy=0.3, seq_len=128)]
   table = lra.table_markdown(lra_rows)
   assert "| hydra | 30.0 (T=128) | not run | this repository |" in table
-  assert "| Transformer | 36.4 (T=2K) | 71.4 (T=1K) | Tay et al. 2020 |" in table
+  assert "| Transformer | 36.37 (T=2K) | 71.40 (T=1K) | Tay et al. 2020 |" in table
   assert os.path.getsize(lra.plot_accuracy(lra_rows, str(tmp_path / "lra.png"))) > 0
