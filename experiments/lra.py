@@ -10,7 +10,6 @@ and MD-LRPE inside every layer. Runs append to `OUT/runs.jsonl` (a rerun skips t
 `OUT/lra.md` and `OUT/lra.csv`, the figure to `OUT/lra_accuracy.png`.
 """
 import csv
-import json
 import os
 import time
 
@@ -21,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments.study_runs import append_run, read_runs, short_run_schedule  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIXERS = ("attention", "linear_attention", "hydra", "vssd", "m2", "lightnet")
 TASKS = ("listops", "pathfinder")
@@ -70,25 +71,9 @@ def make_config(grid, task, mixer, data_dir=None):
     config.model.positional = "md_tpe"
   else:
     config.model.positional = "learned"
-  steps = grid["num_steps"][task]
   config.batch_size = grid["batch_size"]
-  config.num_steps = steps
-  config.optimizer.learning_rate = grid["learning_rate"]
-  config.optimizer.warmup_steps = max(1, steps // 10)
-  config.eval_every = 0
-  config.checkpoint_every = steps
-  config.keep_checkpoints = 1
-  config.log_every = max(1, steps // 4)
-  config.plot = False
-  return config
+  return short_run_schedule(config, grid["num_steps"][task], grid["learning_rate"])
 
-
-def read_runs(out):
-  path = os.path.join(out, "runs.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def table_markdown(rows):
@@ -151,8 +136,7 @@ def run_grid(grid, out, tasks, data_dir=None):
       seq_len = config.data.seq_len if task == "listops" else config.data.resolution ** 2
       row = dict(name=name, task=task, mixer=mixer, accuracy=acc, loss=loss, seq_len=seq_len,
                  num_steps=config.num_steps, seconds=round(time.time() - t0, 1))
-      with open(os.path.join(out, "runs.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+      append_run(out, row)
       print(f"{name}: accuracy={acc:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)", flush=True)
   return read_runs(out)
 

@@ -23,6 +23,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from experiments.study_runs import append_run, read_runs, short_run_schedule  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Full family: widths 128..768 at depths 4..12 and budgets 1e15..1e18 FLOPs on the whole standard library
 # (or any --corpus); on a pod the trainer's mesh {"data": -1} spreads each run over every device.
 FULL = dict(mixers=("attention", "gla", "mamba2", "retention"),
@@ -66,15 +68,7 @@ def make_config(family, mixer, d_model, num_layers, num_steps):
   config.data.corpus = resolve_corpus(family["corpus"])
   config.batch_size = family["batch_size"]
   config.eval_batch_size = family["batch_size"]
-  config.num_steps = num_steps
-  config.optimizer.learning_rate = family["learning_rate"]
-  config.optimizer.warmup_steps = max(1, num_steps // 10)
-  config.eval_every = 0
-  config.checkpoint_every = num_steps
-  config.keep_checkpoints = 1
-  config.log_every = max(1, num_steps // 4)
-  config.plot = False
-  return config
+  return short_run_schedule(config, num_steps, family["learning_rate"])
 
 
 def non_embedding_params(config):
@@ -167,13 +161,6 @@ def plot_frontiers(rows, fronts, fits, path):
   return path
 
 
-def read_runs(out):
-  path = os.path.join(out, "runs.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
 
 def run_family(family, out):
   """Trains every (mixer, size, budget) not yet in OUT/runs.jsonl; returns all rows."""
@@ -202,8 +189,7 @@ def run_family(family, out):
           loss = float("nan")
         row = dict(name=name, mixer=mixer, d_model=d_model, num_layers=num_layers, params=n, budget=budget,
                    steps=steps, tokens=steps * tokens_per_step, loss=loss, seconds=round(time.time() - t0, 1))
-        with open(os.path.join(out, "runs.jsonl"), "a") as f:
-          f.write(json.dumps(row) + "\n")
+        append_run(out, row)
         print(f"{name}: N={n:,} steps={steps} loss={loss:.4f} ({row['seconds']} s; "
               f"{time.time() - start:.0f} s so far)", flush=True)
   return read_runs(out)

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from experiments.study_runs import append_run, read_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "m2", "lightnet")
 
 # Full grid: Zoology's MQAR setting at T=256 (vocabulary 8192, 16..64 pairs, 2 layers, widths 32..256,
@@ -94,13 +96,6 @@ def best_over_lr(rows):
   return [dict(v[1], accuracy=v[0]) for _, v in sorted(best.items())]
 
 
-def read_runs(out):
-  path = os.path.join(out, "runs.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
 
 def write_table(best, out):
   """Writes OUT/mqar.csv and OUT/mqar.json; returns the CSV path."""
@@ -164,8 +159,7 @@ def run_grid(grid, out, data_dir=None):
       acc, loss = float("nan"), float("nan")
     row = dict(name=name, mixer=p[0], d_model=p[1], seq_len=p[2], num_pairs=p[3], learning_rate=p[4],
                accuracy=acc, loss=loss, seconds=round(time.time() - t0, 1), num_steps=grid["num_steps"])
-    with open(os.path.join(out, "runs.jsonl"), "a") as f:
-      f.write(json.dumps(row) + "\n")
+    append_run(out, row)
     print(f"[{i + 1}/{len(todo)}] {name}: accuracy={acc:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)",
           flush=True)
   return read_runs(out)
