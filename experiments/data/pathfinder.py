@@ -21,7 +21,8 @@ from experiments.data import synthetic
 BRIDGE = 2      # largest Chebyshev step between consecutive bright pixels of one contour
 CLEARANCE = 3   # smallest Chebyshev distance between pixels of different contours
 _SAMPLE = 0.25  # arc-length spacing of the points a contour is rasterised from
-_MAX_ATTEMPTS = 200
+_MAX_ATTEMPTS = 200  # tries to place one contour
+_MAX_IMAGES = 50     # tries to place all contours of one image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def render(rng, *, resolution=32, label, num_distractors=2):
   if resolution < 16:
     raise ValueError(f"resolution={resolution}: expected >= 16")
   geometry = Geometry.for_resolution(resolution)
-  while True:
+  for _ in range(_MAX_IMAGES):
     image = np.zeros((resolution, resolution), bool)
     blocked = np.zeros_like(image)
     plan = [((0, 1) if label else (0,), geometry.path_length), (() if label else (0,), geometry.path_length)]
@@ -133,6 +134,9 @@ def render(rng, *, resolution=32, label, num_distractors=2):
     else:
       return {"image": (image * 255).astype(np.uint8)[..., None], "label": int(label),
               "markers": np.asarray(markers, np.int32)}
+  raise ValueError(f"resolution={resolution}, num_distractors={num_distractors}: found no room for "
+                   f"{len(plan)} contours {CLEARANCE} pixels apart in {_MAX_IMAGES} tries; use resolution >= 32 "
+                   "or fewer distractors")
 
 
 @dataclasses.dataclass(eq=False)

@@ -171,6 +171,12 @@ def test_pathfinder_64_renders_both_labels():
     assert _check_pathfinder(ex, 64) == i % 2
 
 
+def test_pathfinder_without_room_raises_instead_of_looping(monkeypatch):
+  monkeypatch.setattr(pathfinder, "_MAX_IMAGES", 3)
+  with pytest.raises(ValueError, match="resolution=16, num_distractors=40: found no room"):
+    pathfinder.render(np.random.default_rng(0), resolution=16, label=1, num_distractors=40)
+
+
 def test_builder_config_rejects_unknown_fields():
   with pytest.raises(ValueError, match="num_keys"):
     mqar.Mqar.make_config(num_keys=3)
