@@ -32,11 +32,11 @@ FULL = dict(mixers=("attention", "gla", "mamba2", "retention"),
             budgets=(1e15, 3e15, 1e16, 3e16, 1e17, 3e17, 1e18),
             seq_len=512, batch_size=64, learning_rate=2e-3, corpus="", min_steps=50)
 
-# Quick family: two tiny sizes and three budgets on a 1 MB corpus; each run is 10..300 steps (a size
+# Quick family: two tiny sizes and five budgets on a 1 MB corpus; each run is 10..2,600 steps (a size
 # whose budget buys fewer than min_steps steps is skipped).
 QUICK = dict(mixers=("attention", "gla", "mamba2", "retention"),
              sizes=((32, 1), (64, 2)),
-             budgets=(5e9, 1.5e10, 4.5e10),
+             budgets=(5e9, 1.5e10, 4.5e10, 1.35e11, 4.05e11),
              seq_len=128, batch_size=16, learning_rate=3e-3, corpus="email", min_steps=10)
 
 
