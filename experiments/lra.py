@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, read_runs, short_run_schedule  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIXERS = ("attention", "linear_attention", "hydra", "vssd", "m2", "lightnet")
 TASKS = ("listops", "pathfinder")
@@ -48,11 +48,8 @@ QUICK = dict(mixers=MIXERS, d_model=32, num_layers=2, batch_size=32, learning_ra
 
 def define_flags():
   """The command-line flags (defined by the program only, so that importing the module defines none)."""
-  flags.DEFINE_bool("quick", False, "run the quick grid instead of the full one")
-  flags.DEFINE_string("out", None, "output folder (default results/lra[_quick])")
-  flags.DEFINE_list("mixers", None, "override the mixers")
+  define_study_flags("lra", "grid")
   flags.DEFINE_list("tasks", None, "override the tasks (listops, pathfinder)")
-  flags.DEFINE_bool("plot_only", False, "only redraw table and figure from OUT/runs.jsonl")
   flags.DEFINE_string("data_dir", None, "where the generated datasets are stored")
 
 
@@ -114,7 +111,6 @@ def plot_accuracy(rows, path):
 
 def run_grid(grid, out, tasks, data_dir=None):
   """Trains every (task, mixer) not yet in OUT/runs.jsonl; returns all rows."""
-  from experiments.trainer import loop  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   done = {r["name"] for r in read_runs(out)}
   start = time.time()
@@ -124,20 +120,14 @@ def run_grid(grid, out, tasks, data_dir=None):
       if name in done:
         continue
       config = make_config(grid, task, mixer, data_dir)
-      t0 = time.time()
-      try:
-        result = loop.train_and_evaluate(config, os.path.join(out, "runs", name))
-        if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
-          print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
-          return read_runs(out)
-        acc, loss = result["accuracy"], result["loss"]
-      except loop.NonFiniteLossError:
-        acc, loss = float("nan"), float("nan")
+      result = train_run(config, out, name)
+      if result is None:
+        return read_runs(out)
       seq_len = config.data.seq_len if task == "listops" else config.data.resolution ** 2
-      row = dict(name=name, task=task, mixer=mixer, accuracy=acc, loss=loss, seq_len=seq_len,
-                 num_steps=config.num_steps, seconds=round(time.time() - t0, 1))
+      row = dict(name=name, task=task, mixer=mixer, accuracy=result["accuracy"], loss=result["loss"],
+                 seq_len=seq_len, num_steps=config.num_steps, seconds=result["seconds"])
       append_run(out, row)
-      print(f"{name}: accuracy={acc:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)", flush=True)
+      print(f"{name}: accuracy={row['accuracy']:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)", flush=True)
   return read_runs(out)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, read_runs, short_run_schedule  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Full family: widths 128..768 at depths 4..12 and budgets 1e15..1e18 FLOPs on the whole standard library
 # (or any --corpus); on a pod the trainer's mesh {"data": -1} spreads each run over every device.
@@ -43,11 +43,8 @@ QUICK = dict(mixers=("attention", "gla", "mamba2", "retention"),
 
 def define_flags():
   """The command-line flags (defined by the program only, so that importing the module defines none)."""
-  flags.DEFINE_bool("quick", False, "run the quick family instead of the full one")
-  flags.DEFINE_string("out", None, "output folder (default results/scaling[_quick])")
-  flags.DEFINE_list("mixers", None, "override the family's mixers")
+  define_study_flags("scaling", "family")
   flags.DEFINE_string("corpus", None, "override the corpus (file or directory of *.py files)")
-  flags.DEFINE_bool("plot_only", False, "only refit and redraw from OUT/runs.jsonl")
 
 
 def resolve_corpus(name):
@@ -164,7 +161,6 @@ def plot_frontiers(rows, fronts, fits, path):
 
 def run_family(family, out):
   """Trains every (mixer, size, budget) not yet in OUT/runs.jsonl; returns all rows."""
-  from experiments.trainer import loop  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   done = {r["name"] for r in read_runs(out)}
   tokens_per_step = family["batch_size"] * family["seq_len"]
@@ -177,20 +173,13 @@ def run_family(family, out):
         steps = steps_for_budget(budget, n, tokens_per_step)
         if name in done or steps < family["min_steps"]:
           continue
-        t0 = time.time()
-        try:
-          result = loop.train_and_evaluate(make_config(family, mixer, d_model, num_layers, steps),
-                                           os.path.join(out, "runs", name))
-          if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
-            print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
-            return read_runs(out)
-          loss = result["loss"]
-        except loop.NonFiniteLossError:
-          loss = float("nan")
+        result = train_run(make_config(family, mixer, d_model, num_layers, steps), out, name)
+        if result is None:
+          return read_runs(out)
         row = dict(name=name, mixer=mixer, d_model=d_model, num_layers=num_layers, params=n, budget=budget,
-                   steps=steps, tokens=steps * tokens_per_step, loss=loss, seconds=round(time.time() - t0, 1))
+                   steps=steps, tokens=steps * tokens_per_step, loss=result["loss"], seconds=result["seconds"])
         append_run(out, row)
-        print(f"{name}: N={n:,} steps={steps} loss={loss:.4f} ({row['seconds']} s; "
+        print(f"{name}: N={n:,} steps={steps} loss={row['loss']:.4f} ({row['seconds']} s; "
               f"{time.time() - start:.0f} s so far)", flush=True)
   return read_runs(out)
 

@@ -1,6 +1,11 @@
-"""What the studies (sweep, lra, scaling) share: a runs.jsonl log of finished runs and a short-run schedule."""
+"""What the studies (sweep, lra, scaling) share: their common flags, one training run, a runs.jsonl log of
+finished runs and a short-run schedule."""
 import json
+import math
 import os
+import time
+
+from absl import flags
 
 RUNS = "runs.jsonl"
 
@@ -18,6 +23,29 @@ def append_run(out, row):
   """Appends one finished run to OUT/runs.jsonl, so a rerun of the study skips it."""
   with open(os.path.join(out, RUNS), "a") as f:
     f.write(json.dumps(row) + "\n")
+
+
+def define_study_flags(study, unit):
+  """The flags every study takes: --quick, --out (default results/STUDY[_quick]), --mixers, --plot_only."""
+  flags.DEFINE_bool("quick", False, f"run the quick {unit} instead of the full one")
+  flags.DEFINE_string("out", None, f"output folder (default results/{study}[_quick])")
+  flags.DEFINE_list("mixers", None, f"override the {unit}'s mixers")
+  flags.DEFINE_bool("plot_only", False, "only redraw table and figure from OUT/runs.jsonl")
+
+
+def train_run(config, out, name):
+  """Trains `config` in OUT/runs/NAME (resuming it). Returns {"accuracy", "loss", "seconds"} (NaN metrics when
+  the loss turned non-finite), or None when SIGTERM stopped the run (it is checkpointed: rerun to resume)."""
+  from experiments.trainer import loop  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  start = time.time()
+  try:
+    result = loop.train_and_evaluate(config, os.path.join(out, "runs", name))
+  except loop.NonFiniteLossError:
+    result = {"accuracy": math.nan, "loss": math.nan, "preempted": False}
+  if result["preempted"]:
+    print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
+    return None
+  return {"accuracy": result["accuracy"], "loss": result["loss"], "seconds": round(time.time() - start, 1)}
 
 
 def short_run_schedule(config, num_steps, learning_rate):

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, read_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "m2", "lightnet")
 
@@ -41,15 +41,12 @@ QUICK = dict(mixers=MIXERS, d_models=(32, 64), seq_lens=(32,), num_pairs=(4,), l
 
 def define_flags():
   """The command-line flags (defined by the program only, so that importing the module defines none)."""
-  flags.DEFINE_bool("quick", False, "run the quick grid instead of the full one")
-  flags.DEFINE_string("out", None, "output folder (default results/mqar_sweep[_quick])")
-  flags.DEFINE_list("mixers", None, "override the grid's mixers")
+  define_study_flags("mqar_sweep", "grid")
   flags.DEFINE_list("d_models", None, "override the grid's widths")
   flags.DEFINE_list("seq_lens", None, "override the grid's sequence lengths")
   flags.DEFINE_list("num_pairs", None, "override the grid's numbers of key-value pairs")
   flags.DEFINE_list("learning_rates", None, "override the grid's learning rates")
   flags.DEFINE_integer("num_steps", None, "override the grid's training steps")
-  flags.DEFINE_bool("plot_only", False, "only redraw table and figure from OUT/runs.jsonl")
   flags.DEFINE_string("data_dir", None, "where the generated MQAR datasets are stored")
 
 
@@ -140,26 +137,19 @@ def plot_accuracy_vs_width(best, path):
 
 def run_grid(grid, out, data_dir=None):
   """Trains every point of `grid` not yet in OUT/runs.jsonl; returns all rows."""
-  from experiments.trainer import loop  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   done = {r["name"] for r in read_runs(out)}
   todo = [p for p in points(grid) if run_name(*p) not in done]
   start = time.time()
   for i, p in enumerate(todo):
     name = run_name(*p)
-    t0 = time.time()
-    try:
-      result = loop.train_and_evaluate(make_config(grid, *p, data_dir=data_dir), os.path.join(out, "runs", name))
-      if result["preempted"]:  # SIGTERM: the run is checkpointed; rerunning the command resumes it
-        print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
-        return read_runs(out)
-      acc, loss = result["accuracy"], result["loss"]
-    except loop.NonFiniteLossError:
-      acc, loss = float("nan"), float("nan")
+    result = train_run(make_config(grid, *p, data_dir=data_dir), out, name)
+    if result is None:
+      return read_runs(out)
     row = dict(name=name, mixer=p[0], d_model=p[1], seq_len=p[2], num_pairs=p[3], learning_rate=p[4],
-               accuracy=acc, loss=loss, seconds=round(time.time() - t0, 1), num_steps=grid["num_steps"])
+               **result, num_steps=grid["num_steps"])
     append_run(out, row)
-    print(f"[{i + 1}/{len(todo)}] {name}: accuracy={acc:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)",
+    print(f"[{i + 1}/{len(todo)}] {name}: accuracy={row['accuracy']:.3f} ({row['seconds']} s; {time.time() - start:.0f} s so far)",
           flush=True)
   return read_runs(out)
 
