@@ -15,13 +15,12 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIXERS = ("attention", "linear_attention", "hydra", "vssd", "m2", "lightnet")
 TASKS = ("listops", "pathfinder")
@@ -134,12 +133,7 @@ def run_grid(grid, out, tasks, data_dir=None):
 def main(argv):
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  grid = dict(QUICK if FLAGS.quick else FULL)
-  if FLAGS.mixers:
-    grid["mixers"] = tuple(FLAGS.mixers)
-  out = FLAGS.out or os.path.join("results", "lra_quick" if FLAGS.quick else "lra")
+  grid, out = study_grid("lra", QUICK, FULL)
   start = time.time()
   rows = read_runs(out) if FLAGS.plot_only else run_grid(grid, out, FLAGS.tasks or TASKS, FLAGS.data_dir)
   table = table_markdown(rows)

@@ -16,14 +16,13 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Full family: widths 128..768 at depths 4..12 and budgets 1e15..1e18 FLOPs on the whole standard library
 # (or any --corpus); on a pod the trainer's mesh {"data": -1} spreads each run over every device.
@@ -187,14 +186,9 @@ def run_family(family, out):
 def main(argv):
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  family = dict(QUICK if FLAGS.quick else FULL)
-  if FLAGS.mixers:
-    family["mixers"] = tuple(FLAGS.mixers)
+  family, out = study_grid("scaling", QUICK, FULL)
   if FLAGS.corpus is not None:
     family["corpus"] = FLAGS.corpus
-  out = FLAGS.out or os.path.join("results", "scaling_quick" if FLAGS.quick else "scaling")
   start = time.time()
   rows = read_runs(out) if FLAGS.plot_only else run_family(family, out)
   fronts = frontier(rows)

@@ -6,6 +6,7 @@ import os
 import time
 
 from absl import flags
+from absl import logging
 
 RUNS = "runs.jsonl"
 
@@ -31,6 +32,18 @@ def define_study_flags(study, unit):
   flags.DEFINE_string("out", None, f"output folder (default results/{study}[_quick])")
   flags.DEFINE_list("mixers", None, f"override the {unit}'s mixers")
   flags.DEFINE_bool("plot_only", False, "only redraw table and figure from OUT/runs.jsonl")
+
+
+def study_grid(study, quick, full):
+  """(grid, out) from the study flags: a copy of `quick` or `full` with --mixers applied, and OUT. Also quiets
+  the absl log to warnings unless --verbosity is given (orbax and TFDS log every file at INFO)."""
+  values = flags.FLAGS
+  if not values["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  grid = dict(quick if values.quick else full)
+  if values.mixers:
+    grid["mixers"] = tuple(values.mixers)
+  return grid, values.out or os.path.join("results", f"{study}_quick" if values.quick else study)
 
 
 def train_run(config, out, name):

@@ -16,13 +16,12 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import append_run, define_study_flags, read_runs, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "m2", "lightnet")
 
@@ -157,11 +156,7 @@ def run_grid(grid, out, data_dir=None):
 def main(argv):
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
-  grid = dict(QUICK if FLAGS.quick else FULL)
-  if FLAGS.mixers:
-    grid["mixers"] = tuple(FLAGS.mixers)
+  grid, out = study_grid("mqar_sweep", QUICK, FULL)
   if FLAGS.d_models:
     grid["d_models"] = tuple(int(d) for d in FLAGS.d_models)
   for key in ("seq_lens", "num_pairs"):
@@ -171,7 +166,6 @@ def main(argv):
     grid["learning_rates"] = tuple(float(lr) for lr in FLAGS.learning_rates)
   if FLAGS.num_steps:
     grid["num_steps"] = FLAGS.num_steps
-  out = FLAGS.out or os.path.join("results", "mqar_sweep_quick" if FLAGS.quick else "mqar_sweep")
   start = time.time()
   rows = read_runs(out) if FLAGS.plot_only else run_grid(grid, out, FLAGS.data_dir)
   best = best_over_lr(rows)
