@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    append_run, define_study_flags, read_runs, save_figure, short_run_schedule, study_grid, train_run)
 
 MIXERS = ("attention", "linear_attention", "hydra", "vssd", "m2", "lightnet")
 TASKS = ("listops", "pathfinder")
@@ -101,11 +102,7 @@ def plot_accuracy(rows, path):
   ax.set_ylabel("validation accuracy (%)")
   ax.set_ylim(0, 100)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def run_grid(grid, out, tasks, data_dir=None):

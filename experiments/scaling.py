@@ -22,7 +22,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, short_run_schedule, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    append_run, define_study_flags, read_runs, save_figure, short_run_schedule, study_grid, train_run)
 
 # Full family: widths 128..768 at depths 4..12 and budgets 1e15..1e18 FLOPs on the whole standard library
 # (or any --corpus); on a pod the trainer's mesh {"data": -1} spreads each run over every device.
@@ -150,11 +151,7 @@ def plot_frontiers(rows, fronts, fits, path):
   ax.set_ylabel("validation loss (nats / byte)")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 

@@ -1,5 +1,5 @@
 """What the studies (sweep, lra, scaling) share: their common flags, one training run, a runs.jsonl log of
-finished runs and a short-run schedule."""
+finished runs, a short-run schedule and figure saving."""
 import json
 import math
 import os
@@ -59,6 +59,16 @@ def train_run(config, out, name):
     print(f"stopped by SIGTERM during {name}; rerun the same command to resume", flush=True)
     return None
   return {"accuracy": result["accuracy"], "loss": result["loss"], "seconds": round(time.time() - start, 1)}
+
+
+def save_figure(fig, path):
+  """Lays out `fig`, writes it to `path` (creating its folder) at 80 dpi, closes it; returns path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
 
 
 def short_run_schedule(config, num_steps, learning_rate):

@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.study_runs import append_run, define_study_flags, read_runs, study_grid, train_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study_runs import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    append_run, define_study_flags, read_runs, save_figure, study_grid, train_run)
 
 MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "m2", "lightnet")
 
@@ -127,11 +128,7 @@ def plot_accuracy_vs_width(best, path):
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("MQAR accuracy (best LR)")
   axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def run_grid(grid, out, data_dir=None):
