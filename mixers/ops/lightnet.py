@@ -11,9 +11,9 @@ With `phases` (MD-LRPE), q and the normalised keys become [x cos(phi), x sin(phi
 import jax
 import jax.numpy as jnp
 
-from mixers.ops import checks
+from mixers.ops import checks, sequence
 from mixers.ops.positional import lrpe
-from mixers.ops.recurrence import IMPLS, gated_linear_recurrence
+from mixers.ops.recurrence import IMPLS
 
 # Stand-in for log(0) inside the log-sum-exp: exactly zero weight after exp, yet finite, so no NaN gradients.
 _LOG_ZERO = -1e30
@@ -67,16 +67,15 @@ def causal_keys(k, *, log_sum=None, mask=None):
   z_t = logaddexp(z_0, logcumsumexp(k)_t), k'_t = exp(k_t - z_t), g_t = z_{t-1} - z_t (0 while nothing is summed).
   """
   km = _masked_keys(k, mask)
-  z0 = (jnp.full((k.shape[0], 1) + k.shape[2:], _LOG_ZERO, km.dtype) if log_sum is None
-        else jnp.maximum(log_sum.astype(km.dtype), _LOG_ZERO)[:, None])
-  z = jax.lax.cumlogsumexp(jnp.concatenate([z0, km], axis=1), axis=1)
-  z_prev, z = z[:, :-1], z[:, 1:]
+  z0 = (jnp.full((k.shape[0],) + k.shape[2:], _LOG_ZERO, km.dtype) if log_sum is None
+        else jnp.maximum(log_sum.astype(km.dtype), _LOG_ZERO))
+  z, entering, final = sequence.logcumsumexp_over_time(km, z0)
+  z_prev = jnp.concatenate([entering[:, None], z[:, :-1]], axis=1)
   empty = z_prev <= _LOG_ZERO / 2
   log_decay = jnp.where(empty, 0.0, jnp.minimum(z_prev - z, 0.0))
   k_norm = jnp.exp(km - z)
   if mask is not None:
     k_norm = jnp.where(mask[..., None, None], k_norm, 0.0)
-  final = z[:, -1]
   return k_norm, log_decay, jnp.where(final <= _LOG_ZERO / 2, -jnp.inf, final)
 
 
@@ -88,8 +87,8 @@ def _causal(q, k, v, *, scale, initial_state, mask, phases, chunk_size, impl):
   phases = None if phases is None else jnp.broadcast_to(phases, q.shape)
   q_in = _expand(q.astype(k_norm.dtype), phases)
   k_in = _expand(k_norm, phases)
-  o, s = gated_linear_recurrence(q_in, k_in, v, _repeat_channels(log_decay, phases), scale=scale,
-                                 initial_state=s0, chunk_size=chunk_size, impl=impl)
+  o, s = sequence.recurrence(q_in, k_in, v, _repeat_channels(log_decay, phases), scale=scale, initial_state=s0,
+                             chunk_size=chunk_size, impl=impl)
   return o.astype(jnp.result_type(q, k, v)), (s, z_final)
 
 
@@ -100,7 +99,7 @@ def _non_causal(q, k, v, *, scale, initial_state, mask, phases):
   vf = v.reshape(b, -1, h, v.shape[-1]).astype(km.dtype)
   if mask is not None:
     vf = jnp.where(mask.reshape(b, -1)[..., None, None], vf, 0)
-  z = jax.scipy.special.logsumexp(km, axis=1)  # [B,H,K]
+  z = sequence.logsumexp_over_time(km)  # [B,H,K]
   if initial_state is not None:
     z = jnp.logaddexp(z, jnp.maximum(initial_state[1].astype(z.dtype), _LOG_ZERO))
   k_norm = jnp.exp(km - z[:, None])
@@ -109,7 +108,7 @@ def _non_causal(q, k, v, *, scale, initial_state, mask, phases):
   if phases is not None:
     phases = jnp.broadcast_to(phases, q.shape).reshape(km.shape)
   k_in = _expand(k_norm, phases)
-  s = jnp.einsum("bshk,bshv->bhkv", k_in, vf)
+  s = sequence.sum_over_time(jnp.einsum("bshk,bshv->bhkv", k_in, vf))
   if initial_state is not None:
     s0, z0 = initial_state
     s = s + _repeat_channels(jnp.exp(jnp.maximum(z0.astype(z.dtype), _LOG_ZERO) - z), phases)[..., None] * s0
@@ -119,6 +118,7 @@ def _non_causal(q, k, v, *, scale, initial_state, mask, phases):
   return o, (s, jnp.where(z <= _LOG_ZERO / 2, -jnp.inf, z))
 
 
+@sequence.splits_time("q", "k", "v", "phases", batched=("initial_state",), pad_mask="mask")
 def lightnet(q, k, v, *, causal=True, scale=None, initial_state=None, return_state=False, mask=None, phases=None,
              chunk_size=64, impl="auto"):
   """LightNet mixing. q, k `[B,T,H,K]` (non-causal: any grid `[B,*spatial,H,K]`), v `[...,H,V]` -> o `[...,H,V]`.

@@ -7,8 +7,8 @@ Non-causal: o_t = scale sum_s q_t^T diag(w_ts) k_s v_s, w_ts = exp(sum of g over
 """
 import jax.numpy as jnp
 
-from mixers.ops import checks
-from mixers.ops.recurrence import gated_linear_recurrence, shapes, step
+from mixers.ops import checks, sequence
+from mixers.ops.recurrence import shapes, step
 
 
 def _default_scale(q, scale):
@@ -48,25 +48,21 @@ def _unpack(o, state, normalize, eps, out_dtype):
   return o.astype(out_dtype), state
 
 
-def _reverse_exclusive_decay(log_decay):
-  """Log-decay of the reversed sequence, shifted by one: h_u = g_{T-u} (h_0 = 0)."""
-  g = jnp.flip(log_decay, axis=1)
-  return jnp.concatenate([jnp.zeros_like(g[:, :1]), g[:, :-1]], axis=1)
-
-
 def _noncausal(q, k, v, log_decay, scale, chunk_size, impl):
+  """Without decay two matmuls through the global state; with decay a causal pass plus an exclusive reverse
+  pass whose decay is shifted by one token (h_t = g_{t+1}): o_t reads sum_{s>t} exp(g_{t+1} + ... + g_s)."""
   if log_decay is None:
     dtype = shapes.compute_dtype(q, k, v)
-    state = jnp.einsum("bshk,bshv->bhkv", k.astype(dtype), v.astype(dtype))
+    state = sequence.sum_over_time(jnp.einsum("bshk,bshv->bhkv", k.astype(dtype), v.astype(dtype)))
     return scale * jnp.einsum("bthk,bhkv->bthv", q.astype(dtype), state)
-  kw = dict(scale=scale, chunk_size=chunk_size, impl=impl)
-  forward, _ = gated_linear_recurrence(q, k, v, log_decay, **kw)
-  flip = lambda a: jnp.flip(a, axis=1)
-  backward, _ = gated_linear_recurrence(flip(q), flip(k), flip(v), _reverse_exclusive_decay(log_decay),
-                                        exclusive=True, **{**kw, "impl": "chunked" if impl == "pallas" else impl})
-  return forward.astype(jnp.promote_types(forward.dtype, jnp.float32)) + flip(backward)
+  kw = dict(scale=scale, chunk_size=chunk_size)
+  forward, _ = sequence.recurrence(q, k, v, log_decay, impl=impl, **kw)
+  backward, _ = sequence.recurrence(q, k, v, sequence.shift(log_decay, -1), exclusive=True, reverse=True,
+                                    impl="chunked" if impl == "pallas" else impl, **kw)
+  return forward.astype(jnp.promote_types(forward.dtype, jnp.float32)) + backward
 
 
+@sequence.splits_time("q", "k", "v", "log_decay", batched=("initial_state",))
 def linear_attention(q, k, v, *, causal=True, log_decay=None, normalize=False, scale=None, eps=1e-6,
                      initial_state=None, return_state=False, chunk_size=64, impl="auto"):
   """Linear attention. q, k `[B,T,H,K]`, v `[B,T,H,V]`, log_decay None | `[H]` | `[B,T,H]` | `[B,T,H,K]`.
@@ -86,8 +82,8 @@ def linear_attention(q, k, v, *, causal=True, log_decay=None, normalize=False, s
     o = _noncausal(q, k, v_in, log_decay, scale, chunk_size, impl)
     return _unpack(o, None, normalize, eps, out_dtype)[0]
   state = _pack_state(initial_state, normalize, q, v)
-  o, final = gated_linear_recurrence(q, k, v_in, log_decay, scale=scale, initial_state=state,
-                                     chunk_size=chunk_size, impl=impl)
+  o, final = sequence.recurrence(q, k, v_in, log_decay, scale=scale, initial_state=state, chunk_size=chunk_size,
+                                 impl=impl)
   o, final = _unpack(o, final, normalize, eps, out_dtype)
   return (o, final) if return_state else o
 

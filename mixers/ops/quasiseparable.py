@@ -4,25 +4,19 @@
 that is, per batch element and head (a_r = exp(dt_r A) per direction),
   y_t = sum_{s<t} (Cf_{t-1} . Bf_s) dtf_s prod_{r=s+1..t-1} af_r x_s
       + sum_{s>t} (Cb_{t+1} . Bb_s) dtb_s prod_{r=t+1..s-1} ab_r x_s + D_t x_t.
-Both directions run as one causal SSD over a doubled batch (the backward half time-reversed). Padded
-positions get dt = 0 in both directions, so they neither write to nor decay the state: a padded batch
+The backward direction is the causal SSD run from the last token to the first. Padded positions get dt = 0 in both directions, so they neither write to nor decay the state: a padded batch
 gives the real tokens exactly what the unpadded sequences would (left or right padding).
 """
 import jax.numpy as jnp
 
-from mixers.ops import checks
-from mixers.ops.ssd import IMPLS, check_ssd_inputs, skip, ssd, ssd_matrix
+from mixers.ops import checks, sequence
+from mixers.ops.ssd import IMPLS, causal_scan, check_ssd_inputs, skip, ssd_matrix
 
 
 def _pair(name, value):
   if not isinstance(value, (tuple, list)) or len(value) != 2:
     raise ValueError(f"{name} must be a pair (forward, backward), got {type(value).__name__}")
   return tuple(value)
-
-
-def _shift(u):
-  """shift(u)_t = u_{t-1}, zero at t = 0, along axis 1."""
-  return jnp.pad(u, [(0, 0), (1, 0)] + [(0, 0)] * (u.ndim - 2))[:, :-1]
 
 
 def token_mask(mask, lengths, batch, length):
@@ -32,7 +26,7 @@ def token_mask(mask, lengths, batch, length):
   if lengths is not None:
     lengths = jnp.asarray(lengths)
     checks.check_shape("lengths", lengths, (batch,), f"[B] = ({batch},)")
-    return jnp.arange(length)[None, :] < lengths[:, None]
+    return sequence.positions(length)[None, :] < lengths[:, None]
   if mask is not None:
     checks.check_shape("mask", mask, (batch, length), f"[B,T] = {(batch, length)}")
     return mask.astype(bool)
@@ -72,6 +66,7 @@ def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None):
   return m
 
 
+@sequence.splits_time("x", "dt", "B", "C", "D", "mask", batched=("lengths",))
 def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=None, lengths=None):
   """Hydra's bidirectional mixer.
 
@@ -99,10 +94,10 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
     m = quasiseparable_matrix((dtf, dtb), A, (bf, bb), (cf, cb), D=D)
     y = jnp.einsum("bhts,bshp->bthp", m, x.astype(m.dtype)).astype(x.dtype)
   else:
-    both = lambda f, b_: jnp.concatenate([f, jnp.flip(b_, 1)], axis=0)
-    y2 = ssd(both(x, x), both(dtf, dtb), A, both(bf, bb), both(cf, cb), chunk_size=chunk_size, impl=impl)
-    y2 = _shift(y2)
-    y = y2[:bsz] + jnp.flip(y2[bsz:], 1)
+    kw = dict(chunk_size=chunk_size, impl=impl)
+    y_f, _ = causal_scan(x, dtf, A, bf, cf, **kw)
+    y_b, _ = causal_scan(x, dtb, A, bb, cb, reverse=True, **kw)
+    y = sequence.shift(y_f, 1) + sequence.shift(y_b, -1)
     if D is not None:
       y = y + skip(x, D)
   if keep is not None:

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
 
-from mixers.ops import checks
-from mixers.ops import recurrence
+from mixers.ops import checks, recurrence, sequence
 from mixers.ops.recurrence import shapes
 
 IMPLS = recurrence.IMPLS
@@ -97,9 +96,18 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
   return y, states[-1].reshape(bsz, h, p, n)
 
 
-def _causal(x, dt, A, B, C, *, chunk_size, initial_state, impl):
-  if impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu"):
-    return _chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
+def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False, impl="auto"):
+  """The causal SSD without the skip term: (y `[B,T,H,P]` in float32 or wider, final state `[B,H,P,N]`).
+
+  `reverse` runs it from the last token to the first (y_t reads s >= t). "chunked" ("auto" on CPU) is the
+  grouped chunked form on a whole sequence; a sequence split across devices, and the other impls, go
+  through the core with q = C, k = B, v = dt x, log-decay = dt A.
+  """
+  grouped = impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu")
+  if grouped and sequence.current_split() is None:
+    flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
+    y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state)
+    return flip(y), state
   h = x.shape[2]
   dtype = shapes.compute_dtype(x, dt, B, C)
   dt = dt.astype(dtype)
@@ -107,8 +115,8 @@ def _causal(x, dt, A, B, C, *, chunk_size, initial_state, impl):
   v = dt[..., None] * x.astype(dtype)
   log_decay = dt * A.astype(dtype)
   s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-  y, state = recurrence.gated_linear_recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0,
-                                                chunk_size=chunk_size, impl=impl)
+  y, state = sequence.recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0, reverse=reverse,
+                                 chunk_size=chunk_size, impl="chunked" if grouped else impl)
   return y, jnp.swapaxes(state, -1, -2)
 
 
@@ -118,7 +126,7 @@ def _noncausal(x, dt, A, B, C):
   dtype = shapes.compute_dtype(x, dt, B, C)
   w = (dt.astype(dtype) * -A.astype(dtype))[..., None] * x.astype(dtype)  # [B,T,H,P]
   w = w.reshape(*w.shape[:2], g, h // g, w.shape[-1])
-  state = jnp.einsum("btgn,btgjp->bgjpn", B.astype(dtype), w)
+  state = sequence.sum_over_time(jnp.einsum("btgn,btgjp->bgjpn", B.astype(dtype), w))
   y = jnp.einsum("btgn,bgjpn->btgjp", C.astype(dtype), state)
   return y.reshape(x.shape)
 
@@ -144,6 +152,7 @@ def ssd_matrix(dt, A, B, C, *, D=None, causal=True):
   return m
 
 
+@sequence.splits_time("x", "dt", "B", "C", "D", batched=("initial_state",))
 def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=None, return_state=False,
         impl="auto"):
   """Mamba2 SSD (causal) or VSSD's non-causal SSD.
@@ -180,7 +189,7 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
       y = _noncausal(x, dt, A, B, C)
     y = y.astype(x.dtype)
     return y if D is None else y + skip(x, D)
-  y, state = _causal(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, impl=impl)
+  y, state = causal_scan(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, impl=impl)
   y = y.astype(x.dtype)
   if D is not None:
     y = y + skip(x, D)

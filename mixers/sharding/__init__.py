@@ -17,7 +17,6 @@ from mixers.sharding.sequence_parallel import (active_sequence_mesh, maybe_seque
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "make_mesh", "mesh_shape", "with_rules", "use_mesh", "logical_to_sharding",
     "param_shardings", "shard_params", "init_sharded", "like_params_shardings", "opt_state_shardings",
-    "batch_sharding", "replicated", "mesh_axes_for", "sequence_parallel", "maybe_sequence_parallel",
-    "active_sequence_mesh", "supported_ops",
+    "batch_sharding", "replicated", "mesh_axes_for", "sequence_parallel", "active_sequence_mesh", "supported_ops",
     "maybe_initialize_distributed", "is_multi_host_platform", "host_batch_slice", "global_batch",
 ]

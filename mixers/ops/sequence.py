@@ -1,0 +1,328 @@
+"""The time axis of `[B,T,...]` arrays, whole on one device or cut into equal slices across a mesh axis.
+
+Ops are written once on these primitives. On one device each is the plain computation. Inside a split
+(`split_time`, a `jax.shard_map` manual over the one mesh axis that cuts T; batch and heads keep whatever
+sharding they have) device p holds slice p and the primitives exchange states only, never activations:
+
+  recurrence            the gated linear recurrence; slices all-gather their final states and total decays
+  sum_over_time         a per-slice partial sum completed by a psum
+  logsumexp_over_time   the same in log space
+  logcumsumexp_over_time  running log-sums; slices all-gather their log-sums (LightNet's normaliser)
+  shift                 x_{t-1} or x_{t+1}; one boundary token comes from the neighbouring slice
+
+An op declares which of its arguments are split along time with `@splits_time(...)`. A declared op called
+under an active mesh with a `sequence` axis (`jax.set_mesh`) splits itself when that axis divides T;
+`mixers.sharding.sequence_parallel(op, mesh)` splits it over a given mesh for any T (padding at the end).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mixers.ops.recurrence import gated_linear_recurrence, shapes
+
+SEQUENCE_AXIS = "sequence"
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (the `batch` logical axis of mixers.sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Time cut over mesh axis `axis` into slices of `slice_length`; tokens at or past `length` are padding."""
+  axis: str
+  length: int
+  slice_length: int
+
+  def positions(self):
+    """Global positions `[L]` of this device's slice."""
+    return jax.lax.axis_index(self.axis) * self.slice_length + jnp.arange(self.slice_length)
+
+  @property
+  def padded(self):
+    return self.length % self.slice_length != 0 or self.length < self.slice_length
+
+
+_ACTIVE: list[Split] = []
+
+
+def current_split() -> Split | None:
+  """The split being traced (None on one device)."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def _splitting(split: Split):
+  _ACTIVE.append(split)
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# primitives
+
+
+def _flip(x):
+  return None if x is None else jnp.flip(x, axis=1)
+
+
+def _zero_state(q, v, dtype):
+  """Zeros `[B,H,K,V]` varying over the same manual mesh axes as q and v (a valid scan carry)."""
+  zeros = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype)
+  varying = lambda x: jax.typeof(x).manual_axis_type.varying
+  axes = tuple(sorted(varying(q) | varying(v)))
+  return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
+def _combine_states(states, log_totals, initial_state):
+  """Prefix over slices: states `[P,B,H,K,V]`, log_totals None | `[P,B,H,1|K]` -> (incoming `[P,...]`, final)."""
+  start = jnp.zeros_like(states[0]) if initial_state is None else initial_state.astype(states.dtype)
+
+  def step(s_in, x):
+    s_p, g_p = x
+    return s_p + (s_in if g_p is None else jnp.exp(g_p)[..., None] * s_in), s_in
+
+  final, incoming = jax.lax.scan(step, start, (states, log_totals))
+  return incoming, final
+
+
+def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False, reverse=False,
+               chunk_size=64, impl="auto"):
+  """The gated linear recurrence over the whole time axis: (o `[B,T,H,V]`, final state `[B,H,K,V]`).
+
+  Forward: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T; `reverse` runs from the last token to the first,
+  S_t = diag(exp(g_t)) S_{t+1} + k_t v_t^T. o_t = scale q_t^T S_t (`exclusive`: the state before t's write).
+  Split: each slice runs from zero; the state entering slice p is the prefix of the gathered slice states,
+  and adds scale (q_t exp(c_t))^T S_in to each output, c_t the slice's cumulative log-decay up to t.
+  """
+  log_decay = shapes.normalize_log_decay(log_decay, q)
+  if reverse:
+    q, k, v, log_decay = (_flip(a) for a in (q, k, v, log_decay))
+  kw = dict(scale=scale, exclusive=exclusive, chunk_size=chunk_size, impl=impl)
+  split = current_split()
+  if split is None:
+    o, final = gated_linear_recurrence(q, k, v, log_decay, initial_state=initial_state, **kw)
+    return (_flip(o) if reverse else o), final
+  acc = shapes.compute_dtype(q, k, v)
+  if log_decay is not None and split.padded:
+    position = split.positions()
+    real = position < split.length if not reverse else jnp.flip(position) < split.length
+    log_decay = jnp.where(real.reshape((1, -1) + (1,) * (log_decay.ndim - 2)), log_decay, 0.0)
+  o, local = gated_linear_recurrence(q, k, v, log_decay, initial_state=_zero_state(q, v, acc), **kw)
+  states = jax.lax.all_gather(local.astype(acc), split.axis, to="invarying")  # [P,B,H,K,V]
+  cum, totals = None, None
+  if log_decay is not None:
+    g = log_decay[..., None] if log_decay.ndim == 3 else log_decay
+    cum = jnp.cumsum(g.astype(acc), axis=1)  # [B,L,H,1|K]
+    totals = jax.lax.all_gather(cum[:, -1], split.axis, to="invarying")
+  index = jax.lax.axis_index(split.axis)
+  if reverse:
+    states, totals = jnp.flip(states, 0), (None if totals is None else jnp.flip(totals, 0))
+    index = states.shape[0] - 1 - index
+  incoming, final = _combine_states(states, totals, initial_state)
+  q_in = q.astype(acc) if cum is None else q.astype(acc) * jnp.exp(cum)
+  o = (o.astype(acc) + scale * jnp.einsum("blhk,bhkv->blhv", q_in, incoming[index])).astype(o.dtype)
+  return (_flip(o) if reverse else o), final
+
+
+def positions(length):
+  """Global positions `[T]` of the `length` local tokens (0..T-1 on one device; this slice's when split)."""
+  split = current_split()
+  return jnp.arange(length) if split is None else split.positions()
+
+
+def sum_over_time(partial):
+  """A sum over every token, given this slice's partial sum (the whole sum on one device)."""
+  split = current_split()
+  return partial if split is None else jax.lax.psum(partial, split.axis)
+
+
+def logsumexp_over_time(x):
+  """log sum_t exp(x_t) over axis 1 of x `[B,T,...]` -> `[B,...]`."""
+  local = jax.scipy.special.logsumexp(x, axis=1)
+  split = current_split()
+  if split is None:
+    return local
+  return jax.scipy.special.logsumexp(jax.lax.all_gather(local, split.axis, to="invarying"), axis=0)
+
+
+def logcumsumexp_over_time(x, start):
+  """Running log-sums z_t = log(exp(start) + sum_{s<=t} exp(x_s)) over axis 1 of x `[B,T,...]`, start `[B,...]`.
+
+  Returns (z `[B,T,...]`, the value entering this slice `[B,...]` (start on one device), the total `[B,...]`).
+  """
+  split = current_split()
+  entering = start
+  if split is not None:
+    sums = jax.lax.all_gather(jax.scipy.special.logsumexp(x, axis=1), split.axis, to="invarying")  # [P,B,...]
+    prefix = jax.lax.cumlogsumexp(jnp.concatenate([start[None].astype(sums.dtype), sums]), axis=0)
+    entering = prefix[jax.lax.axis_index(split.axis)]
+    total = prefix[-1]
+  z = jax.lax.cumlogsumexp(jnp.concatenate([entering[:, None].astype(x.dtype), x], axis=1), axis=1)[:, 1:]
+  return z, entering, (z[:, -1] if split is None else total)
+
+
+def shift(x, offset):
+  """x `[B,T,...]` moved along time: offset 1 gives y_t = x_{t-1} (y_0 = 0), offset -1 gives y_t = x_{t+1}
+  (zero at the end)."""
+  if offset not in (1, -1):
+    raise ValueError(f"offset must be 1 or -1, got {offset!r}")
+  split = current_split()
+  if offset == 1:
+    boundary = jnp.zeros_like(x[:, :1]) if split is None else _neighbour_row(x[:, -1], split.axis, -1)
+    return jnp.concatenate([boundary, x[:, :-1]], axis=1)
+  boundary = jnp.zeros_like(x[:, :1]) if split is None else _neighbour_row(x[:, 0], split.axis, 1)
+  return jnp.concatenate([x[:, 1:], boundary], axis=1)
+
+
+def _neighbour_row(row, axis, step):
+  """`row` `[B,...]` of the slice `step` places away, `[B,1,...]`; zeros past either end."""
+  rows = jax.lax.all_gather(row, axis)  # [P,B,...]
+  size = rows.shape[0]
+  source = jax.lax.axis_index(axis) + step
+  picked = rows[jnp.clip(source, 0, size - 1)]
+  return jnp.where((source >= 0) & (source < size), picked, jnp.zeros_like(picked))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ops that split along time
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeArgs:
+  """An op's arguments cut along time (`names`: axis 1 of each array leaf of length T, batch first), the
+  batch-first arguments that are not (`batched`: states, lengths), and, where padding must be masked out
+  rather than zero-filled, the boolean `[B,*T]` mask argument that marks real tokens (`pad_mask`)."""
+  names: tuple[str, ...]
+  batched: tuple[str, ...]
+  pad_mask: str | None
+  fn: Callable
+  signature: inspect.Signature
+
+
+_DECLARED: dict[str, Callable] = {}
+
+
+def splits_time(*names: str, batched: tuple[str, ...] = (), pad_mask: str | None = None):
+  """Declares op arguments `names` as split along time (the first one's axis 1 is T); see `TimeArgs`."""
+  def wrap(fn):
+    declared = TimeArgs(tuple(names), tuple(batched), pad_mask, fn, inspect.signature(fn))
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+      mesh = None if current_split() is not None else active_sequence_mesh()
+      if mesh is not None:
+        first = declared.signature.bind(*args, **kwargs).arguments[names[0]]
+        size = mesh.shape[SEQUENCE_AXIS]
+        if first.ndim >= 3 and first.shape[1] >= size and first.shape[1] % size == 0:
+          return split_time(op, mesh, SEQUENCE_AXIS, *args, **kwargs)
+      return fn(*args, **kwargs)
+
+    op.time_args = declared
+    _DECLARED[fn.__name__] = op
+    return op
+  return wrap
+
+
+def declared_ops() -> tuple[str, ...]:
+  return tuple(sorted(_DECLARED))
+
+
+def time_args_of(op) -> TimeArgs | None:
+  """The declaration of `op` (also through `functools.partial`), or None."""
+  while isinstance(op, functools.partial):
+    op = op.func
+  return getattr(op, "time_args", None)
+
+
+def active_sequence_mesh(axis: str = SEQUENCE_AXIS):
+  """The mesh set by `jax.set_mesh` if it has `axis` larger than 1 and not already manual, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(axis, 1) <= 1 or axis in mesh.manual_axes:
+    return None
+  return mesh
+
+
+def _is_array(x):
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _pad_time(x, length, value=0):
+  pad = length - x.shape[1]
+  return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def _batch_axes(mesh, batch, axis):
+  """The mesh axes of BATCH_AXES that split a batch of `batch` (dropped from the last until they divide it)."""
+  axes = tuple(a for a in BATCH_AXES if a != axis and mesh.shape.get(a, 1) > 1 and a not in mesh.manual_axes)
+  while axes and batch % math.prod(mesh.shape[a] for a in axes):
+    axes = axes[:-1]
+  return axes
+
+
+def split_time(op, mesh, axis, *args, **kwargs):
+  """Calls the declared `op` with its time arguments cut along `axis` of `mesh` (T padded to a multiple of
+  the axis size); the output (or an `(output, state)` pair with `return_state`) comes back whole along T.
+
+  Inside, the time axis and the batch axes (BATCH_AXES that divide B) are manual; the others, such as a
+  `tensor` axis over heads, stay automatic.
+  """
+  declared = time_args_of(op)
+  if declared is None:
+    raise ValueError(f"{getattr(op, '__name__', op)!r} declares no time arguments; ops that split along time: "
+                     f"{list(declared_ops())}")
+  if isinstance(op, functools.partial):
+    args, kwargs = op.args + args, {**op.keywords, **kwargs}
+  bound = declared.signature.bind(*args, **kwargs)
+  bound.apply_defaults()
+  values = dict(bound.arguments)
+  first = values[declared.names[0]]
+  if not _is_array(first) or first.ndim < 2:
+    raise ValueError(f"{declared.names[0]} must be an array [B,T,...] to split along time, got "
+                     f"{getattr(first, 'shape', type(first).__name__)}")
+  b, t, size = first.shape[0], first.shape[1], mesh.shape[axis]
+  padded = -(-t // size) * size
+  if declared.pad_mask and padded != t:
+    mask = values[declared.pad_mask]
+    values[declared.pad_mask] = jnp.ones(first.shape[:-2], bool) if mask is None else jnp.asarray(mask, bool)
+  timed = set(declared.names) | {declared.pad_mask}
+  cut = lambda name, x: name in timed and x.ndim >= 2 and x.shape[1] == t
+  for name in timed - {None}:
+    values[name] = jax.tree.map(lambda x: _pad_time(x, padded) if _is_array(x) and cut(name, x) else x,
+                                values[name])
+  batch = _batch_axes(mesh, b, axis) or None
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(values, is_leaf=lambda x: x is None)
+  leaves = [x for _, x in path_leaves]
+  dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+  def spec(path, x):
+    name = path[0].key
+    batched = (name in timed or name in declared.batched) and x.ndim >= 1 and x.shape[0] == b
+    in_time = name in timed and x.ndim >= 2 and x.shape[1] == padded
+    return P(batch if batched else None, axis) if in_time else P(batch if batched else None)
+
+  in_specs = tuple(spec(path_leaves[i][0], leaves[i]) for i in dynamic)
+  with_state = bool(values.get("return_state", False))
+  out_specs = (P(batch, axis), P(batch)) if with_state else P(batch, axis)
+
+  def body(*arrays):
+    local = list(leaves)
+    for i, a in zip(dynamic, arrays):
+      local[i] = a
+    with _splitting(Split(axis, t, padded // size)):
+      return declared.fn(**jax.tree.unflatten(treedef, local))
+
+  manual = {axis} | set(batch or ())
+  out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)(
+      *[leaves[i] for i in dynamic])
+  if with_state:
+    return out[0][:, :t], out[1]
+  return out[:, :t]
