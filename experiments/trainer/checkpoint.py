@@ -41,6 +41,12 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint that passes its checksums and fits the state could not be read (left in place)."""
 
 
+def barrier(name):
+  """Waits until every process reaches the barrier `name` (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def key_path(path):
   """'params/backbone/block_0/kernel' from a jax key path (dict keys, attributes and indices alike)."""
   parts = []
@@ -118,7 +124,7 @@ class Checkpoints:
     self.manager.wait_until_finished()
     if jax.process_index() == 0:
       checksums.write(self.path(step))
-    multihost_utils.sync_global_devices(f"checksums of checkpoint {step}")
+    barrier(f"checksums of checkpoint {step}")
     return True
 
   def maybe_save(self, step, state):
@@ -195,7 +201,7 @@ class Checkpoints:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(self.path(step), target)
-    multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+    barrier(f"moved aside checkpoint {step}")
     self.manager.reload()
     return target
 

@@ -13,7 +13,6 @@ import signal
 import time
 
 import jax
-from jax.experimental import multihost_utils
 
 from experiments.trainer import checkpoint as checkpoint_lib
 from experiments.trainer import evaluation
@@ -80,7 +79,7 @@ def _open_run(config, workdir, lead, exp):
   if not config.get("resume", True) and resume_lib.has_run(workdir):
     if lead:
       print(f"config.resume=False: moved the previous run to {resume_lib.archive(workdir)}", flush=True)
-    multihost_utils.sync_global_devices("archived the previous run")
+    checkpoint_lib.barrier("archived the previous run")
   saved = resume_lib.saved_config(workdir)
   lines = resume_lib.differences(saved, exp.config) if saved is not None else []
   if lines:
