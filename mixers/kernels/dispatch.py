@@ -15,6 +15,7 @@ the state; dk, dv, dS0 walk them backward carrying dS). The log-decay gradient n
 t = T)` and `dg_t = sum_{t' >= t} dL/dc_t'` (summed over K for a scalar decay).
 """
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,15 @@ from mixers.kernels import chunk_tpu
 from mixers.kernels.reference import recurrence_reference
 
 BACKENDS = ("tpu", "gpu")
+
+
+class KernelConfig(NamedTuple):
+  """The static arguments of one kernel call (hashable: the custom VJP's non-differentiable argument)."""
+  scale: float
+  chunk: int
+  per_channel: bool
+  interpret: bool
+  backend: Optional[str]  # "tpu" | "gpu", or None: chosen per platform at lowering
 _PLATFORM_TO_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}
 
 
@@ -90,7 +100,7 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
   g = (jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay)
   s0 = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  config = (float(scale), chunk_size, per_channel, bool(interpret), backend)
+  config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend)
   return _recurrence(config, q, k, v.astype(q.dtype), g, s0)
 
 
@@ -119,7 +129,7 @@ def _pad_state(s, kp, vp):
 
 def _prepare(backend, config, q, k, v, g, s0):
   """Kernel operands: rows of q, k, v, within-chunk cumulative decay and its auxiliary layout."""
-  _, chunk, per_channel, _, _ = config
+  chunk, per_channel = config.chunk, config.per_channel
   b, t, h, dk = q.shape
   kp, vp = _padded(backend, dk), _padded(backend, v.shape[-1])
   n = t // chunk
@@ -139,29 +149,27 @@ def _module(backend):
 
 
 def _kernel_forward(backend, config, q, k, v, g, s0):
-  scale, chunk, per_channel, interpret, _ = config
   b, _, h, dk = q.shape
   dv = v.shape[-1]
-  o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=scale,
-                                   chunk=chunk, per_channel=per_channel, interpret=interpret)
+  o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=config.scale,
+                                   chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret)
   return _from_rows(o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 def _kernel_backward(backend, config, q, k, v, g, s0, do, ds):
-  scale, chunk, per_channel, interpret, _ = config
   b, _, h, dk = q.shape
   dv = v.shape[-1]
   ops = _prepare(backend, config, q, k, v, g, s0)
   kp, vp = ops[0].shape[-1], ops[2].shape[-1]
   dq, dk_, dv_, ds0 = _module(backend).backward(
-      *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=scale, chunk=chunk,
-      per_channel=per_channel, interpret=interpret)
+      *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale, chunk=config.chunk,
+      per_channel=config.per_channel, interpret=config.interpret)
   return (_from_rows(dq, b, h, dk), _from_rows(dk_, b, h, dk), _from_rows(dv_, b, h, dv),
           ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 
 
 def _reference_forward(config, q, k, v, g, s0):
-  return recurrence_reference(q, k, v, g, scale=config[0], initial_state=s0)
+  return recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0)
 
 
 def _reference_backward(config, q, k, v, g, s0, do, ds):
@@ -171,9 +179,8 @@ def _reference_backward(config, q, k, v, g, s0, do, ds):
 
 
 def _per_platform(kernel_fn, reference_fn, config, *args):
-  backend = config[4]
-  if backend is not None:
-    return kernel_fn(backend, config, *args)
+  if config.backend is not None:
+    return kernel_fn(config.backend, config, *args)
   return lax.platform_dependent(
       *args,
       tpu=functools.partial(kernel_fn, "tpu", config),

@@ -37,7 +37,3 @@ def check_nonpositive(name, x):
   if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) > 0)):
     raise ValueError(f"{name} must be <= 0 (a log-space decay), got a maximum of {float(np.max(np.asarray(x)))}")
 
-
-def check_positive(name, x):
-  if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) <= 0)):
-    raise ValueError(f"{name} must be > 0, got a minimum of {float(np.min(np.asarray(x)))}")
