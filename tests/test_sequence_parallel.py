@@ -187,6 +187,18 @@ def test_quasiseparable_equals_matrix_form_with_gradients():
     _close(u, w, tol=5e-5)
 
 
+def test_quasiseparable_lengths_count_global_positions():
+  """`lengths` marks real tokens by their position in the whole sequence, not in a device's slice."""
+  from mixers.ops.quasiseparable import quasiseparable  # pylint: disable=import-outside-toplevel
+  a = _ssd_inputs(seed=12)
+  lengths = jnp.asarray([T, 23])
+  kw = dict(D=a["D"], lengths=lengths, chunk_size=CHUNK, impl="chunked")
+  args = (a["x"], a["dt"], a["A"], a["B"], a["C"])
+  got = jax.jit(lambda *z: sequence_parallel(quasiseparable, _mesh())(*z, **kw))(*args)
+  _close(got, quasiseparable(*args, **kw))
+  assert float(jnp.abs(got[1, 23:]).max()) == 0.0
+
+
 def test_bad_arguments_raise_value_errors():
   with pytest.raises(ValueError, match="no form for op"):
     sequence_parallel(ops.attention, _mesh())
