@@ -67,8 +67,8 @@ def train_and_evaluate(config, workdir):
   lead = jax.process_index() == 0
   existed = os.path.isdir(workdir)
   try:
-    with workdir_lock.hold(workdir, enabled=lead), _sigterm_flag() as sigterm:
-      return _train(config, workdir, lead, sigterm)
+    with workdir_lock.hold(workdir, enabled=lead), _sigterm_flag() as sigterm, contextlib.ExitStack() as closing:
+      return _train(config, workdir, lead, sigterm, closing)
   finally:
     if lead and not existed and os.path.isdir(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)  # refused before writing anything: leave no empty workdir behind
@@ -102,12 +102,13 @@ def _checkpoint_mismatches(workdir, state):
     ckpt.close()
 
 
-def _train(config, workdir, lead, sigterm):
+def _train(config, workdir, lead, sigterm, closing):
+  """The run itself; `closing` (an ExitStack) closes the checkpoints and metrics log however it ends."""
   exp = experiment_lib.create(config)
   _open_run(config, workdir, lead, exp)
   config = exp.config
-  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
-                                    keep=config.keep_checkpoints)
+  ckpt = closing.enter_context(contextlib.closing(checkpoint_lib.Checkpoints(
+      os.path.join(workdir, "checkpoints"), every=config.checkpoint_every, keep=config.keep_checkpoints)))
   state, start = ckpt.restore_latest(exp.state, exp.shardings)
   exp.state = None
   if start > config.num_steps:
@@ -116,7 +117,8 @@ def _train(config, workdir, lead, sigterm):
   if lead:
     resume_lib.write_config_once(workdir, config)
     resume_lib.drop_metrics_after(workdir, start)
-  log = logging_lib.MetricsLog(workdir, total_steps=config.num_steps, start_step=start, enabled=lead)
+  log = closing.enter_context(contextlib.closing(
+      logging_lib.MetricsLog(workdir, total_steps=config.num_steps, start_step=start, enabled=lead)))
   log.message(f"{config.model.mixer} ({config.model.num_layers} layers, d_model={config.model.d_model}, "
               f"{_count(state['params']):,} parameters) on {config.data.name}; mesh {dict(exp.mesh.shape)}; "
               + (f"resumed from checkpoint step {start}" if start else "starting from scratch")
@@ -174,8 +176,6 @@ def _train(config, workdir, lead, sigterm):
     result = evaluation.evaluate(exp, eval_step, state["params"], split, max_batches=0)
     if step > start:  # a rerun of a finished run evaluates again but does not write the row twice
       log.write(step, {f"eval/{k}": v for k, v in result.items() if k != "count"})
-  ckpt.close()
-  log.close()
   return {**result, "split": split, "step": step, "checkpoint": ckpt.path(step), "preempted": preempted}
 
 
