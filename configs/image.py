@@ -10,7 +10,6 @@ Prepare CIFAR-10 once with `tfds build cifar10 --data_dir DIR` (or any prepared 
 `--config.data.data_dir` at it.
 """
 import configs
-from experiments.data import data_config
 
 SIZES = {"tiny": (64, 2), "small": (128, 6), "base": (256, 8)}
 
@@ -18,17 +17,9 @@ SIZES = {"tiny": (64, 2), "small": (128, 6), "base": (256, 8)}
 def get_config(arg=""):
   mixer, size = configs.parse_arg(arg, mixer="vssd", size="small", sizes=SIZES)
   d_model, num_layers = SIZES[size]
-  data = data_config.defaults("cifar10")
-  config = configs.base_config(data, mixer=mixer, d_model=d_model, num_layers=num_layers, causal=False)
-  config.model.patch_size = 4
-  config.model.positional = "md_tpe"
-  config.model.pool = "mean"
-  config.batch_size = 64
-  config.num_steps = 20000
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 1000
-  config.optimizer.weight_decay = 0.05
-  config.eval_every = 2000
-  config.eval_batch_size = 128
-  config.checkpoint_every = 2000
-  return config
+  return configs.training_config(
+      data=dict(name="cifar10"),
+      model=dict(mixer=mixer, d_model=d_model, num_layers=num_layers, patch_size=4, positional="md_tpe",
+                 pool="mean"),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=1000, weight_decay=0.05),
+      batch_size=64, num_steps=20000, eval_every=2000, eval_batch_size=128, checkpoint_every=2000)

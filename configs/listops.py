@@ -8,7 +8,6 @@ size tiny | small | base sets (d_model, num_layers) to (64, 2) | (128, 4) | (256
 tokens, 10 classes; LRA's lengths 500..2000, padded to 2048.
 """
 import configs
-from experiments.data import data_config
 
 SIZES = {"tiny": (64, 2), "small": (128, 4), "base": (256, 6)}
 
@@ -16,15 +15,8 @@ SIZES = {"tiny": (64, 2), "small": (128, 4), "base": (256, 6)}
 def get_config(arg=""):
   mixer, size = configs.parse_arg(arg, mixer="hydra", size="small", sizes=SIZES)
   d_model, num_layers = SIZES[size]
-  data = data_config.defaults("listops")
-  config = configs.base_config(data, mixer=mixer, d_model=d_model, num_layers=num_layers, causal=False)
-  config.model.pool = "mean"
-  config.batch_size = 32
-  config.num_steps = 5000
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 500
-  config.optimizer.weight_decay = 0.05
-  config.eval_every = 1000
-  config.eval_batch_size = 64
-  config.checkpoint_every = 1000
-  return config
+  return configs.training_config(
+      data=dict(name="listops"),
+      model=dict(mixer=mixer, d_model=d_model, num_layers=num_layers, pool="mean"),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=500, weight_decay=0.05),
+      batch_size=32, num_steps=5000, eval_every=1000, eval_batch_size=64, checkpoint_every=1000)

@@ -10,10 +10,7 @@ Default data: vocabulary 256, length 64, 4 key-value pairs, 20k training example
 query positions only. The paper's setting is `--config.data.vocab_size=8192`, longer sequences via
 `--config.data.seq_len=256 --config.data.num_pairs=16`.
 """
-import ml_collections
-
 import configs
-from experiments.data import data_config
 
 SIZES = {"tiny": (32, 2), "small": (64, 2), "base": (128, 2)}
 
@@ -30,26 +27,11 @@ MIXER_KWARGS = {
 
 def get_config(arg=""):
   mixer, size = configs.parse_arg(arg, mixer="gla", size="base", sizes=SIZES)
-  configs.require_causal(mixer, "MQAR")
   d_model, num_layers = SIZES[size]
-  data = data_config.defaults("mqar")
-  data.vocab_size = 256
-  data.seq_len = 64
-  data.num_pairs = 4
-  data.num_train = 20_000
-  data.num_validation = 1_000
-  config = configs.base_config(data, mixer=mixer, d_model=d_model, num_layers=num_layers, causal=True)
-  config.model.channel_mixer = "none"
-  config.model.per_mixer_kwargs = ml_collections.ConfigDict(
-      {name: MIXER_KWARGS[name] for name in mixer.split(",") if name in MIXER_KWARGS})
-  config.batch_size = 32
-  config.num_steps = 1500
-  config.optimizer.learning_rate = 1e-2
-  config.optimizer.warmup_steps = 100
-  config.optimizer.weight_decay = 0.1
-  config.log_every = 50
-  config.eval_every = 250
-  config.eval_steps = 0
-  config.eval_batch_size = 256
-  config.checkpoint_every = 250
-  return config
+  return configs.training_config(
+      data=dict(name="mqar", vocab_size=256, seq_len=64, num_pairs=4, num_train=20_000, num_validation=1_000),
+      model=dict(mixer=mixer, d_model=d_model, num_layers=num_layers, channel_mixer="none",
+                 per_mixer_kwargs={name: MIXER_KWARGS[name] for name in mixer.split(",") if name in MIXER_KWARGS}),
+      optimizer=dict(learning_rate=1e-2, warmup_steps=100, weight_decay=0.1),
+      batch_size=32, num_steps=1500, log_every=50, eval_every=250, eval_steps=0, eval_batch_size=256,
+      checkpoint_every=250)

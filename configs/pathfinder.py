@@ -8,7 +8,6 @@ ARG = `mixer[,size]`: any sequence mixer (bidirectional where it can be); size t
 tokens (1024 for 32x32); `--config.data.as_tokens=False --config.model.patch_size=4` reads patches instead.
 """
 import configs
-from experiments.data import data_config
 
 SIZES = {"tiny": (64, 2), "small": (128, 4), "base": (256, 6)}
 
@@ -16,17 +15,8 @@ SIZES = {"tiny": (64, 2), "small": (128, 4), "base": (256, 6)}
 def get_config(arg=""):
   mixer, size = configs.parse_arg(arg, mixer="hydra", size="small", sizes=SIZES)
   d_model, num_layers = SIZES[size]
-  data = data_config.defaults("pathfinder")
-  data.resolution = 32
-  data.as_tokens = True
-  config = configs.base_config(data, mixer=mixer, d_model=d_model, num_layers=num_layers, causal=False)
-  config.model.pool = "mean"
-  config.batch_size = 32
-  config.num_steps = 10000
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 500
-  config.optimizer.weight_decay = 0.05
-  config.eval_every = 1000
-  config.eval_batch_size = 64
-  config.checkpoint_every = 1000
-  return config
+  return configs.training_config(
+      data=dict(name="pathfinder", resolution=32, as_tokens=True),
+      model=dict(mixer=mixer, d_model=d_model, num_layers=num_layers, pool="mean"),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=500, weight_decay=0.05),
+      batch_size=32, num_steps=10000, eval_every=1000, eval_batch_size=64, checkpoint_every=1000)

@@ -72,10 +72,9 @@ def non_embedding_params(config):
   """N: parameters of the model of `config` outside the token embedding (shapes only, nothing initialised)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import data  # pylint: disable=g-import-not-at-top
-  from experiments.trainer import experiment  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import config as trainer_config  # pylint: disable=g-import-not-at-top
   from mixers import models  # pylint: disable=g-import-not-at-top
-  config = experiment.fill_model_config(config.copy_and_resolve_references(), data.dataset_spec(config.data))
+  config, _ = trainer_config.resolve(config)
   model = models.build_model(config.model)
   tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]

@@ -65,7 +65,7 @@ class DatasetSpec:
 
 def dataset_spec(config):
   """DatasetSpec of `config` (prepares a synthetic dataset, reads a catalog dataset's info)."""
-  c = data_config.resolve(config)
+  c = data_config.resolved(config)
   splits = ("train", "validation", "test")
   if c.name == "mqar":
     return DatasetSpec(c.name, "lm", "tokens", c.vocab_size, None, c.seq_len, None, splits, "validation")
@@ -92,7 +92,7 @@ def dataset_spec(config):
 
 def num_examples(config, split):
   """Examples in `split` (before padding or repetition)."""
-  source, _ = _source(data_config.resolve(config), split)
+  source, _ = _source(data_config.resolved(config), split)
   return len(source)
 
 
@@ -106,7 +106,7 @@ def get_dataset(config, split, *, seed, batch_size, process_index=0, process_cou
   padded with invalid examples. start_step skips that many batches: the iterator yields
   exactly what an uninterrupted iterator yields from that step on.
   """
-  c = data_config.resolve(config)
+  c = data_config.resolved(config)
   is_train = split == "train"
   shuffle = is_train if shuffle is None else shuffle
   num_epochs = (None if is_train else 1) if num_epochs is None else num_epochs
@@ -118,7 +118,7 @@ def get_dataset(config, split, *, seed, batch_size, process_index=0, process_cou
 
 def prepare(config):
   """Generates a synthetic dataset into data_dir now (no-op for the others); returns the builder or None."""
-  c = data_config.resolve(config)
+  c = data_config.resolved(config)
   return _synthetic_builder(c) if c.name in data_config.SYNTHETIC else None
 
 

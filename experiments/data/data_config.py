@@ -14,6 +14,9 @@ catalog names:   seq_len (bytes kept per text), as_tokens (images), and for `tfd
 
 `seed` here is the generation seed of a synthetic dataset; the data order is keyed by the
 `seed` argument of `get_dataset`.
+
+`resolve` completes and checks a `config.data` once and returns it read-only; the entry points of
+`experiments.data` use such a config as it is, and resolve any other on every call.
 """
 import os
 
@@ -60,7 +63,8 @@ def defaults(name):
 
 
 def resolve(data_config):
-  """Defaults of `data_config.name` overridden by the fields set; ValueError on unknown fields or values."""
+  """Defaults of `data_config.name` overridden by the fields set, read-only (a FrozenConfigDict); ValueError on
+  unknown fields or bad values."""
   given = dict(data_config.items()) if hasattr(data_config, "items") else dict(data_config)
   if "name" not in given:
     raise ValueError(f"config.data has no 'name'; expected one of {list(valid_names())}")
@@ -72,7 +76,14 @@ def resolve(data_config):
   config.update(given)
   config.data_dir = os.path.expanduser(config.data_dir)
   _check(config)
-  return config
+  return ml_collections.FrozenConfigDict(config)
+
+
+def resolved(data_config):
+  """`data_config` itself when `resolve` made it, else `resolve(data_config)`."""
+  if isinstance(data_config, ml_collections.FrozenConfigDict):
+    return data_config
+  return resolve(data_config)
 
 
 def _check(c):

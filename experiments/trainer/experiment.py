@@ -8,8 +8,8 @@ import jax
 import ml_collections
 import numpy as np
 
-import configs
 from experiments import data
+from experiments.trainer import config as config_lib
 from experiments.trainer import optimizer as optimizer_lib
 from experiments.trainer import step as step_lib
 from mixers import models
@@ -18,7 +18,7 @@ from mixers import sharding
 
 @dataclasses.dataclass
 class Experiment:
-  config: ml_collections.ConfigDict
+  config: ml_collections.FrozenConfigDict
   spec: Any  # data.DatasetSpec
   model: Any
   mesh: Any
@@ -39,27 +39,6 @@ class Experiment:
     return (sharding.global_batch(b, batch_sh) for b in it)
 
 
-def fill_model_config(config, spec):
-  """Sets the model fields that follow from the dataset: kind, vocab_size, num_classes, image_size, max_len."""
-  m = config.model
-  with m.ignore_type():
-    if spec.task == "lm":
-      m.kind, m.causal = "lm", True
-    else:
-      m.kind = "classifier"
-      m.num_classes = spec.num_classes
-    if spec.inputs == "tokens":
-      m.vocab_size = spec.vocab_size
-      m.max_len = max(m.max_len, spec.seq_len or 0)
-      m.patch_size = 0
-    else:
-      m.image_size = tuple(spec.image_shape[:2])
-      if not m.patch_size:
-        raise ValueError(f"dataset {spec.name!r} gives images {spec.image_shape}: set config.model.patch_size > 0 "
-                         "(or config.data.as_tokens=True to read pixels as tokens)")
-  return config
-
-
 def example_batch(spec, mesh):
   """Zeros shaped like a batch of `spec` (one row per batch shard), for initialisation."""
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -69,12 +48,12 @@ def example_batch(spec, mesh):
 
 
 def create(config):
-  """An Experiment with freshly initialised state (ValueError on a bad config, before any heavy work)."""
-  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
-  configs.check(config)
-  spec = data.dataset_spec(config.data)
-  fill_model_config(config, spec)
-  configs.check(config)
+  """An Experiment with freshly initialised state (ValueError on a bad config, before any heavy work).
+
+  `config` is checked here, once (`experiments.trainer.config.resolve`); `Experiment.config` is the complete,
+  read-only result.
+  """
+  config, spec = config_lib.resolve(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   for name in ("batch_size", "eval_batch_size"):

@@ -5,11 +5,10 @@ import os
 import numpy as np
 import pytest
 
-import configs
 from experiments import lra
 from experiments import scaling
 from experiments import sweep
-from experiments.data import data_config
+from experiments.trainer import config as trainer_config
 
 
 def test_power_law_fit_recovers_known_parameters():
@@ -56,9 +55,7 @@ def test_sweep_points_drop_pairs_that_do_not_fit():
 @pytest.mark.parametrize("grid", [sweep.QUICK, sweep.FULL], ids=["quick", "full"])
 def test_sweep_configs_are_valid(grid):
   for point in sweep.points(grid)[:: len(grid["learning_rates"])]:
-    config = sweep.make_config(grid, *point)
-    configs.check(config)
-    data_config.resolve(config.data)
+    config, _ = trainer_config.resolve(sweep.make_config(grid, *point))
     assert (config.model.mixer, config.model.d_model, config.data.num_pairs) == (point[0], point[1], point[3])
 
 
@@ -66,10 +63,8 @@ def test_sweep_configs_are_valid(grid):
 def test_lra_configs_are_valid(grid):
   for task in lra.TASKS:
     for mixer in grid["mixers"]:
-      config = lra.make_config(grid, task, mixer)
-      configs.check(config)
-      data_config.resolve(config.data)
-      assert not config.model.causal
+      config, _ = trainer_config.resolve(lra.make_config(grid, task, mixer))
+      assert config.model.kind == "classifier" and not config.model.causal
   two_d = lra.make_config(grid, "pathfinder", "lightnet")
   assert (two_d.model.positional, two_d.model.patch_size, two_d.data.as_tokens) == ("md_tpe", 1, False)
 
