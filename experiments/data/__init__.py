@@ -39,8 +39,8 @@ from experiments.data import pathfinder
 from experiments.data import pipeline
 from experiments.data import synthetic
 from experiments.data import text
+from experiments.data.targets import IGNORE_INDEX
 
-IGNORE_INDEX = pipeline.IGNORE_INDEX
 valid_names = data_config.valid_names
 default_config = data_config.defaults
 

@@ -18,8 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.data import synthetic
-
-IGNORE_INDEX = -100
+from experiments.data.targets import IGNORE_INDEX
 
 
 def mqar_example(rng, *, vocab_size, seq_len, num_pairs, power_a=0.01, random_non_queries=True):

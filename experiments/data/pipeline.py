@@ -12,7 +12,7 @@ examples whose `valid` is False (targets IGNORE_INDEX, everything else zero).
 import grain
 import numpy as np
 
-IGNORE_INDEX = -100
+from experiments.data.targets import IGNORE_INDEX
 
 
 def padding_example(example):

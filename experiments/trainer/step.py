@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.data.targets import IGNORE_INDEX
 from mixers import sharding
 
-IGNORE_INDEX = -100
 TASKS = ("lm", "classification")
 
 
