@@ -41,9 +41,6 @@ from experiments.data import synthetic
 from experiments.data import text
 from experiments.data.targets import IGNORE_INDEX
 
-valid_names = data_config.valid_names
-default_config = data_config.defaults
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -97,7 +94,7 @@ def num_examples(config, split):
 
 
 def get_dataset(config, split, *, seed, batch_size, process_index=0, process_count=1, start_step=0,
-                shuffle=None, num_epochs=None, num_threads=2, prefetch=4):
+                shuffle=None, num_epochs=None):
   """Iterator over this host's batches of `split` (keys and shapes: module docstring).
 
   batch_size is the global batch; each of process_count hosts gets its own batch_size /
@@ -113,7 +110,7 @@ def get_dataset(config, split, *, seed, batch_size, process_index=0, process_cou
   source, transform = _source(c, split)
   return pipeline.batches(source, batch_size=batch_size, seed=seed, transform=transform, shuffle=shuffle,
                           num_epochs=num_epochs, start_step=start_step, process_index=process_index,
-                          process_count=process_count, num_threads=num_threads, prefetch=prefetch)
+                          process_count=process_count)
 
 
 def prepare(config):

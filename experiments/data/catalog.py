@@ -49,9 +49,3 @@ def data_source(name, data_dir, split):
   if split.split("[")[0] not in builder.info.splits:
     raise ValueError(f"split={split!r}: {name!r} has splits {sorted(builder.info.splits)}")
   return builder.as_data_source(split=split)
-
-
-def num_classes(name, data_dir, label_key="label"):
-  """Number of classes of the ClassLabel feature `label_key`."""
-  feature = load_builder(name, data_dir).info.features[label_key]
-  return feature.num_classes

@@ -14,6 +14,9 @@ import numpy as np
 
 from experiments.data.targets import IGNORE_INDEX
 
+NUM_THREADS = 2  # grain threads reading and transforming examples
+PREFETCH = 4  # batches read ahead
+
 
 def padding_example(example):
   """An example shaped like `example` that counts for nothing: zeros, ignored targets, invalid."""
@@ -25,7 +28,7 @@ def padding_example(example):
 
 
 def batches(source, *, batch_size, seed, transform=None, shuffle=True, num_epochs=None, start_step=0,
-            process_index=0, process_count=1, num_threads=2, prefetch=4):
+            process_index=0, process_count=1):
   """Iterator over this host's batches: dicts of numpy arrays with leading axis batch_size / process_count.
 
   source: random-access examples (`len`, `[i]`); transform: example -> dict of fixed-shape
@@ -54,7 +57,7 @@ def batches(source, *, batch_size, seed, transform=None, shuffle=True, num_epoch
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   ds = ds[process_index::process_count]
   ds = ds[start_step:]
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH)))
 
 
 def num_batches(num_examples, *, batch_size, num_epochs=1):

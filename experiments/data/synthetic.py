@@ -87,14 +87,15 @@ def _fmt(value):
   return str(value).replace(".", "p")
 
 
-def prepare(builder_cls, data_dir, *, quiet=True, **fields):
-  """Builds (once; later calls reuse `data_dir`) and returns `builder_cls` with these fields."""
+def prepare(builder_cls, data_dir, **fields):
+  """Builds (once, without a progress bar; later calls reuse `data_dir`) and returns `builder_cls` with these
+  fields."""
   with _quiet_absl():
     builder = builder_cls(config=builder_cls.make_config(**fields), data_dir=data_dir)
     prepared = builder.is_prepared()
   if not prepared:
     previous = tqdm_utils._active  # pylint: disable=protected-access
-    tfds.display_progress_bar(not quiet and previous)
+    tfds.display_progress_bar(False)
     try:
       builder.download_and_prepare(file_format="array_record")
     finally:

@@ -33,10 +33,9 @@ def read_metrics(workdir):
 class MetricsLog:
   """Scalar metrics of a run, written to TensorBoard (`workdir/tensorboard`) and `workdir/metrics.jsonl`."""
 
-  def __init__(self, workdir, *, total_steps, start_step=0, interactive=None, enabled=True):
+  def __init__(self, workdir, *, total_steps, start_step=0, enabled=True):
     self.enabled = enabled
     self.total_steps = total_steps
-    self.interactive = sys.stderr.isatty() if interactive is None else interactive
     self.bar = None
     self._jsonl = self._tb = None
     if not enabled:
@@ -45,7 +44,7 @@ class MetricsLog:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._start = (time.time(), start_step)
-    if self.interactive:
+    if sys.stderr.isatty():
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
   def write(self, step, scalars):

@@ -5,15 +5,12 @@ from experiments.trainer import checkpoint as checkpoint_lib
 from experiments.trainer import experiment as experiment_lib
 
 
-def load_run(workdir, *, step=None, config=None):
-  """(experiment, restored train state, step) of the run in `workdir` (its latest checkpoint by default).
-
-  config: the run's config (default: `workdir/config.json`, written by the trainer).
-  """
+def load_run(workdir, *, step=None):
+  """(experiment, restored train state, step) of the run in `workdir` (its latest checkpoint by default), with
+  the config the trainer wrote to `workdir/config.json`."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  config = experiment_lib.load_config(workdir) if config is None else config
-  exp = experiment_lib.create(config)
-  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=max(config.keep_checkpoints, 1))
+  exp = experiment_lib.create(experiment_lib.load_config(workdir))
+  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every=1, keep=exp.config.keep_checkpoints)
   if step is None:
     state, step = ckpt.restore_latest(exp.state, exp.shardings)
     if step == 0:

@@ -76,9 +76,8 @@ def _in_mesh(fn, mesh, rules):
   return wrapped
 
 
-def make_train_step(model, optimizer, mesh, state_shardings, *, task="lm", rules=sharding.DEFAULT_RULES,
-                    donate=True):
-  """Jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings on `mesh`.
+def make_train_step(model, optimizer, mesh, state_shardings, *, task="lm", rules=sharding.DEFAULT_RULES):
+  """Jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings on `mesh`; donates `state`.
 
   batch: dict of arrays with the global batch as leading axis, split over (data, fsdp).
   metrics: replicated scalars (see the module docstring).
@@ -99,7 +98,7 @@ def make_train_step(model, optimizer, mesh, state_shardings, *, task="lm", rules
 
   replicated = sharding.replicated(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules=rules)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   return _in_mesh(jitted, mesh, rules)
 
 
