@@ -17,7 +17,7 @@ class MLP(nn.Module):
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x):
     hidden = int(x.shape[-1] * self.expansion)
     h = self.activation(common.projection(hidden, ("embed", "mlp"), name="up", dtype=self.dtype)(x))
     return common.projection(x.shape[-1], ("mlp", "embed"), name="down", dtype=self.dtype)(h)
@@ -32,7 +32,7 @@ class GLU(nn.Module):
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x):
     hidden = int(x.shape[-1] * self.expansion)
     hidden = -(-hidden // self.multiple_of) * self.multiple_of
     gate = self.activation(common.projection(hidden, ("embed", "mlp"), name="gate", dtype=self.dtype)(x))

@@ -1,4 +1,4 @@
-"""LightNet sequence mixer (arXiv 2405.21022) and the LightNet block configurations (image classifier, causal LM).
+"""LightNet sequence mixer (arXiv 2405.21022).
 
   q = silu(x W_q), k = x W_k, v = x W_v                        `[B,T,H,K]`, `[B,T,H,K]`, `[B,T,H,V]`
   o = lightnet(lrpe(q), normalised-k with lrpe, v)            keys softmax-normalised over (past) positions
@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from mixers.layers.common import GatedRMSNorm, constrain, decode_cache, projection
 from mixers.layers.positional import MdLrpe, token_grid
@@ -92,30 +91,3 @@ class LightNet(nn.Module):
     y = projection(d, ("mlp", "embed"), name="out_proj", dtype=self.dtype)(o)
     return constrain(y).reshape(shape)
 
-
-def lightnet_block_config(task="image"):
-  """LightNet overrides of the model config (`mixers.models.default_config()`) for `task` in {"image", "lm"}.
-
-    config = mixers.models.default_config()
-    config.update(lightnet_block_config("image"))
-    model = mixers.models.build_model(config)
-
-  image: classifier on 4x4 patches; non-causal LightNet reads the patch grid (grid_shape from the image size)
-  with MD-LRPE over both grid axes; MD-TPE added once after the patch embedding; GLU channel mixer; mean pool.
-  lm: causal LightNet with 1-D MD-LRPE (decodes through the cache), no positional layer, GLU channel mixer.
-  """
-  if task not in ("image", "lm"):
-    raise ValueError(f"task must be one of ['image', 'lm'], got {task!r}")
-  image = task == "image"
-  c = ml_collections.ConfigDict()
-  c.kind = "classifier" if image else "lm"
-  c.causal = not image
-  c.mixer = "lightnet"
-  c.mixer_kwargs = ml_collections.ConfigDict(dict(num_heads=8, gate_rank=32, use_lrpe=True))
-  c.channel_mixer = "glu"
-  c.positional = "md_tpe" if image else ""
-  c.positional_kwargs = ml_collections.ConfigDict(dict(num_heads=8, causal=False) if image else {})
-  if image:
-    c.patch_size = 4
-    c.pool = "mean"  # a cls token would break the patch grid the mixer reads
-  return c

@@ -45,8 +45,7 @@ class MonarchLinear(nn.Module):
 @register("monarch_mlp", kind="channel")
 class MonarchMLP(nn.Module):
   """GLU channel mixer with Monarch maps: x `[..., d]` -> `[..., d]`, hidden width `expansion * d`
-  (or `hidden`). nblocks: blocks per Monarch factor (must divide d and the hidden width).
-  mask and decode are accepted for a uniform block interface; the map is pointwise in time."""
+  (or `hidden`). nblocks: blocks per Monarch factor (must divide d and the hidden width)."""
   expansion: int = 4
   hidden: Optional[int] = None
   nblocks: int = 4
@@ -54,8 +53,7 @@ class MonarchMLP(nn.Module):
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
-    del mask, decode
+  def __call__(self, x):
     d = x.shape[-1]
     h = self.hidden or self.expansion * d
     gate = MonarchLinear(h, self.nblocks, self.dtype, name="gate")(x)

@@ -45,8 +45,7 @@ class Classifier(nn.Module):
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
-  def __call__(self, inputs, *, mask=None, decode=False):
-    del decode
+  def __call__(self, inputs, *, mask=None):
     if self.pool not in POOLS:
       raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     if self.positional not in POSITIONAL:

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from mixers import build_mixer, models
-from mixers.layers.lightnet import LightNet, lightnet_block_config
+from mixers.layers.lightnet import LightNet
 
 WIDTH, HEADS = 16, 2
 
@@ -58,7 +58,7 @@ def test_non_causal_grid_input_and_padding():
 
 def classifier_config():
   config = models.default_config()
-  config.update(lightnet_block_config("image"))
+  config.update(models.lightnet_block_config("image"))
   config.update(dict(d_model=WIDTH, num_layers=1, num_classes=2, image_size=(16, 16)))
   config.mixer_kwargs.update(dict(num_heads=HEADS, gate_rank=4))
   config.positional_kwargs.num_heads = HEADS
@@ -93,18 +93,3 @@ def test_classifier_trains_with_decreasing_loss():
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
 
-
-def test_block_configs():
-  image, lm = lightnet_block_config("image"), lightnet_block_config("lm")
-  assert image.mixer == lm.mixer == "lightnet"
-  assert not image.causal and image.positional == "md_tpe" and lm.causal and not lm.positional
-  config = models.default_config()
-  config.update(lm)
-  config.update(dict(d_model=WIDTH, num_layers=1, vocab_size=11))
-  config.mixer_kwargs.update(dict(num_heads=HEADS, gate_rank=4))
-  model = models.build_model(config)
-  tokens = jnp.arange(6)[None] % 11
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  assert jax.jit(model.apply)(variables, tokens).shape == (1, 6, 11)
-  with pytest.raises(ValueError, match="task must be one of"):
-    lightnet_block_config("video")

@@ -156,3 +156,19 @@ def test_every_mixer_runs_sharded_on_a_mesh(kind):
   with sharding.use_mesh(mesh):
     out = jax.jit(model.apply)(variables, tokens)
   assert_close(out, model.apply(jax.device_get(variables), tokens), 1e-5)
+
+
+def test_lightnet_block_configs():
+  image, lm = models.lightnet_block_config("image"), models.lightnet_block_config("lm")
+  assert image.mixer == lm.mixer == "lightnet"
+  assert not image.causal and image.positional == "md_tpe" and lm.causal and not lm.positional
+  config = models.default_config()
+  config.update(lm)
+  config.update(dict(d_model=16, num_layers=1, vocab_size=11))
+  config.mixer_kwargs.update(dict(num_heads=2, gate_rank=4))
+  model = models.build_model(config)
+  tokens = jnp.arange(6)[None] % 11
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  assert jax.jit(model.apply)(variables, tokens).shape == (1, 6, 11)
+  with pytest.raises(ValueError, match="task must be one of"):
+    models.lightnet_block_config("video")
