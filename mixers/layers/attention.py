@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
+from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -15,7 +16,8 @@ from mixers.registry import register
 class Attention(nn.Module):
   """o = softmax(q k^T / sqrt(D)) v per head, then an output projection. x `[B,T,d_model]`.
 
-  Decoding keeps keys and values for as many positions as the input given to `init(..., decode=True)`.
+  Decoding keeps keys and values (the cached state) for as many positions as the input given to
+  `init(..., decode=True)`.
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
@@ -27,39 +29,28 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    check_decode(self, decode)
+    mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
     head_dim = self.head_dim or d_model // self.num_heads
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    if decode and not self.causal:
-      raise ValueError("decode=True needs causal=True")
     proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
                                                  dtype=self.dtype)
     q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(x), proj(kv_heads, "value")(x)
-    pos = common.decode_positions(self, b, t, decode=decode)
+    pos = decode_positions(self, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
-    key_mask = mask
-    causal = self.causal
-    if decode and self.has_variable("cache", "cached_key"):
-      k, v, key_mask = self._extend_cache(k, v, pos)
-      causal = False  # the cache mask already hides future positions
-    elif decode:
-      self._extend_cache(k, v, pos, create_only=True)
-    o = ops.attention(q, k, v, causal=causal, mask=key_mask)
-    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype)(o)
 
-  def _extend_cache(self, k, v, pos, create_only=False):
-    """Writes the new keys/values at their positions; returns all cached keys/values and a `[B,1,T,L]` mask."""
-    b, _, h, d = k.shape
-    length = pos.shape[1]
-    ck = self.variable("cache", "cached_key", jnp.zeros, (b, length, h, d), k.dtype)
-    cv = self.variable("cache", "cached_value", jnp.zeros, (b, length, h, v.shape[-1]), v.dtype)
-    if create_only:
-      return None
-    start = pos[0, 0]
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, start, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
-    visible = jnp.arange(ck.value.shape[1])[None, None, None, :] <= pos[:, None, :, None]
-    return ck.value, cv.value, visible
+    def attend(kv_cache):
+      if kv_cache is None:
+        return ops.attention(q, k, v, causal=self.causal, mask=mask), None
+      keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, pos[0, 0], 0, 0))
+                      for c, a in zip(kv_cache, (k, v)))
+      visible = jnp.arange(keys.shape[1])[None, None, None, :] <= pos[:, None, :, None]  # [B,1,T,L]
+      return ops.attention(q, keys, values, causal=False, mask=visible), (keys, values)
+
+    empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+    o = cached_recurrence(self, attend, empty_cache, decode=decode)
+    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype)(o)

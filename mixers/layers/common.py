@@ -1,9 +1,12 @@
-"""Building blocks shared by the mixer layers: projections with logical axes, norms, short convs, caches."""
+"""Building blocks shared by the mixer layers: input checks, projections with logical axes, norms, short convs."""
+import math
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mixers.layers.decode_cache import cached_recurrence, check_decode
 
 Dtype = Any
 ACTIVATIONS = ("batch", "length", "embed")
@@ -12,6 +15,48 @@ ACTIVATIONS = ("batch", "length", "embed")
 def constrain(x, axes=ACTIVATIONS):
   """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
   return nn.with_logical_constraint(x, axes)
+
+
+def token_grid(x, grid_shape=None):
+  """(x as `[B,T,d]`, spatial shape) for x `[B,*spatial,d]`, or x `[B,T,d]` read as a `grid_shape` grid."""
+  if x.ndim < 3:
+    raise ValueError(f"x must have shape [B,T,d] or [B,*spatial,d], got {tuple(x.shape)}")
+  if x.ndim > 3:
+    if grid_shape is not None and tuple(grid_shape) != tuple(x.shape[1:-1]):
+      raise ValueError(f"grid_shape={tuple(grid_shape)} disagrees with the grid of x {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]), tuple(x.shape[1:-1])
+  if grid_shape is None:
+    return x, (x.shape[1],)
+  grid_shape = tuple(grid_shape)
+  if math.prod(grid_shape) != x.shape[1]:
+    raise ValueError(f"grid_shape={grid_shape} holds {math.prod(grid_shape)} tokens but x {tuple(x.shape)} has "
+                     f"T={x.shape[1]}")
+  return x, grid_shape
+
+
+def grid_tokens(module, x, mask=None):
+  """(x `[B,T,d]`, grid, mask `[B,T]` bool or None) for x `[B,*spatial,d]` or `[B,T,d]` read as `module.grid_shape`.
+
+  A causal module reads a 1-D sequence only.
+  """
+  xf, grid = token_grid(x, module.grid_shape)
+  if module.causal and len(grid) != 1:
+    raise ValueError(f"a causal {type(module).__name__} reads a 1-D sequence, got grid {grid} from x {tuple(x.shape)}")
+  return xf, grid, check_mask(mask, x.shape)
+
+
+def check_mask(mask, shape):
+  """mask `[B,*spatial]` or `[B,T]` (True at real tokens) for an input of `shape` `[B,*spatial,d]` -> bool `[B,T]`.
+
+  None passes through; any other shape is a ValueError naming the expected ones.
+  """
+  if mask is None:
+    return None
+  b, t = shape[0], math.prod(shape[1:-1])
+  if tuple(mask.shape) not in (tuple(shape[:-1]), (b, t)):
+    expected = f"[B,T] = {(b, t)}" if len(shape) == 3 else f"{tuple(shape[:-1])} or [B,T] = {(b, t)}"
+    raise ValueError(f"mask must have shape {expected} for x {tuple(shape)}, got {tuple(mask.shape)}")
+  return mask.reshape(b, t).astype(bool)
 
 
 class Projection(nn.Module):
@@ -98,12 +143,6 @@ class GatedRMSNorm(nn.Module):
     return (y * scale).astype(z.dtype)
 
 
-def decode_cache(module: nn.Module, name: str, shape, dtype=jnp.float32, init_fn: Callable = jnp.zeros):
-  """A `cache` variable and whether it existed before this call (False while `init` creates it)."""
-  existed = module.has_variable("cache", name)
-  return module.variable("cache", name, init_fn, shape, dtype), existed
-
-
 def torch_conv_init(width):
   """U(-1/sqrt(width), 1/sqrt(width)), PyTorch's default for a depthwise Conv1d (Mamba2's and Hydra's conv)."""
   bound = width ** -0.5
@@ -136,47 +175,19 @@ class ShortConv(nn.Module):
             if self.use_bias else None)
     if mask is not None:
       x = x * mask[..., None].astype(x.dtype)
-    left = self.width - 1 if self.causal else (self.width - 1) // 2
-    right = self.width - 1 - left
-    if decode:
-      if not self.causal:
-        raise ValueError("decode=True needs a causal ShortConv")
-      window, ready = decode_cache(self, "conv_window", (b, self.width - 1, c), x.dtype)
-      xp = jnp.concatenate([window.value if ready else jnp.zeros_like(window.value), x], axis=1)
-      if ready:
-        window.value = xp[:, xp.shape[1] - (self.width - 1):]
+    window = self.width - 1
+    if self.causal:
+      zeros = lambda: jnp.zeros((b, window, c), x.dtype)
+
+      def preceded(past):  # x after the last width-1 inputs (zeros at the start), and the new last ones
+        xp = jnp.concatenate([zeros() if past is None else past, x], axis=1)
+        return xp, xp[:, xp.shape[1] - window:]
+
+      xp = cached_recurrence(self, preceded, zeros, decode=decode, name="conv_window")
     else:
-      xp = jnp.pad(x, ((0, 0), (left, right), (0, 0)))
+      check_decode(self, decode)
+      xp = jnp.pad(x, ((0, 0), (window // 2, window - window // 2), (0, 0)))
     y = sum(xp[:, j:j + t] * w[j].astype(x.dtype) for j in range(self.width))
     if bias is not None:
       y = y + bias.astype(x.dtype)
     return self.activation(y) if self.activation is not None else y
-
-
-def cached_recurrence(module: nn.Module, run: Callable, state_init: Callable, *, decode: bool):
-  """Runs `run(initial_state) -> (y, final_state)`, keeping the state in `cache['state']` when decoding.
-
-  `state_init()` returns the zero state (any pytree). Outside decode mode the recurrence starts from zero
-  and nothing is stored; the first decode call (inside `init`) only creates the cache.
-  """
-  if not decode:
-    return run(None)[0]
-  existed = module.has_variable("cache", "state")
-  state = module.variable("cache", "state", state_init)
-  if not existed:
-    return run(None)[0]
-  y, state.value = run(state.value)
-  return y
-
-
-def decode_positions(module: nn.Module, batch: int, length: int, *, decode: bool):
-  """Token positions `[B,T]`: 0..T-1, or continuing from the cached index when decoding."""
-  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  if not decode:
-    return pos
-  index, existed = decode_cache(module, "index", (), jnp.int32)
-  if not existed:
-    return pos
-  start = index.value
-  index.value = start + length
-  return pos + start

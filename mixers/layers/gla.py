@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mixers.layers import common, linear_family
+from mixers.layers.decode_cache import check_decode
 from mixers.registry import register
 
 
@@ -30,17 +31,15 @@ class GLA(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
-    if decode and not self.causal:
-      raise ValueError("decode=True needs causal=True")
-    b, t, d_model = x.shape
+    check_decode(self, decode)
+    mask = common.check_mask(mask, x.shape)
+    d_model = x.shape[-1]
     key_total, value_total = int(d_model * self.expand_k), int(d_model * self.expand_v)
     if key_total % self.num_heads or value_total % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide the key width {key_total} and value width "
                        f"{value_total} (d_model={d_model}, expand_k={self.expand_k}, expand_v={self.expand_v})")
     dk, dv = key_total // self.num_heads, value_total // self.num_heads
-    q = linear_family.heads_projection(self.num_heads, dk, "query", self.dtype)(x)
-    k = linear_family.heads_projection(self.num_heads, dk, "key", self.dtype)(x)
-    v = linear_family.heads_projection(self.num_heads, dv, "value", self.dtype)(x)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, self.dtype)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
                                           decode=decode)

@@ -5,8 +5,8 @@
   y = W_o (rmsnorm(o) * silu(x W_g1 W_g2))                    low-rank output gate
 
 Non-causal inputs may be a token grid `[B,*spatial,d]` (or `[B,T,d]` with `grid_shape`): one pass whatever the
-grid's rank, MD-LRPE rotating each part of the key channels by its own grid axis. Causal decode keeps
-(S, log running sum, position) in the `cache` collection.
+grid's rank, MD-LRPE rotating each part of the key channels by its own grid axis. Causal decode keeps the state
+(S, log running sum) and the position in the `cache` collection.
 """
 from typing import Optional, Sequence
 
@@ -14,12 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import GatedRMSNorm, constrain, decode_cache, projection
-from mixers.layers.positional import MdLrpe, token_grid
+from mixers import ops
+from mixers.layers.common import GatedRMSNorm, constrain, grid_tokens, projection
+from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
+from mixers.layers.positional import MdLrpe
 from mixers.ops import positional
-from mixers.ops.lightnet import lightnet
 from mixers.registry import register
-from mixers.sharding import maybe_sequence_parallel
 
 
 @register("lightnet")
@@ -42,52 +42,38 @@ class LightNet(nn.Module):
   impl: str = "auto"
   dtype: Optional[jnp.dtype] = None
 
-  def _positions(self, grid, t, offset):
+  def _coordinates(self, grid, batch, length, decode):
+    """Token coordinates `[B or 1, T, n]` on the n-D grid; 1-D positions continue from the cache when decoding."""
     if len(grid) > 1:
-      return positional.grid_positions(grid).reshape(1, t, len(grid))
-    return (offset + jnp.arange(t))[None, :, None]
+      return positional.grid_positions(grid).reshape(1, length, len(grid))
+    return decode_positions(self, batch, length, decode=decode)[..., None]
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
-    shape = x.shape
-    xf, grid = token_grid(x, self.grid_shape)
+    check_decode(self, decode)
+    xf, grid, mask = grid_tokens(self, x, mask)
     b, t, d = xf.shape
     h = self.num_heads
     if d % h:
-      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(shape)}")
-    if self.causal and len(grid) != 1:
-      raise ValueError(f"a causal LightNet reads a 1-D sequence, got grid {grid} from x {tuple(shape)}")
-    if mask is not None:
-      if mask.shape not in (tuple(shape[:-1]), (b, t)):
-        raise ValueError(f"mask must have shape {tuple(shape[:-1])}, got {tuple(mask.shape)}")
-      mask = mask.reshape(b, t).astype(bool)
-    if decode and not self.causal:
-      raise ValueError("decode=True needs a causal LightNet")
+      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(x.shape)}")
     dk, dv = self.head_dim or d // h, d // h
     q = jax.nn.silu(projection((h, dk), ("embed", "heads", "kv"), name="q_proj", dtype=self.dtype)(xf))
     k = projection((h, dk), ("embed", "heads", "kv"), name="k_proj", dtype=self.dtype)(xf)
     v = projection((h, dv), ("embed", "heads", "kv"), name="v_proj", dtype=self.dtype)(xf)
+    phases = MdLrpe(self.lrpe_base).phases(self._coordinates(grid, b, t, decode), dk) if self.use_lrpe else None
 
-    state, ready, position = None, False, None
-    if decode:
-      s_var, ready = decode_cache(self, "state", (b, h, dk * (2 if self.use_lrpe else 1), dv))
-      z_var, _ = decode_cache(self, "log_sum", (b, h, dk), init_fn=lambda s, dt: jnp.full(s, -jnp.inf, dt))
-      position, _ = decode_cache(self, "position", (), jnp.int32)
-      if ready:
-        state = (s_var.value, z_var.value)
-    offset = position.value if ready else 0
-    phases = (MdLrpe(self.lrpe_base).phases(self._positions(grid, t, offset), dk) if self.use_lrpe else None)
-    o, new_state = maybe_sequence_parallel(lightnet)(q, k, v, causal=self.causal, initial_state=state,
-                                                     return_state=True, mask=mask, phases=phases,
-                                                     chunk_size=self.chunk_size, impl=self.impl)
-    if ready:
-      s_var.value, z_var.value = new_state
-      position.value = position.value + t
+    def mix(state):
+      return ops.lightnet(q, k, v, causal=self.causal, initial_state=state, return_state=True, mask=mask,
+                          phases=phases, chunk_size=self.chunk_size, impl=self.impl)
 
+    def zero_state():  # (S, log of the running sum), nothing summed yet
+      key_dim = dk * (2 if self.use_lrpe else 1)
+      return jnp.zeros((b, h, key_dim, dv), jnp.float32), jnp.full((b, h, dk), -jnp.inf, jnp.float32)
+
+    o = cached_recurrence(self, mix, zero_state, decode=decode)
     gate = projection(self.gate_rank, ("embed", "mlp"), name="gate_down", dtype=self.dtype)(xf)
     # The gate scales the heads' outputs, so it carries their axes (heads, kv), not embed.
     gate = projection((h, dv), ("mlp", "heads", "kv"), name="gate_up", dtype=self.dtype)(gate).reshape(b, t, h * dv)
     o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name="embed")(o.reshape(b, t, h * dv), gate)
     y = projection(d, ("mlp", "embed"), name="out_proj", dtype=self.dtype)(o)
-    return constrain(y).reshape(shape)
-
+    return constrain(y).reshape(x.shape)

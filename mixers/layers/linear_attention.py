@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers.layers import common, linear_family
+from mixers.layers.decode_cache import check_decode, decode_positions
 from mixers.ops import feature_maps
 from mixers.registry import register
 
@@ -42,8 +43,8 @@ class LinearAttention(nn.Module):
       return feature_maps.cosformer(x, pos, self.max_len)
     if self.feature_map == "hedgehog":
       h, d = x.shape[-2:]
-      w = self.param(name, nn.with_logical_partitioning(lambda k, s: jnp.broadcast_to(jnp.eye(d), s), ("heads", None, None)),
-                     (h, d, d))
+      identity = lambda key, shape: jnp.broadcast_to(jnp.eye(d), shape)
+      w = self.param(name, nn.with_logical_partitioning(identity, ("heads", None, None)), (h, d, d))
       return feature_maps.hedgehog(x, w)
     return feature_maps.get(self.feature_map)(x)
 
@@ -51,18 +52,15 @@ class LinearAttention(nn.Module):
   def __call__(self, x, *, mask=None, decode=False):
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
-    if decode and not self.causal:
-      raise ValueError("decode=True needs causal=True")
+    check_decode(self, decode)
+    mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
     head_dim = self.head_dim or d_model // self.num_heads
-    key_dim = self.feature_dim or head_dim
-    q = linear_family.heads_projection(self.num_heads, key_dim, "query", self.dtype)(x)
-    k = linear_family.heads_projection(self.num_heads, key_dim, "key", self.dtype)(x)
-    v = linear_family.heads_projection(self.num_heads, head_dim, "value", self.dtype)(x)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, self.feature_dim or head_dim, head_dim, self.dtype)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
                                           decode=decode)
-    pos = common.decode_positions(self, b, t, decode=decode)
+    pos = decode_positions(self, b, t, decode=decode)
     q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
     k, v = linear_family.mask_tokens(mask, k, v)
     phi_dim = q.shape[-1]

@@ -7,12 +7,19 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
-from mixers.sharding import maybe_sequence_parallel
+from mixers.layers.decode_cache import cached_recurrence
 
 
 def heads_projection(num_heads, head_dim, name, dtype=None):
   """x `[B,T,d_model]` -> `[B,T,H,D]`, kernel axes (embed, heads, kv)."""
   return common.projection((num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype)
+
+
+def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None):
+  """q, k `[B,T,H,key_dim]` and v `[B,T,H,value_dim]` from x `[B,T,d_model]` (kernels query, key, value)."""
+  q = heads_projection(num_heads, key_dim, "query", dtype)(x)
+  k = heads_projection(num_heads, key_dim, "key", dtype)(x)
+  return q, k, heads_projection(num_heads, value_dim, "value", dtype)(x)
 
 
 def conv_heads(x, name, *, causal, width, mask, decode):
@@ -29,22 +36,20 @@ def short_convs(q, k, v, *, causal, width, mask, decode):
   return conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
 
 
-def attend(module, q, k, v, *, decode, normalize=False, **kwargs):
+def attend(module, q, k, v, *, causal, decode, normalize=False, **kwargs):
   """`ops.linear_attention` over q, k `[B,T,H,K]`, v `[B,T,H,V]`; causal layers keep (S[, z]) in the cache."""
-  causal = kwargs.get("causal", True)
-  linear_attention = maybe_sequence_parallel(ops.linear_attention)
 
   def run(state):
     if not causal:
-      return linear_attention(q, k, v, normalize=normalize, **kwargs), None
-    return linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
+      return ops.linear_attention(q, k, v, causal=False, normalize=normalize, **kwargs), None
+    return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
 
   def zero_state():
     b, _, h, dk = q.shape
     s = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     return (s, jnp.zeros(s.shape[:-1], jnp.float32)) if normalize else s
 
-  return common.cached_recurrence(module, run, zero_state, decode=decode)
+  return cached_recurrence(module, run, zero_state, decode=decode)
 
 
 def mask_tokens(mask, *xs):

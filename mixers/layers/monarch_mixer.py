@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixers.layers.common import ShortConv, constrain, decode_cache, projection
+from mixers.layers.common import ShortConv, check_mask, constrain, projection
+from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
 from mixers.ops.long_conv import long_conv, long_conv_matrix
 from mixers.registry import register
 
@@ -73,8 +74,8 @@ class MonarchMixer(nn.Module):
     positional features and sine frequency. short_width: the short conv's window.
   conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`.
 
-  Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (`[B, max_len, d]`)
-  and the short conv's window; a step costs O(T) per token (the whole filter against the history),
+  Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (the state, `[B, max_len, d]`),
+  the position and the short conv's window; a step costs O(T) per token (the whole filter against the history),
   a chunk of c > 1 tokens one long convolution over the history.
   """
   causal: bool = False
@@ -108,11 +109,9 @@ class MonarchMixer(nn.Module):
   def _mix(self, x, mask, decode, matrix):
     if x.ndim != 3:
       raise ValueError(f"x must have shape [B, T, d_model], got {tuple(x.shape)}")
+    check_decode(self, decode)
     b, t, d = x.shape
-    if mask is not None and tuple(mask.shape) != (b, t):
-      raise ValueError(f"mask must have shape [B, T] = {[b, t]}, got {tuple(mask.shape)}")
-    if decode and not self.causal:
-      raise ValueError("decode=True needs a causal MonarchMixer (causal=True)")
+    mask = check_mask(mask, x.shape)
     dtype = self.dtype or x.dtype
     u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", dtype=dtype)(x)
     u = ShortConv(width=self.short_width, causal=self.causal, activation=None, channel_axis="mlp",
@@ -132,23 +131,23 @@ class MonarchMixer(nn.Module):
         M = M * mask[:, None, None, :]
       return M, v
 
-    if decode:
-      history, ready = decode_cache(self, "history", (b, self.max_len, d), jnp.float32)
-      index, _ = decode_cache(self, "index", (), jnp.int32)
-    if decode and ready:
-      y = self._decode_conv(history, index, gated)
-    else:
-      k, k_rev = self._filters(t, d)
-      y = long_conv(gated.astype(jnp.float32), k, k_rev=k_rev, impl=self.conv_impl)
+    start = decode_positions(self, b, t, decode=decode)[0, 0]
+
+    def convolve(history):
+      if history is None:
+        k, k_rev = self._filters(t, d)
+        return long_conv(gated.astype(jnp.float32), k, k_rev=k_rev, impl=self.conv_impl), None
+      return self._decode_conv(history, start, gated)
+
+    y = cached_recurrence(self, convolve, lambda: jnp.zeros((b, self.max_len, d), jnp.float32), decode=decode)
     y = (y + skip * gated.astype(jnp.float32)).astype(dtype) * x2
     out = projection(d, ("mlp", "embed"), use_bias=True, name="out_proj", dtype=dtype)(y)
     return constrain(out).astype(x.dtype)
 
-  def _decode_conv(self, history, index, gated):
-    """Long convolution of a chunk against the cached history; updates the cache."""
-    b, c, d = gated.shape
-    start = index.value
-    hist = jax.lax.dynamic_update_slice(history.value, gated.astype(jnp.float32), (0, start, 0))
+  def _decode_conv(self, history, start, gated):
+    """(long convolution of a chunk starting at `start` against the history `[B,max_len,d]`, updated history)."""
+    c, d = gated.shape[1:]
+    hist = jax.lax.dynamic_update_slice(history, gated.astype(jnp.float32), (0, start, 0))
     k, _ = self._filters(self.max_len, d)
     if c == 1:  # y_t = sum_{s <= t} k[t-s] h_s: one pass over the filter and the history
       lag = start - jnp.arange(self.max_len)
@@ -156,6 +155,4 @@ class MonarchMixer(nn.Module):
       y = jnp.einsum("sd,bsd->bd", taps, hist)[:, None]
     else:
       y = jax.lax.dynamic_slice_in_dim(long_conv(hist, k, impl=self.conv_impl), start, c, axis=1)
-    history.value = hist
-    index.value = start + c
-    return y
+    return y, hist

@@ -10,27 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import decode_cache, projection, rms_normalize
+from mixers.layers.common import grid_tokens, projection, rms_normalize
+from mixers.layers.decode_cache import cached_recurrence, check_decode
 from mixers.ops import positional
-
-
-def token_grid(x, grid_shape=None):
-  """(x as `[B,T,d]`, spatial shape) for x `[B,*spatial,d]`, or x `[B,T,d]` read as a `grid_shape` grid."""
-  if x.ndim < 3:
-    raise ValueError(f"x must have shape [B,T,d] or [B,*spatial,d], got {tuple(x.shape)}")
-  if x.ndim > 3:
-    if grid_shape is not None and tuple(grid_shape) != tuple(x.shape[1:-1]):
-      raise ValueError(f"grid_shape={tuple(grid_shape)} disagrees with the grid of x {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1, x.shape[-1]), tuple(x.shape[1:-1])
-  if grid_shape is None:
-    return x, (x.shape[1],)
-  grid_shape = tuple(grid_shape)
-  n = 1
-  for s in grid_shape:
-    n *= s
-  if n != x.shape[1]:
-    raise ValueError(f"grid_shape={grid_shape} holds {n} tokens but x {tuple(x.shape)} has T={x.shape[1]}")
-  return x, grid_shape
 
 
 class MdLrpe(nn.Module):
@@ -76,32 +58,26 @@ class MdTpe(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
-    shape = x.shape
-    xf, grid = token_grid(x, self.grid_shape)
+    check_decode(self, decode)
+    xf, grid, mask = grid_tokens(self, x, mask)
     b, t, d = xf.shape
     h = self.num_heads
     if d % h:
-      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(shape)}")
-    if self.causal and len(grid) != 1:
-      raise ValueError(f"causal MD-TPE needs a 1-D sequence, got grid {grid}")
+      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(x.shape)}")
     if mask is not None:
-      if mask.shape != shape[:-1] and mask.shape != (b, t):
-        raise ValueError(f"mask must have shape {tuple(shape[:-1])}, got {tuple(mask.shape)}")
-      xf = xf * mask.reshape(b, t, 1).astype(xf.dtype)
+      xf = xf * mask[..., None].astype(xf.dtype)
     log_decay = self._log_decay()
     xh = xf.reshape((b,) + grid + (h, d // h))
-    if decode:
+
+    def run(state):
       if not self.causal:
-        raise ValueError("decode=True needs a causal MdTpe")
-      cache, ready = decode_cache(self, "tpe_state", (b, h, 1, d // h))
-      y, state = positional.md_tpe(xh, log_decay, causal=True, initial_state=cache.value if ready else None,
-                                   return_state=True, chunk_size=self.chunk_size, impl=self.impl)
-      if ready:
-        cache.value = state
-    else:
-      y = positional.md_tpe(xh, log_decay, causal=self.causal, chunk_size=self.chunk_size, impl=self.impl)
+        return positional.md_tpe(xh, log_decay, causal=False, chunk_size=self.chunk_size, impl=self.impl), None
+      return positional.md_tpe(xh, log_decay, causal=True, initial_state=state, return_state=True,
+                               chunk_size=self.chunk_size, impl=self.impl)
+
+    y = cached_recurrence(self, run, lambda: jnp.zeros((b, h, 1, d // h), jnp.float32), decode=decode)
     y = rms_normalize(y, self.eps).reshape(b, t, d)
     scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,))
     y = (y * scale).astype(x.dtype)
     out = projection(d, (None, "embed"), kernel_init=nn.initializers.normal(0.02), name="out_proj")(y)
-    return out.reshape(shape)
+    return out.reshape(x.shape)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixers.layers import common, linear_family
+from mixers.layers.decode_cache import check_decode, decode_positions
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -31,13 +32,12 @@ class Retention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
-    if decode and not self.causal:
-      raise ValueError("decode=True needs causal=True")
+    check_decode(self, decode)
+    mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
     head_dim = self.head_dim or d_model // self.num_heads
-    proj = lambda n: linear_family.heads_projection(self.num_heads, head_dim, n, self.dtype)
-    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-    pos = common.decode_positions(self, b, t, decode=decode)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, self.dtype)
+    pos = decode_positions(self, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos), apply_rotary(k, pos)
     k, v = linear_family.mask_tokens(mask, k, v)

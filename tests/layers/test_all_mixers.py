@@ -1,7 +1,6 @@
 """Every registered sequence mixer against the layer contract: shapes, jit/grad, causality, decoding, masks."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

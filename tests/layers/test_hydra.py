@@ -45,11 +45,11 @@ def test_padded_batch_equals_sequences_one_by_one():
 
 def test_mixing_matrix_is_what_the_ssm_applies():
   m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  ops = LAYER.apply(PARAMS, X, method="ssm_inputs")
+  operands, _ = LAYER.apply(PARAMS, X, method="operands")
   assert m.shape == (B, 4, T, T)
   assert np.all(np.abs(np.asarray(m)) > 0)  # dense: lower, upper and diagonal all populated
-  y = quasiseparable(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], impl="recurrent")
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, ops["x"]), y, rtol=1e-4, atol=1e-5)
+  y = quasiseparable(**operands, impl="recurrent")
+  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():

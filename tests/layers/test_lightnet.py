@@ -50,7 +50,7 @@ def test_non_causal_grid_input_and_padding():
   y_other = forward(jnp.where(mask[..., None], x, 7.0), mask)
   np.testing.assert_allclose(y_other * mask[..., None], y_mask * mask[..., None], rtol=1e-5, atol=1e-6)
   assert not np.allclose(y_mask, y, atol=1e-4)
-  with pytest.raises(ValueError, match="decode=True needs a causal LightNet"):
+  with pytest.raises(ValueError, match="non-causal LightNet cannot decode"):
     layer.apply(variables, x, decode=True)
   with pytest.raises(ValueError, match="causal LightNet reads a 1-D sequence"):
     LightNet(num_heads=HEADS).init(jax.random.key(0), x)
@@ -92,4 +92,3 @@ def test_classifier_trains_with_decreasing_loss():
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
-

@@ -51,7 +51,7 @@ def test_decode_token_by_token_and_by_chunks_reproduces_forward():
     cache = upd["cache"]
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
-  assert cache["ssm_state"].shape == (B, 4, 4, 6)
+  assert cache["state"].shape == (B, 4, 4, 6)
 
 
 def test_left_padding_does_not_leak():
@@ -64,11 +64,11 @@ def test_left_padding_does_not_leak():
 
 def test_mixing_matrix_is_what_the_ssm_applies():
   m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  ops = LAYER.apply(PARAMS, X, method="ssm_inputs")
+  operands, _ = LAYER.apply(PARAMS, X, method="operands")
   assert m.shape == (B, 4, T, T)
   np.testing.assert_allclose(np.triu(m, 1), 0.0)
-  y = ssd(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], impl="recurrent")
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, ops["x"]), y, rtol=1e-4, atol=1e-5)
+  y = ssd(**operands, impl="recurrent")
+  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_raise_clear_errors():
@@ -82,7 +82,7 @@ def test_bad_shapes_raise_clear_errors():
     LAYER.apply(PARAMS, X[0])
   with pytest.raises(ValueError, match="mask must have shape"):
     LAYER.apply(PARAMS, X, mask=jnp.ones((B, T + 1), bool))
-  with pytest.raises(ValueError, match="decode=True needs a causal"):
+  with pytest.raises(ValueError, match="decode=True needs causal=True"):
     Mamba2(head_dim=4, causal=False).init(jax.random.key(0), X, decode=True)
 
 

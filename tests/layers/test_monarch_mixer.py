@@ -107,7 +107,7 @@ def test_padding_does_not_leak(causal, params):
 
 
 def test_bad_inputs_raise(params):
-  with pytest.raises(ValueError, match="decode=True needs a causal"):
+  with pytest.raises(ValueError, match="decode=True needs causal=True"):
     BIDIR.apply(params["bidir"], _x(0), decode=True, mutable=["cache"])
   with pytest.raises(ValueError, match="x must have shape"):
     CAUSAL.apply(params["causal"], jnp.ones((T, D)))

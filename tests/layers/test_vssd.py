@@ -47,10 +47,10 @@ def test_masked_tokens_do_not_leak():
 
 def test_mixing_matrix_is_what_the_ssm_applies():
   m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  ops = LAYER.apply(PARAMS, X, method="ssm_inputs")
+  operands, _ = LAYER.apply(PARAMS, X, method="operands")
   assert m.shape == (B, 4, H * W, H * W)
-  y = ssd(ops["x"], ops["dt"], ops["A"], ops["B"], ops["C"], D=ops["D"], causal=False)
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, ops["x"]), y, rtol=1e-4, atol=1e-5)
+  y = ssd(**operands, causal=False)
+  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():
