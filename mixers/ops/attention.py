@@ -16,6 +16,7 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None):
   `mask` `[B,Tk]` bool marks valid keys (or any shape broadcastable to `[B,H,Tq,Tk]`). Causal masks are
   bottom-right aligned when Tq != Tk, so a block of new queries attends to a longer cache.
   """
+  checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,Tq,H,D]")
   checks.check_rank("k", k, 4, "[B,Tk,Hkv,D]")
   checks.check_shape("k", k, (q.shape[0], None, None, q.shape[-1]), f"[B,Tk,Hkv,D] with B={q.shape[0]}, D={q.shape[-1]}")

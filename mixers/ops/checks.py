@@ -37,3 +37,30 @@ def check_nonpositive(name, x):
   if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) > 0)):
     raise ValueError(f"{name} must be <= 0 (a log-space decay), got a maximum of {float(np.max(np.asarray(x)))}")
 
+
+
+def check_float(**arrays):
+  """Each named array (None passes) must have a floating dtype: integer inputs would be truncated."""
+  for name, x in arrays.items():
+    if x is not None and not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating):
+      raise ValueError(f"{name} must be a floating-point array, got dtype {jax.numpy.result_type(x)}")
+
+
+def nonpositive_or_nan(name, x):
+  """x, which must be <= 0: a concrete positive value raises; under jit positive entries become NaN, so the
+  outputs that depend on them are NaN rather than silently overflowing."""
+  if x is None:
+    return None
+  check_nonpositive(name, x)
+  if is_concrete(x):
+    return x
+  return jax.numpy.where(x > 0, jax.numpy.nan, x)
+
+
+def nonnegative_or_nan(name, x):
+  """x, which must be >= 0 (step sizes): as `nonpositive_or_nan` with the sign reversed."""
+  if x is None:
+    return None
+  if is_concrete(x) and bool(np.any(np.asarray(x) < 0)):
+    raise ValueError(f"{name} must be >= 0, got a minimum of {float(np.min(np.asarray(x)))}")
+  return x if is_concrete(x) else jax.numpy.where(x < 0, jax.numpy.nan, x)

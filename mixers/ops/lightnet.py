@@ -8,6 +8,8 @@ k'_t = exp(k_t - z_t) <= 1 and per-channel log-decay z_{t-1} - z_t <= 0, so noth
 The state is (S `[B,H,K,V]`, z `[B,H,K]`): S the normalised sum, z the log of the running sum (-inf when empty).
 With `phases` (MD-LRPE), q and the normalised keys become [x cos(phi), x sin(phi)] (so S is `[B,H,2K,V]`).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,7 @@ _LOG_ZERO = -1e30
 def _check_inputs(q, k, v, causal, mask, phases):
   if q.ndim < 4:
     raise ValueError(f"q must have shape [B,*spatial,H,K] (at least [B,T,H,K]), got {tuple(q.shape)}")
+  checks.check_float(q=q, k=k, v=v, phases=phases)
   if causal and q.ndim != 4:
     raise ValueError(f"causal lightnet needs a 1-D sequence q [B,T,H,K], got {tuple(q.shape)}")
   checks.check_shape("k", k, q.shape, f"{tuple(q.shape)} like q")
@@ -95,16 +98,17 @@ def _causal(q, k, v, *, scale, initial_state, mask, phases, chunk_size, impl):
 def _non_causal(q, k, v, *, scale, initial_state, mask, phases):
   """One pass: z = log sum_s exp(k_s) (merged with the initial state's), S = sum_s exp(k_s - z) v_s^T."""
   b, h, dk = q.shape[0], q.shape[-2], q.shape[-1]
-  km = _masked_keys(k, mask).reshape(b, -1, h, dk)
-  vf = v.reshape(b, -1, h, v.shape[-1]).astype(km.dtype)
+  n = math.prod(q.shape[1:-2])  # positions of the grid, flattened row-major
+  km = _masked_keys(k, mask).reshape(b, n, h, dk)
+  vf = v.reshape(b, n, h, v.shape[-1]).astype(km.dtype)
   if mask is not None:
-    vf = jnp.where(mask.reshape(b, -1)[..., None, None], vf, 0)
+    vf = jnp.where(mask.reshape(b, n)[..., None, None], vf, 0)
   z = sequence.logsumexp_over_time(km)  # [B,H,K]
   if initial_state is not None:
     z = jnp.logaddexp(z, jnp.maximum(initial_state[1].astype(z.dtype), _LOG_ZERO))
   k_norm = jnp.exp(km - z[:, None])
   if mask is not None:
-    k_norm = jnp.where(mask.reshape(b, -1)[..., None, None], k_norm, 0.0)
+    k_norm = jnp.where(mask.reshape(b, n)[..., None, None], k_norm, 0.0)
   if phases is not None:
     phases = jnp.broadcast_to(phases, q.shape).reshape(km.shape)
   k_in = _expand(k_norm, phases)

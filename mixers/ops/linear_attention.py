@@ -93,6 +93,7 @@ def linear_attention_step(q, k, v, state, *, log_decay=None, normalize=False, sc
 
   `state` is S `[B,H,K,V]` (or (S, z) when normalize); returns (o `[B,H,V]`, new state).
   """
+  checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 3, "[B,H,K]")
   checks.check_shape("k", k, q.shape, f"{tuple(q.shape)} like q [B,H,K]")
   checks.check_shape("v", v, q.shape[:2] + (None,), f"[B,H,V] = {tuple(q.shape[:2])} + (V,)")
@@ -104,7 +105,7 @@ def linear_attention_step(q, k, v, state, *, log_decay=None, normalize=False, sc
     elif log_decay.shape not in ((b, h), (b, h, dk)):
       raise ValueError(f"log_decay must have shape None, [H]=({h},), [B,H]={(b, h)} or [B,H,K]={(b, h, dk)}, "
                        f"got {tuple(log_decay.shape)}")
-    checks.check_nonpositive("log_decay", log_decay)
+    log_decay = checks.nonpositive_or_nan("log_decay", log_decay)
   scale = _default_scale(q, scale)
   core_state = _pack_state(state, normalize, q[:, None], v[:, None], name="state")
   if core_state is None:

@@ -15,6 +15,7 @@ IMPLS = ("fft", "monarch")
 
 
 def _check(u, k, k_rev):
+  checks.check_float(u=u, k=k, k_rev=k_rev)
   checks.check_rank("u", u, 3, "[B, T, D]")
   _, T, D = u.shape
   checks.check_shape("k", k, (T, D), f"[T, D] = [{T}, {D}] (u has shape {tuple(u.shape)})")
@@ -37,8 +38,11 @@ def long_conv(u, k, *, k_rev=None, impl="fft", max_block=64, precision=monarch_f
   at most max_block). Accumulates in float32 (float64 for float64 inputs).
   """
   checks.check_choice("impl", impl, IMPLS)
+  checks.check_positive_int("max_block", max_block)
   _check(u, k, k_rev)
   B, T, D = u.shape
+  if T == 0 or B == 0:
+    return jnp.zeros(u.shape, u.dtype)
   ftype = jnp.float64 if u.dtype == jnp.float64 else jnp.float32
   uf, kf = u.astype(ftype), k.astype(ftype)
   krf = None if k_rev is None else k_rev.astype(ftype)

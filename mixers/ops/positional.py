@@ -86,7 +86,7 @@ def md_tpe(x, log_decay, *, causal=False, initial_state=None, return_state=False
   h = x.shape[-2]
   log_decay = jnp.asarray(log_decay)
   checks.check_shape("log_decay", log_decay, (h,), f"[H] = ({h},)")
-  checks.check_nonpositive("log_decay", log_decay)
+  log_decay = checks.nonpositive_or_nan("log_decay", log_decay)
   if causal and x.ndim != 4:
     raise ValueError(f"causal MD-TPE needs a 1-D sequence x [B,T,H,D], got {tuple(x.shape)}")
   if initial_state is not None and not causal:

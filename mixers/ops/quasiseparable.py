@@ -10,7 +10,7 @@ gives the real tokens exactly what the unpadded sequences would (left or right p
 import jax.numpy as jnp
 
 from mixers.ops import checks, sequence
-from mixers.ops.ssd import IMPLS, causal_scan, check_ssd_inputs, skip, ssd_matrix
+from mixers.ops.ssd import IMPLS, causal_scan, check_ssd_inputs, checked_rates, skip, ssd_matrix
 
 
 def _pair(name, value):
@@ -39,7 +39,9 @@ def _check(x, dt, A, B, C, D):
   cf, cb = _pair("C", C)
   check_ssd_inputs(x, dtf, A, bf, cf, D, name_suffix="[0] (forward)")
   check_ssd_inputs(x, dtb, A, bb, cb, None, name_suffix="[1] (backward)")
-  return dtf, dtb, bf, bb, cf, cb
+  A, dtf = checked_rates(A, dtf)
+  dtb = checks.nonnegative_or_nan("dt[1] (backward)", dtb)
+  return A, dtf, dtb, bf, bb, cf, cb
 
 
 def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None):
@@ -84,7 +86,7 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
   """
   checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("chunk_size", chunk_size)
-  dtf, dtb, bf, bb, cf, cb = _check(x, dt, A, B, C, D)
+  A, dtf, dtb, bf, bb, cf, cb = _check(x, dt, A, B, C, D)
   bsz, t = x.shape[:2]
   keep = token_mask(mask, lengths, bsz, t)
   if keep is not None:

@@ -167,7 +167,9 @@ def logcumsumexp_over_time(x, start):
     entering = prefix[jax.lax.axis_index(split.axis)]
     total = prefix[-1]
   z = jax.lax.cumlogsumexp(jnp.concatenate([entering[:, None].astype(x.dtype), x], axis=1), axis=1)[:, 1:]
-  return z, entering, (z[:, -1] if split is None else total)
+  if split is not None:
+    return z, entering, total
+  return z, entering, (z[:, -1] if x.shape[1] else start.astype(x.dtype))
 
 
 def shift(x, offset):
@@ -175,6 +177,8 @@ def shift(x, offset):
   (zero at the end)."""
   if offset not in (1, -1):
     raise ValueError(f"offset must be 1 or -1, got {offset!r}")
+  if x.shape[1] == 0:
+    return x
   split = current_split()
   if offset == 1:
     boundary = jnp.zeros_like(x[:, :1]) if split is None else _neighbour_row(x[:, -1], split.axis, -1)

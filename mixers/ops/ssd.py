@@ -37,8 +37,13 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, name_suffix=""):
   checks.check_shape("C" + s, C, B.shape, f"{tuple(B.shape)} like B{s} [B,T,G,N]")
   if D is not None and D.shape not in ((h,), (b, t, h)):
     raise ValueError(f"D must have shape [H] = ({h},) or [B,T,H] = {(b, t, h)}, got {tuple(D.shape)}")
-  checks.check_nonpositive("A", A)
+  checks.check_float(x=x, A=A, D=D, **{"dt" + s: dt, "B" + s: B, "C" + s: C})
   return b, t, h, p, g, n
+
+
+def checked_rates(A, dt):
+  """A <= 0 and dt >= 0: raised when concrete; under jit the offending entries become NaN (so do the outputs)."""
+  return checks.nonpositive_or_nan("A", A), checks.nonnegative_or_nan("dt", dt)
 
 
 def heads_from_groups(a, heads):
@@ -103,6 +108,11 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
   grouped chunked form on a whole sequence; a sequence split across devices, and the other impls, go
   through the core with q = C, k = B, v = dt x, log-decay = dt A.
   """
+  if x.shape[0] == 0 or x.shape[1] == 0:
+    b, _, h, p = x.shape
+    dtype = shapes.compute_dtype(x, dt, B, C)
+    state = jnp.zeros((b, h, p, B.shape[-1]), dtype) if initial_state is None else initial_state.astype(dtype)
+    return jnp.zeros(x.shape, dtype), state
   grouped = impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu")
   if grouped and sequence.current_split() is None:
     flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
@@ -177,6 +187,7 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
   checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("chunk_size", chunk_size)
   b, _, h, p, _, n = check_ssd_inputs(x, dt, A, B, C, D)
+  A, dt = checked_rates(A, dt)
   if initial_state is not None:
     checks.check_shape("initial_state", initial_state, (b, h, p, n), f"[B,H,P,N] = {(b, h, p, n)}")
   if not causal:
@@ -198,6 +209,8 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
 
 def ssd_step(x, dt, A, B, C, state, *, D=None):
   """One causal SSD token: x `[B,H,P]`, dt `[B,H]`, B and C `[B,G,N]`, state `[B,H,P,N]` -> (y `[B,H,P]`, state)."""
+  checks.check_float(x=x, dt=dt, A=A, B=B, C=C, state=state)
+  A, dt = checked_rates(A, dt)
   h = x.shape[1]
   dtype = state.dtype
   r = h // B.shape[1]

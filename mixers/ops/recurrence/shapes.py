@@ -14,6 +14,7 @@ def output_dtype(*xs):
 
 
 def check_qkv(q, k, v):
+  checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,T,H,K]")
   checks.check_shape("k", k, q.shape, f"{tuple(q.shape)} like q [B,T,H,K]")
   checks.check_shape("v", v, q.shape[:3] + (None,), f"[B,T,H,V] = {tuple(q.shape[:3])} + (V,)")
@@ -32,8 +33,7 @@ def normalize_log_decay(log_decay, q, name="log_decay"):
                      f"got {tuple(log_decay.shape)}")
   if not jnp.issubdtype(log_decay.dtype, jnp.floating):
     log_decay = log_decay.astype(jnp.float32)
-  checks.check_nonpositive(name, log_decay)
-  return log_decay
+  return checks.nonpositive_or_nan(name, log_decay)
 
 
 def check_state(name, state, q, v):
