@@ -1,13 +1,13 @@
-"""A few train steps on each task config lower the loss; configs with tiny models and datasets."""
+"""A few train steps on each task config lower the loss (MQAR's run: test_trained_run); configs with tiny models and
+datasets."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from configs import image, listops, lm, mqar, pathfinder
-from experiments.trainer import checkpoint, evaluation, experiment, loop
-from experiments.trainer import step as step_lib
+from configs import image, listops, lm, pathfinder
+from experiments.trainer import checkpoint, loop
 
 
 def tiny(config, data_dir, *, num_steps=8, mixer=None, d_model=16, **data_fields):
@@ -51,41 +51,29 @@ def make_text_dir(path):
   return str(path)
 
 
-def _train_set_loss(exp, eval_step, params):
-  # The first 4 batches of 16 of the (shuffled, seeded) train split: all 64 training examples.
-  return evaluation.evaluate(exp, eval_step, params, "train", max_batches=4)["loss"]
-
-
-def _assert_learns(config, workdir):
-  exp = experiment.create(config)
-  eval_step = step_lib.make_eval_step(exp.model, exp.mesh, exp.shardings["params"], task=exp.task)
-  before = _train_set_loss(exp, eval_step, exp.state["params"])
+def _assert_learns(config, workdir, *, epoch):
+  """Trains `config`; the mean train loss of its last `epoch` steps is below that of its first `epoch` steps (each
+  window covers the whole training set once)."""
   result = loop.train_and_evaluate(config, str(workdir))
-  ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1)
-  assert ckpt.steps() == [config.num_steps]
-  after = _train_set_loss(exp, eval_step, ckpt.restore(config.num_steps, exp.state, exp.shardings)["params"])
+  assert checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=1).steps() == [config.num_steps]
   losses = train_losses(workdir)
   assert len(losses) == config.num_steps and np.isfinite(losses).all()
-  assert after < before - 0.05, (before, after, losses)
+  assert np.mean(losses[-epoch:]) < np.mean(losses[:epoch]) - 0.05, losses
   assert 0.0 <= result["accuracy"] <= 1.0 and result["count"] > 0
   return result
 
 
-def test_mqar_learns(tmp_path):
-  config = tiny(mqar.get_config("retention,tiny"), tmp_path / "data", vocab_size=32, seq_len=16, num_pairs=2)
-  _assert_learns(config, tmp_path / "run")
-
-
 def test_lm_learns_on_local_text(tmp_path):
-  config = tiny(lm.get_config("gla,tiny"), tmp_path / "data", corpus=make_text_dir(tmp_path / "text"), seq_len=32)
+  config = tiny(lm.get_config("gla,tiny"), tmp_path / "data", corpus=make_text_dir(tmp_path / "text"), seq_len=32,
+                num_steps=16)
   config.eval_steps = 2
-  _assert_learns(config, tmp_path / "run")
+  _assert_learns(config, tmp_path / "run", epoch=4)
 
 
 def test_listops_learns(tmp_path):
-  config = tiny(listops.get_config("linear_attention,tiny"), tmp_path / "data", seq_len=48, min_length=10,
-                max_length=48, max_depth=3, max_args=4)
-  _assert_learns(config, tmp_path / "run")
+  config = tiny(listops.get_config("linear_attention,tiny"), tmp_path / "data", num_steps=16, seq_len=48,
+                min_length=10, max_length=48, max_depth=3, max_args=4)
+  _assert_learns(config, tmp_path / "run", epoch=8)
 
 
 @pytest.fixture(scope="module")
@@ -103,4 +91,4 @@ def test_pathfinder_and_image_learn(tmp_path, pathfinder_dir, as_tokens):
   if not as_tokens:
     config.model.patch_size = 4
     config.model.mixer_kwargs = {"head_dim": 8, "state_dim": 8}
-  _assert_learns(config, tmp_path / "run")
+  _assert_learns(config, tmp_path / "run", epoch=4)
