@@ -39,7 +39,7 @@ def mesh_shape(config: Mapping[str, int] | None = None, num_devices: int | None 
 
 
 def make_mesh(config: Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None,
-              dcn_data: int = 1) -> Mesh:
+              dcn_data: int = 1, process_axis: str | None = None) -> Mesh:
   """A `Mesh` over MESH_AXES (every axis present, unused ones of size 1), all axes `AxisType.Auto`.
 
   Args:
@@ -47,11 +47,17 @@ def make_mesh(config: Mapping[str, int] | None = None, *, devices: Sequence[jax.
     devices: the devices to use (default: all, across every host).
     dcn_data: number of slices of a multi-slice TPU job; the `data` axis is split across slices
       (data-centre network) and the other axes stay inside a slice.
+    process_axis: the axis along which the processes (hosts) lie, e.g. "sequence" to split sequences across
+      hosts; the other axes stay inside each process. None: jax's placement (processes along the outer axes).
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if process_axis:
+    if dcn_data > 1:
+      raise ValueError(f"process_axis={process_axis!r} and dcn_data={dcn_data}: give one of them")
+    return Mesh(_processes_along(process_axis, sizes, devices), MESH_AXES, axis_types=axis_types)
   if dcn_data > 1:
     if sizes["data"] % dcn_data:
       raise ValueError(f"dcn_data={dcn_data} must divide the data axis {sizes['data']}")
@@ -65,3 +71,27 @@ def make_mesh(config: Mapping[str, int] | None = None, *, devices: Sequence[jax.
   except (ValueError, NotImplementedError, AssertionError):
     # Topology-aware placement does not cover every device list (e.g. a subset); fall back to order.
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _processes_along(axis: str, sizes: Mapping[str, int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """Devices shaped by `sizes` with the processes along `axis`: process p's devices fill block p of that axis,
+  laid out inside the block as jax places one process's devices."""
+  if axis not in MESH_AXES:
+    raise ValueError(f"process_axis={axis!r}: expected one of {list(MESH_AXES)}")
+  processes = sorted({d.process_index for d in devices})
+  if sizes[axis] % len(processes):
+    raise ValueError(f"process_axis={axis!r}: its size {sizes[axis]} is not a multiple of the {len(processes)} "
+                     "processes")
+  inner = dict(sizes, **{axis: sizes[axis] // len(processes)})
+  shape = tuple(inner[name] for name in MESH_AXES)
+  blocks = []
+  for p in processes:
+    local = [d for d in devices if d.process_index == p]
+    if len(local) != math.prod(shape):
+      raise ValueError(f"process_axis={axis!r}: process {p} has {len(local)} devices, expected {math.prod(shape)} "
+                       f"(every process the same number)")
+    try:
+      blocks.append(np.asarray(jax.make_mesh(shape, MESH_AXES, devices=local).devices))
+    except (ValueError, NotImplementedError, AssertionError):
+      blocks.append(np.asarray(local).reshape(shape))
+  return np.concatenate(blocks, axis=MESH_AXES.index(axis))

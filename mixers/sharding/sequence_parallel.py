@@ -35,8 +35,3 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = sequence.SEQUENCE_AX
 
 active_sequence_mesh = sequence.active_sequence_mesh
 
-
-def maybe_sequence_parallel(op: Callable, axis: str = sequence.SEQUENCE_AXIS) -> Callable:
-  """`op` itself: declared ops split along time by themselves under an active mesh with a sequence axis."""
-  del axis
-  return op
