@@ -4,10 +4,18 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+# The tests check numerics, not speed, and most of their time is XLA compiling tiny programs: skip the
+# backend's optimisation passes (set MIXERS_TEST_XLA_OPTIMIZE=1 to keep them). Subprocesses inherit it.
+if not os.environ.get("MIXERS_TEST_XLA_OPTIMIZE"):
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+if not os.environ.get("MIXERS_TEST_XLA_OPTIMIZE"):
+  jax.config.update("jax_disable_most_optimizations", True)  # also when jax was imported before this file
 
 
 @pytest.fixture
