@@ -86,6 +86,14 @@ def test_causal_matches_matrix_form_and_final_state(decay):
   _close(state, ref_state)
 
 
+def test_padding_a_whole_number_of_slices_leaves_the_final_state_undecayed():
+  """T=9 over 4 shards: slices of 3 and 3 padding tokens, which a per-head decay must not reach."""
+  q, k, v, g = _inputs(t=9, decay="head", seed=13)
+  o, state = _sp_fn(True, False, True)(q, k, v, g, None)
+  _close(o, _oracle(q, k, v, g))
+  _close(state, ops.linear_attention(q, k, v, log_decay=g, return_state=True, impl="chunked")[1])
+
+
 @pytest.mark.parametrize("decay", ["none", "key"])
 def test_non_causal_matches_matrix_form(decay):
   q, k, v, g = _inputs(decay=decay, seed=1)

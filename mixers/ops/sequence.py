@@ -35,10 +35,12 @@ BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (the `batch` log
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Time cut over mesh axis `axis` into slices of `slice_length`; tokens at or past `length` are padding."""
+  """Time cut over mesh axis `axis` into `slices` slices of `slice_length`; tokens at or past `length` are
+  padding."""
   axis: str
   length: int
   slice_length: int
+  slices: int
 
   def positions(self):
     """Global positions `[L]` of this device's slice."""
@@ -46,7 +48,7 @@ class Split:
 
   @property
   def padded(self):
-    return self.length % self.slice_length != 0 or self.length < self.slice_length
+    return self.slices * self.slice_length != self.length
 
 
 _ACTIVE: list[Split] = []
@@ -321,7 +323,7 @@ def split_time(op, mesh, axis, *args, **kwargs):
     local = list(leaves)
     for i, a in zip(dynamic, arrays):
       local[i] = a
-    with _splitting(Split(axis, t, padded // size)):
+    with _splitting(Split(axis, t, padded // size, size)):
       return declared.fn(**jax.tree.unflatten(treedef, local))
 
   manual = {axis} | set(batch or ())
