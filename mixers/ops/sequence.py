@@ -5,6 +5,7 @@ Ops are written once on these primitives. On one device each is the plain comput
 sharding they have) device p holds slice p and the primitives exchange states only, never activations:
 
   recurrence            the gated linear recurrence; slices all-gather their final states and total decays
+  affine_recurrence     S_n = A_n S_{n-1} + B_n with matrix transitions; slices all-gather their composed (A, B)
   sum_over_time         a per-slice partial sum completed by a psum
   logsumexp_over_time   the same in log space
   logcumsumexp_over_time  running log-sums; slices all-gather their log-sums (LightNet's normaliser)
@@ -133,6 +134,61 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
   q_in = q.astype(acc) if cum is None else q.astype(acc) * jnp.exp(cum)
   o = (o.astype(acc) + scale * jnp.einsum("blhk,bhkv->blhv", q_in, incoming[index])).astype(o.dtype)
   return (_flip(o) if reverse else o), final
+
+
+def _varying_like(x, *refs):
+  """x made to vary over the manual mesh axes that any of `refs` varies over (a valid scan carry beside them)."""
+  axes = set()
+  for r in refs:
+    axes |= set(jax.typeof(r).manual_axis_type.varying)
+  return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def _affine_scan(transitions, inputs, start):
+  """S_n = A_n S_{n-1} + B_n from S_0 = start over axis 0: (state entering each step `[N,...]`, final)."""
+  def step(s, x):
+    a, b = x
+    return jnp.matmul(a, s) + b, s
+
+  final, entering = jax.lax.scan(step, start, (transitions, inputs))
+  return entering, final
+
+
+def affine_recurrence(transitions, inputs, initial_state=None):
+  """The matrix-transition recurrence S_n = A_n S_{n-1} + B_n along axis 1 (steps: tokens or chunks).
+
+  transitions A `[B,N,...,K,K]`, inputs B `[B,N,...,K,V]`, initial_state S_0 `[B,...,K,V]` or None (zeros).
+  Returns (the state entering each step `[B,N,...,K,V]`, the final state `[B,...,K,V]`), accumulated in
+  float32 or wider. Split: a slice's effect on its incoming state is affine, S -> A_p S + B_p, with A_p the
+  product of its transitions and B_p its final state from zero. One local pass from zero yields B_p, the
+  zero-start entering states and the running products P_n; slices all-gather (A_p, B_p) (`[K,K]` and `[K,V]`
+  per batch and head: never activations), combine them in order from S_0 into the state entering each slice,
+  S_in, and correct the entering states as entering_n + P_n S_in (one batched matmul, no second scan).
+  """
+  dtype = jnp.promote_types(jnp.result_type(transitions, inputs), jnp.float32)
+  a = jnp.moveaxis(transitions.astype(dtype), 1, 0)
+  b = jnp.moveaxis(inputs.astype(dtype), 1, 0)
+  zeros = jnp.zeros(b.shape[1:], dtype)
+  start = zeros if initial_state is None else initial_state.astype(dtype)
+  split = current_split()
+  if split is None:
+    entering, final = _affine_scan(a, b, start)
+    return jnp.moveaxis(entering, 0, 1), final
+
+  def step(carry, x):
+    prod, s = carry
+    a_n, b_n = x
+    return (jnp.matmul(a_n, prod), jnp.matmul(a_n, s) + b_n), (prod, s)
+
+  eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=dtype), a.shape[1:])
+  init = (_varying_like(eye, a, b), _varying_like(zeros, a, b))
+  (a_p, b_p), (prods, entering) = jax.lax.scan(step, init, (a, b))
+  a_all = jax.lax.all_gather(a_p, split.axis, to="invarying")  # [P,B,...,K,K]
+  b_all = jax.lax.all_gather(b_p, split.axis, to="invarying")  # [P,B,...,K,V]
+  incoming, final = _affine_scan(a_all, b_all, start)
+  s_in = incoming[jax.lax.axis_index(split.axis)]
+  entering = entering + jnp.matmul(prods, s_in)
+  return jnp.moveaxis(entering, 0, 1), final
 
 
 def positions(length):
