@@ -1,6 +1,7 @@
 """Pure functions on arrays (no Flax): the math of each mixer, in several forms that tests hold equal."""
 from mixers.ops import feature_maps, monarch_fft, positional
 from mixers.ops.attention import attention
+from mixers.ops.delta_rule import delta_rule, delta_rule_step
 from mixers.ops.lightnet import lightnet
 from mixers.ops.linear_attention import linear_attention, linear_attention_step
 from mixers.ops.long_conv import long_conv, long_conv_matrix

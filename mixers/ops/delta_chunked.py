@@ -1,0 +1,67 @@
+"""Chunked (WY / UT-transform) form of the (gated) delta rule: triangular solves inside chunks, states between.
+
+Inside a chunk of C tokens entered with state S, write S_t = exp(g_t) S_{t-1} + k_t u_t^T. With b the cumulative
+log-decay in the chunk (gamma_t = exp(b_t)) the pseudo-values u_t satisfy
+  u_t = beta_t (v_t - gamma_t k_t^T S - sum_{s<t} exp(b_t - b_s) (k_t . k_s) u_s),
+that is (I + A) U = diag(beta) V - diag(beta gamma) K S with A = strictly-lower(diag(beta) K K^T * exp(b_t - b_s)).
+One unit-lower-triangular solve (no inverse) gives U0 = (I + A)^-1 diag(beta) V and W = (I + A)^-1 diag(beta gamma) K,
+so U = U0 - W S (the product of the chunk's (I - beta k k^T) factors, gates folded in, is gamma_C I - K~^T W) and
+  o_t = scale (gamma_t q_t^T S + sum_{s<=t} exp(b_t - b_s) (q_t . k_s) u_s)
+  S'  = gamma_C S + K~^T U,   K~_s = exp(b_C - b_s) k_s,
+i.e. S' = A_n S + B_n with A_n = gamma_C I - K~^T W `[K,K]` and B_n = K~^T U0 `[K,V]`. The chunk states run
+through `sequence.affine_recurrence` (which also combines them across devices). Every exponent is a sum of
+log-decays over an interval (<= 0). Cost O(T C (K + V) + T C^2 + T K (K + V)); inputs of any float dtype are
+computed in float32 (float64 stays float64).
+"""
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from mixers.ops import sequence
+from mixers.ops.recurrence import shapes
+
+
+def _chunks(x, chunk, dtype):
+  """[B, T, H, ...] -> [B, N, H, C, ...] in `dtype`, zero-padded at the end to N*C tokens."""
+  pad = -x.shape[1] % chunk
+  x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return rearrange(x, "b (n c) h ... -> b n h c ...", c=chunk)
+
+
+def _decay_mask(b, strict):
+  """exp(b_t - b_s) for s < t (strict) or s <= t, else 0: `[..., C, C]` from b `[..., C]`."""
+  t = jnp.arange(b.shape[-1])
+  keep = (t[None, :] < t[:, None]) if strict else (t[None, :] <= t[:, None])
+  return jnp.exp(jnp.where(keep, b[..., :, None] - b[..., None, :], -jnp.inf))
+
+
+def wy(k, v, beta, b):
+  """Per chunk (k `[...,C,K]`, v `[...,C,V]`, beta and b `[...,C]`): (W `[...,C,K]`, U0 `[...,C,V]`)."""
+  a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * _decay_mask(b, strict=True)
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  solved = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  return solved[..., v.shape[-1]:], solved[..., :v.shape[-1]]
+
+
+def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64):
+  """(o `[B,T,H,V]` in the compute dtype, final state `[B,H,K,V]`); any T (zero-padded tokens with beta = 0
+  change nothing)."""
+  t = q.shape[1]
+  dtype = shapes.compute_dtype(q, k, v, beta)
+  chunk = min(chunk_size, t)
+  qc, kc, vc = (_chunks(a, chunk, dtype) for a in (q, k, v))  # [B,N,H,C,*]
+  betac = _chunks(beta, chunk, dtype)  # [B,N,H,C]
+  b = jnp.zeros_like(betac) if log_decay is None else jnp.cumsum(_chunks(log_decay, chunk, dtype), axis=-1)
+  w, u0 = wy(kc, vc, betac, b)
+  k_end = kc * jnp.exp(b[..., -1:] - b)[..., None]
+  eye = jnp.eye(kc.shape[-1], dtype=dtype)
+  transitions = jnp.exp(b[..., -1])[..., None, None] * eye - jnp.einsum("...sk,...sj->...kj", k_end, w)
+  inputs = jnp.einsum("...sk,...sv->...kv", k_end, u0)
+  entering, final = sequence.affine_recurrence(transitions, inputs, initial_state)  # [B,N,H,K,V]
+  u = u0 - jnp.einsum("...sk,...kv->...sv", w, entering)
+  scores = jnp.einsum("...tk,...sk->...ts", qc, kc) * _decay_mask(b, strict=False)
+  o = jnp.einsum("...tk,...kv->...tv", qc * jnp.exp(b)[..., None], entering) + jnp.einsum("...ts,...sv->...tv",
+                                                                                          scores, u)
+  o = rearrange(scale * o, "b n h c v -> b (n c) h v")[:, :t]
+  return o, final
