@@ -1,7 +1,7 @@
 """Logical-axis rules and the shardings they give parameters, optimizer state and batches.
 
 Layers name their dimensions logically (`batch`, `length`, `embed`, `heads`, `kv`, `mlp`, `vocab`,
-`conv`, `norm`); a rule list maps each name onto mesh axes. Rules are tried in order and a mesh
+`conv`, `norm`, and `layers` for scanned layers' stacked axis); a rule list maps each name onto mesh axes. Rules are tried in order and a mesh
 axis is used at most once per array, so `embed -> fsdp` applies to parameters while activations,
 whose `batch` already took `fsdp`, keep `embed` replicated.
 """
@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", "fsdp"),
     ("kv", None),
     ("conv", None),
+    ("layers", None),  # the stacked axis of scanned layers (nn.scan's metadata_params): replicated
 )
 
 
