@@ -2,8 +2,8 @@
 
 Layers name their dimensions logically (`batch`, `length`, `embed`, `heads`, `kv`, `mlp`, `vocab`,
 `conv`, `norm`, and `layers`: the stacked axis of scanned layers); a rule list maps each name onto mesh
-axes. Rules are tried in order and a mesh axis is used at most once per array, so `embed -> fsdp` applies to parameters while activations,
-whose `batch` already took `fsdp`, keep `embed` replicated.
+axes. Rules are tried in order and a mesh axis is used at most once per array, so `embed -> fsdp`
+applies to parameters while activations, whose `batch` already took `fsdp`, keep `embed` replicated.
 """
 from __future__ import annotations
 
