@@ -247,6 +247,30 @@ def test_lightnet_equals_single_device_with_state_and_gradients(causal):
     _close(u, w, tol=5e-5)
 
 
+def test_delta_rule_equals_single_device_with_state_and_gradients():
+  """Gated delta rule with an initial state: outputs, final state and gradients (q, k, v, beta, log_decay, S_0)."""
+  from mixers.ops.delta_rule import delta_rule  # pylint: disable=import-outside-toplevel
+  r = np.random.RandomState(14)
+  f = lambda *shape: jnp.asarray(r.randn(*shape), jnp.float32)
+  q, k, v = f(B, T, H, K), f(B, T, H, K), f(B, T, H, V)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta, g, s0 = jax.nn.sigmoid(f(B, T, H)), -0.3 * jnp.abs(f(B, T, H)), f(B, H, K, V)
+  cot = (f(B, T, H, V), f(B, H, K, V))
+
+  def loss(op):
+    def run(*a):
+      o, s = op(*a[:4], log_decay=a[4], initial_state=a[5], return_state=True, chunk_size=CHUNK)
+      return jnp.sum(o * cot[0]) + jnp.sum(s * cot[1]), (o, s)
+    return jax.jit(jax.value_and_grad(run, argnums=tuple(range(6)), has_aux=True))
+
+  (_, got), grads = loss(sequence_parallel(delta_rule, _mesh()))(q, k, v, beta, g, s0)
+  (_, want), grads_ref = loss(delta_rule)(q, k, v, beta, g, s0)
+  assert got[0].shape == (B, T, H, V)
+  for u, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, grads_ref))):
+    assert u.shape == w.shape
+    _close(u, w, tol=5e-5)
+
+
 def test_layers_run_sequence_parallel_under_a_sequence_mesh():
   """A GLA / Mamba2 / LightNet LM applied under a (data=2, sequence=4) mesh equals one device, and its
   compiled program all-gathers per-slice states `[P,B,H,K,V]` (the layers went sequence-parallel)."""
