@@ -31,10 +31,8 @@ FLAGS = {**{f"data.{k}": v for k, v in DATA.items()}, "model.d_model": 16, "mode
          "model.channel_mixer": "none", "batch_size": 8, "eval_batch_size": 16, "num_steps": NUM_STEPS,
          "checkpoint_every": EVERY, "log_every": EVERY, "eval_every": 0, "optimizer.learning_rate": 1e-2,
          "optimizer.warmup_steps": 3}
-
-
-# Every program compiled here, in the command-line runs or in this process, goes to one persistent compilation
-# cache: they all train, evaluate or restore the same model, so each is compiled once.
+# Every program compiled in this module, in this process or in the killed command, goes to one persistent
+# compilation cache: they all train, evaluate or restore the same model, so each is compiled once.
 CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0}
 
 
