@@ -138,9 +138,8 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
 
 def _varying_like(x, *refs):
   """x made to vary over the manual mesh axes that any of `refs` varies over (a valid scan carry beside them)."""
-  axes = set()
-  for r in refs:
-    axes |= set(jax.typeof(r).manual_axis_type.varying)
+  varying = lambda a: set(jax.typeof(a).manual_axis_type.varying)
+  axes = set().union(*(varying(r) for r in refs)) - varying(x)
   return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
@@ -150,7 +149,7 @@ def _affine_scan(transitions, inputs, start):
     a, b = x
     return jnp.matmul(a, s) + b, s
 
-  final, entering = jax.lax.scan(step, start, (transitions, inputs))
+  final, entering = jax.lax.scan(step, _varying_like(start, transitions, inputs), (transitions, inputs))
   return entering, final
 
 
