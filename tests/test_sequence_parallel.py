@@ -248,7 +248,8 @@ def test_lightnet_equals_single_device_with_state_and_gradients(causal):
 
 
 def test_delta_rule_equals_single_device_with_state_and_gradients():
-  """Gated delta rule with an initial state: outputs, final state and gradients (q, k, v, beta, log_decay, S_0)."""
+  """Gated delta rule with an initial state: outputs, final state and gradients (q, k, v, beta, log_decay, S_0);
+  DeltaNet from zero."""
   from mixers.ops.delta_rule import delta_rule  # pylint: disable=import-outside-toplevel
   r = np.random.RandomState(14)
   f = lambda *shape: jnp.asarray(r.randn(*shape), jnp.float32)
@@ -269,6 +270,8 @@ def test_delta_rule_equals_single_device_with_state_and_gradients():
   for u, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, grads_ref))):
     assert u.shape == w.shape
     _close(u, w, tol=5e-5)
+  plain = jax.jit(lambda *a: sequence_parallel(delta_rule, _mesh())(*a, chunk_size=CHUNK))(q, k, v, beta)
+  _close(plain, delta_rule(q, k, v, beta, chunk_size=CHUNK))  # no gate, no initial state
 
 
 def test_layers_run_sequence_parallel_under_a_sequence_mesh():
