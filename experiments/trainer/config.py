@@ -18,7 +18,10 @@ Fields:
   eval_batch_size
   checkpoint_every  steps between checkpoints (and one at the end)
   keep_checkpoints  the newest checkpoints kept
-  mesh              device mesh axis sizes, e.g. {"data": -1} (every device on data)
+  mesh              device mesh axis sizes, e.g. {"data": -1} (every device on data); every axis of
+                    `mixers.sharding.MESH_AXES` is there to override (`--config.mesh.sequence=2`)
+  process_axis      the mesh axis along which the processes (hosts) of a multi-host run lie, e.g. "sequence"
+                    to split each sequence across hosts; "" (default): jax's placement, processes along data
   plot              write PNG curves into workdir/plots at the end
   resume            False: move the workdir's previous run into workdir/archive/<date-time>/ and start afresh
                     (`experiments.trainer.resume`)
@@ -30,13 +33,14 @@ from experiments import data
 from experiments.data import data_config
 from experiments.trainer import optimizer as optimizer_lib
 from mixers import models
+from mixers import sharding
 
 # Top-level scalar fields: (default, smallest valid value).
 SCALARS = {"seed": (0, None), "batch_size": (64, 1), "num_steps": (1000, 1), "log_every": (50, 1),
            "eval_every": (500, 0), "eval_steps": (0, 0), "eval_batch_size": (256, 1), "checkpoint_every": (500, 1),
            "keep_checkpoints": (3, 1), "plot": (True, None), "resume": (True, None)}
 BOOLEANS = ("plot", "resume")
-FIELDS = ("data", "model", "optimizer", "mesh") + tuple(SCALARS)
+FIELDS = ("data", "model", "optimizer", "mesh", "process_axis") + tuple(SCALARS)
 
 
 def model_defaults():
@@ -53,7 +57,8 @@ def default_config(dataset):
   c.data = data_config.defaults(dataset)
   c.model = model_defaults()
   c.optimizer = optimizer_lib.default_config()
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1})
+  c.process_axis = ""
   for name, (default, _) in SCALARS.items():
     c[name] = default
   return c
@@ -138,6 +143,8 @@ def _check_values(c):
   for axis, size in c.mesh.items():
     if not isinstance(size, int) or isinstance(size, bool):
       raise ValueError(f"config.mesh.{axis}={size!r}: expected an integer (-1: every remaining device)")
+  if c.process_axis not in ("",) + sharding.MESH_AXES:
+    raise ValueError(f"config.process_axis={c.process_axis!r}: expected '' or one of {list(sharding.MESH_AXES)}")
 
 
 def _check_keys(where, given, valid):

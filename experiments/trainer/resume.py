@@ -20,9 +20,9 @@ ARCHIVE_DIR = "archive"
 # Run contents moved by archive(); the workdir lock and earlier archives stay.
 RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, "checkpoints", "corrupt_checkpoints", "tensorboard", "plots")
 # Fields that may change between the runs of one workdir: how often to log, evaluate and checkpoint, where the
-# data lie, the device mesh (checkpoints restore onto any mesh), and resume itself.
+# data lie, the device mesh and its layout over processes (checkpoints restore onto any mesh), and resume itself.
 OPERATIONAL = ("log_every", "eval_every", "eval_steps", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-               "plot", "resume", "mesh", "data.data_dir")
+               "plot", "resume", "mesh", "process_axis", "data.data_dir")
 
 
 class ConfigMismatchError(ValueError):
