@@ -27,6 +27,7 @@ import jax
 from experiments import plots
 from experiments.data import data_config
 from experiments.trainer import checkpoint
+from experiments.trainer import group
 from experiments.trainer import loop
 from experiments.trainer import workdir_lock
 from mixers import sharding
@@ -38,8 +39,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that stop a run with a message and exit status 1 rather than a traceback: bad configs (ValueError,
 # which includes a config or checkpoint that does not fit the workdir's run), a workdir held by another
-# trainer, a checkpoint that cannot be read, a non-finite loss.
-REFUSALS = (ValueError, workdir_lock.WorkdirLockedError, checkpoint.CheckpointRestoreError, loop.NonFiniteLossError)
+# trainer, a checkpoint that cannot be read, a non-finite loss, and (on the other processes of a multi-host run)
+# any of these on process 0 at a step that they wait for.
+REFUSALS = (ValueError, workdir_lock.WorkdirLockedError, checkpoint.CheckpointRestoreError, loop.NonFiniteLossError,
+            group.LeadProcessError)
 
 
 def switch_dataset(config, overrides):

@@ -31,12 +31,14 @@ class Experiment:
     return self.spec.task
 
   def batches(self, split, *, start_step=0, batch_size=None):
-    """This host's batches of `split` as global jax.Arrays sharded over the mesh's batch axes."""
-    it = data.get_dataset(self.config.data, split, seed=self.config.seed,
-                          batch_size=batch_size or self.config.batch_size, process_index=jax.process_index(),
-                          process_count=jax.process_count(), start_step=start_step)
+    """Global batches of `split` as jax.Arrays sharded over the mesh's batch axes; this host reads only the rows
+    its devices hold (`mixers.sharding.host_data_shard`)."""
+    batch_size = batch_size or self.config.batch_size
     batch_sh = sharding.batch_sharding(self.mesh)
-    return (sharding.global_batch(b, batch_sh) for b in it)
+    shard, num_shards = sharding.host_data_shard(batch_sh, batch_size)
+    it = data.get_dataset(self.config.data, split, seed=self.config.seed, batch_size=batch_size,
+                          process_index=shard, process_count=num_shards, start_step=start_step)
+    return (sharding.global_batch(b, batch_sh, batch_size) for b in it)
 
 
 def example_batch(spec, mesh):
@@ -54,7 +56,7 @@ def create(config):
   read-only result.
   """
   config, spec = config_lib.resolve(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), process_axis=config.process_axis or None)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % rows:
