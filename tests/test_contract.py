@@ -39,7 +39,8 @@ def test_op_signature(name):
 
 def test_registry_names():
   assert registry.names("sequence") == sorted(["attention", "linear_attention", "retention", "gla", "mamba2",
-                                               "hydra", "vssd", "m2", "lightnet"])
+                                               "hydra", "vssd", "m2", "lightnet", "delta_net",
+                                               "gated_delta_net"])
   assert registry.names("channel") == ["glu", "mlp", "monarch_mlp"]
   for name in registry.names("sequence"):
     assert "causal" in registry.get(name).__dataclass_fields__

@@ -5,6 +5,7 @@ Importing this package registers every mixer with `mixers.registry`.
 from mixers.layers.attention import Attention
 from mixers.layers.channel import GLU, MLP
 from mixers.layers.common import GatedRMSNorm, RMSNorm, ShortConv
+from mixers.layers.delta_net import DeltaNet, GatedDeltaNet
 from mixers.layers.gla import GLA
 from mixers.layers.hydra import Hydra
 from mixers.layers.lightnet import LightNet

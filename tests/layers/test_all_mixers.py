@@ -21,6 +21,8 @@ SMALL = {
     "vssd": dict(head_dim=8, state_dim=8),
     "m2": dict(max_len=32),
     "lightnet": dict(num_heads=2, gate_rank=4),
+    "delta_net": dict(num_heads=2, chunk_size=8),
+    "gated_delta_net": dict(num_heads=2, chunk_size=8),
 }
 CAUSAL = [n for n in registry.names("sequence") if registry.is_causal_capable(n)]
 NONCAUSAL = registry.names("sequence")
