@@ -22,6 +22,8 @@ MIXER_KWARGS = {
     "attention": dict(num_heads=2),
     "retention": dict(num_heads=2),
     "lightnet": dict(num_heads=2),
+    "delta_net": dict(num_heads=2),
+    "gated_delta_net": dict(num_heads=2),
 }
 
 
