@@ -4,21 +4,71 @@
     class GLA(nn.Module): ...
 
     layer = build_mixer("gla", num_heads=4)   # a flax.linen Module
+
+A registered class may declare `aliases = {"other_name": "field"}` (names other libraries use for the same
+argument, e.g. mamba_ssm's `d_state` for `state_dim`); its constructor then accepts them, and an unknown keyword is
+a TypeError that lists the valid ones.
 """
+import difflib
+import functools
 import importlib
 
 _REGISTRY = {"sequence": {}, "channel": {}}
 
 
+def fields(cls):
+  """The constructor arguments of a module class (its dataclass fields, less flax's parent and name)."""
+  return [f for f in getattr(cls, "__dataclass_fields__", {}) if f not in ("parent", "name")]
+
+
+def argument_error(cls, unknown):
+  """TypeError for unknown keyword(s) of `cls`, listing the valid arguments, accepted aliases and close matches."""
+  valid = fields(cls)
+  aliases = getattr(cls, "aliases", {})
+  close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid + list(aliases), n=2)})
+  hint = f" (did you mean {', '.join(close)}?)" if close else ""
+  alias_text = f"; aliases: {', '.join(f'{a}={f}' for a, f in sorted(aliases.items()))}" if aliases else ""
+  return TypeError(f"{cls.__name__} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}{hint}; "
+                   f"valid arguments: {', '.join(valid)}{alias_text}")
+
+
+def resolve_aliases(cls, kwargs):
+  """kwargs with `cls.aliases` renamed to their fields; TypeError for unknown keywords or an alias given twice."""
+  aliases = getattr(cls, "aliases", {})
+  out = {}
+  for key, value in kwargs.items():
+    field = aliases.get(key, key)
+    if field in out:
+      raise TypeError(f"{cls.__name__}: {key!r} and {field!r} name the same argument; give one")
+    out[field] = value
+  valid = set(fields(cls)) | {"parent", "name"}
+  unknown = [k for k in kwargs if aliases.get(k, k) not in valid]
+  if unknown:
+    raise argument_error(cls, unknown)
+  return out
+
+
+def _checked_init(cls):
+  init = cls.__init__
+
+  @functools.wraps(init)
+  def __init__(self, *args, **kwargs):
+    init(self, *args, **resolve_aliases(cls, kwargs))
+
+  cls.__init__ = __init__
+  return cls
+
+
 def register(name, kind="sequence"):
-  """Class decorator adding a module to the registry under `name`."""
+  """Class decorator adding a module to the registry under `name` (its constructor then accepts `aliases` and
+  names the valid arguments on a wrong keyword)."""
   if kind not in _REGISTRY:
     raise ValueError(f"kind must be one of {sorted(_REGISTRY)}, got {kind!r}")
 
   def wrap(cls):
     if name in _REGISTRY["sequence"] or name in _REGISTRY["channel"]:
       raise ValueError(f"mixer name {name!r} is already registered")
-    _REGISTRY[kind][name] = cls
+    _REGISTRY[kind][name] = _checked_init(cls)
     return cls
 
   return wrap
@@ -50,13 +100,15 @@ def get(name, kind=None):
 
 
 def build_mixer(name, **kwargs):
-  """Instantiates the registered mixer `name` with `kwargs` (its module attributes)."""
+  """Instantiates the registered mixer `name` with `kwargs` (its module attributes, or their `aliases`).
+
+  A wrong keyword is a ValueError listing the valid arguments.
+  """
   cls = get(name)
   try:
     return cls(**kwargs)
   except TypeError as e:
-    fields = [f for f in getattr(cls, "__dataclass_fields__", {}) if f not in ("parent", "name")]
-    raise ValueError(f"bad arguments for mixer {name!r}: {e}; valid arguments: {', '.join(fields)}") from None
+    raise ValueError(f"bad arguments for mixer {name!r}: {e}") from None
 
 
 def is_causal_capable(name):

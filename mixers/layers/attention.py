@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
-from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
+from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions, poison, within_capacity
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -16,8 +16,10 @@ from mixers.registry import register
 class Attention(nn.Module):
   """o = softmax(q k^T / sqrt(D)) v per head, then an output projection. x `[B,T,d_model]`.
 
-  Decoding keeps keys and values (the cached state) for as many positions as the input given to
-  `init(..., decode=True)`.
+  num_heads / head_dim (default d_model // num_heads) / num_kv_heads (grouped-query; divides num_heads);
+  rotary, rotary_base: rotary positions on q and k. dtype: computation (None: promote x and the parameters);
+  param_dtype: the parameters'. Decoding keeps keys and values for as many positions as the input given to
+  `init(..., decode=True)` (its capacity; decoding past it raises, or gives NaN under jit).
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
@@ -25,32 +27,51 @@ class Attention(nn.Module):
   causal: bool = True
   rotary: bool = True
   rotary_base: float = 10000.0
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
+
+  aliases = {"rope_theta": "rotary_base"}
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)` (x_full's length is the KV cache's capacity), then call
+      `apply({**variables, "cache": cache}, x_chunk, decode=True, mutable=["cache"])` chunk by chunk.
+    """
+    common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
-    head_dim = self.head_dim or d_model // self.num_heads
+    head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
+    if self.rotary and head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
+                       f"num_heads={self.num_heads})")
     proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
-                                                 dtype=self.dtype)
+                                                 dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(x), proj(kv_heads, "value")(x)
     pos = decode_positions(self, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
+    what = "the length of the input given to init(..., decode=True)"
 
     def attend(kv_cache):
       if kv_cache is None:
+        if decode:  # the call that makes the cache records its capacity
+          within_capacity(self, t, t, decode=True, what=what)
         return ops.attention(q, k, v, causal=self.causal, mask=mask), None
+      ok = within_capacity(self, pos[0, 0] + t, kv_cache[0].shape[1], decode=True, what=what)
       keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, pos[0, 0], 0, 0))
                       for c, a in zip(kv_cache, (k, v)))
       visible = jnp.arange(keys.shape[1])[None, None, None, :] <= pos[:, None, :, None]  # [B,1,T,L]
-      return ops.attention(q, keys, values, causal=False, mask=visible), (keys, values)
+      return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
 
     empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
     o = cached_recurrence(self, attend, empty_cache, decode=decode)
-    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype)(o)
+    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
+                             param_dtype=self.param_dtype)(o)

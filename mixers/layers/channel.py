@@ -14,13 +14,16 @@ class MLP(nn.Module):
   """y = act(x W1) W2, hidden width expansion * d_model."""
   expansion: float = 4.0
   activation: Callable = jax.nn.gelu
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    """y `[..., d]` from x `[..., d]` (position-wise)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = int(x.shape[-1] * self.expansion)
-    h = self.activation(common.projection(hidden, ("embed", "mlp"), name="up", dtype=self.dtype)(x))
-    return common.projection(x.shape[-1], ("mlp", "embed"), name="down", dtype=self.dtype)(h)
+    h = self.activation(common.projection(hidden, ("embed", "mlp"), name="up", **kw)(x))
+    return common.projection(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
 
 
 @register("glu", kind="channel")
@@ -29,12 +32,15 @@ class GLU(nn.Module):
   expansion: float = 8 / 3
   activation: Callable = jax.nn.silu
   multiple_of: int = 8
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    """y `[..., d]` from x `[..., d]` (position-wise)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = int(x.shape[-1] * self.expansion)
     hidden = -(-hidden // self.multiple_of) * self.multiple_of
-    gate = self.activation(common.projection(hidden, ("embed", "mlp"), name="gate", dtype=self.dtype)(x))
-    up = common.projection(hidden, ("embed", "mlp"), name="up", dtype=self.dtype)(x)
-    return common.projection(x.shape[-1], ("mlp", "embed"), name="down", dtype=self.dtype)(gate * up)
+    gate = self.activation(common.projection(hidden, ("embed", "mlp"), name="gate", **kw)(x))
+    up = common.projection(hidden, ("embed", "mlp"), name="up", **kw)(x)
+    return common.projection(x.shape[-1], ("mlp", "embed"), name="down", **kw)(gate * up)

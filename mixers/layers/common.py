@@ -12,6 +12,34 @@ Dtype = Any
 ACTIVATIONS = ("batch", "length", "embed")
 
 
+def compute_dtype(dtype, *arrays):
+  """flax's rule: `dtype` when given, else the promotion of the dtypes of `arrays` (inputs and parameters, or
+  dtypes), made floating."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  result = jnp.result_type(*(jnp.dtype(getattr(a, "dtype", a)) for a in arrays))
+  return result if jnp.issubdtype(result, jnp.inexact) else jnp.promote_types(result, jnp.float32)
+
+
+def check_x(module, x, *, grid=False):
+  """ValueError unless x is `[B,T,d_model]` (or, with `grid`, `[B,*spatial,d_model]`)."""
+  if x.ndim == 3 or (grid and x.ndim > 3):
+    return
+  expected = "[B,T,d_model] or [B,*spatial,d_model]" if grid else "[B,T,d_model]"
+  raise ValueError(f"{type(module).__name__}: x must have shape {expected}, got {tuple(x.shape)}")
+
+
+def head_width(num_heads, head_dim, d_model):
+  """The per-head width: `head_dim`, or d_model // num_heads (ValueError naming both when it does not divide)."""
+  if not isinstance(num_heads, int) or num_heads <= 0:
+    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+  if head_dim is not None:
+    return head_dim
+  if d_model % num_heads:
+    raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} (the last axis of x), or set head_dim")
+  return d_model // num_heads
+
+
 def constrain(x, axes=ACTIVATIONS):
   """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
   return nn.with_logical_constraint(x, axes)
@@ -72,6 +100,7 @@ class Projection(nn.Module):
   kernel_init: Optional[Callable] = None
   bias_init: Callable = nn.initializers.zeros
   dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -82,23 +111,23 @@ class Projection(nn.Module):
     init = self.kernel_init or nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
-                        tuple(x.shape[a] for a in axis) + self.features, jnp.float32)
-    dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+                        tuple(x.shape[a] for a in axis) + self.features, self.param_dtype)
+    dtype = compute_dtype(self.dtype, x, kernel)
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((axis, tuple(range(n_in))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.axes[n_in:]), self.features,
-                        jnp.float32)
+                        self.param_dtype)
       y = y + bias.astype(dtype)
     return y
 
 
 def projection(features, axes: Sequence[str], *, axis=-1, use_bias=False, kernel_init=None, name=None,
-               dtype=None, bias_init=nn.initializers.zeros):
+               dtype=None, param_dtype=jnp.float32, bias_init=nn.initializers.zeros):
   """A `Projection` to `features` (int or tuple) whose kernel carries the logical `axes` (input then output)."""
   features = (features,) if isinstance(features, int) else tuple(features)
   axis = (axis,) if isinstance(axis, int) else tuple(axis)
   return Projection(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, kernel_init=kernel_init,
-                    bias_init=bias_init, dtype=dtype, name=name)
+                    bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def rms_normalize(x, eps):
@@ -107,15 +136,17 @@ def rms_normalize(x, eps):
 
 
 class RMSNorm(nn.Module):
-  """y = x / rms(x) * scale over the last axis, computed in float32."""
+  """y = x / rms(x) * scale over the last axis, computed in float32; returned in `dtype` (None: x's and scale's)."""
   eps: float = 1e-6
   axis_name: Optional[str] = "embed"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), jnp.float32)
-    return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
+                       (x.shape[-1],), self.param_dtype)
+    return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(compute_dtype(self.dtype, x, scale))
 
 
 class GatedRMSNorm(nn.Module):
@@ -124,6 +155,8 @@ class GatedRMSNorm(nn.Module):
   norm_before_gate: bool = False
   group_size: Optional[int] = None
   axis_name: Optional[str] = "mlp"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, z):
@@ -132,7 +165,8 @@ class GatedRMSNorm(nn.Module):
     if d % g:
       raise ValueError(f"group_size={g} must divide the feature size {d} of x {x.shape}")
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (d,), jnp.float32)
+                       (d,), self.param_dtype)
+    out_dtype = compute_dtype(self.dtype, z, scale)
     gate = jax.nn.silu(z.astype(jnp.float32))
     x = x.astype(jnp.float32)
     if not self.norm_before_gate:
@@ -140,7 +174,7 @@ class GatedRMSNorm(nn.Module):
     y = rms_normalize(x.reshape(*x.shape[:-1], d // g, g), self.eps).reshape(x.shape)
     if self.norm_before_gate:
       y = y * gate
-    return (y * scale).astype(z.dtype)
+    return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
 def torch_conv_init(width):
@@ -163,16 +197,20 @@ class ShortConv(nn.Module):
   channel_axis: Optional[str] = None
   kernel_init: Callable = nn.initializers.lecun_normal(in_axis=0, out_axis=1)
   bias_init: Callable = nn.initializers.zeros
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """x `[B,T,C]` -> y `[B,T,C]`; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache."""
     if x.ndim != 3:
       raise ValueError(f"x must be [B,T,C], got shape {x.shape}")
     b, t, c = x.shape
     w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("conv", self.channel_axis)),
-                   (self.width, c))
-    bias = (self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)), (c,))
-            if self.use_bias else None)
+                   (self.width, c), self.param_dtype)
+    bias = (self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)), (c,),
+                       self.param_dtype) if self.use_bias else None)
+    x = x.astype(compute_dtype(self.dtype, x, w))
     if mask is not None:
       x = x * mask[..., None].astype(x.dtype)
     window = self.width - 1

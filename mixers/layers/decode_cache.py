@@ -1,12 +1,22 @@
 """Decode caches: what a causal layer carries from one `decode=True` call to the next, in the `cache` collection.
 
+The protocol: `layer.init(key, x_full, decode=True)["cache"]` makes an empty cache for inputs shaped like x_full
+(its batch size is the one to decode with; attention's KV cache holds x_full's length), then each
+`layer.apply({**variables, "cache": cache}, x_chunk, decode=True, mutable=["cache"])` reads a chunk of one or more
+new tokens and returns `(y_chunk, {"cache": updated})`; the chunks' outputs equal the full forward's.
+
 Every carried value goes through `cached_recurrence`: a recurrent state (any pytree: an SSM state, (S, z), a KV
-cache), the position of the next token (`decode_positions`) and a short conv's window (`ShortConv`).
+cache), the position of the next token (`decode_positions`) and a short conv's window (`ShortConv`). A layer whose
+cache holds a bounded number of positions (attention's KV cache, M2's history, cosFormer's positions) keeps that
+bound in `cache[..]["capacity"]` and checks every chunk against it with `within_capacity`: past it, a concrete
+position raises and a traced one (under jit) turns the outputs into NaN, never silently wrong numbers.
 """
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_decode(module: nn.Module, decode: bool):
@@ -15,11 +25,22 @@ def check_decode(module: nn.Module, decode: bool):
     raise ValueError(f"decode=True needs causal=True: a non-causal {type(module).__name__} cannot decode")
 
 
+def _check_batch(module, name, carry, zeros):
+  """ValueError when the cache was made for another batch size than the one being decoded."""
+  expected = jax.eval_shape(zeros)
+  for have, want in zip(jax.tree.leaves(carry), jax.tree.leaves(expected)):
+    if np.ndim(have) and want.ndim and np.shape(have)[0] != want.shape[0]:
+      raise ValueError(f"{type(module).__name__}: decoding a batch of {want.shape[0]} sequences with a cache made "
+                       f"for a batch of {np.shape(have)[0]}; make the cache with init(..., decode=True) on an input "
+                       f"of the batch size you decode")
+
+
 def cached_recurrence(module: nn.Module, run: Callable, zeros: Callable, *, decode: bool, name: str = "state"):
   """y from `run(carry) -> (y, new_carry)`, with the carry kept in `cache[name]` when decoding.
 
-  `zeros()` makes the carry at the start of a sequence (any pytree). Outside decode mode, and in the decode call
-  that creates the cache (inside `init`), `run` gets None (the start of the sequence) and nothing is kept.
+  `zeros()` makes the carry at the start of a sequence (any pytree; leaves with a batch axis have it first). Outside
+  decode mode, and in the decode call that creates the cache (inside `init`), `run` gets None (the start of the
+  sequence) and nothing is kept. A cache made for another batch size is a ValueError naming both sizes.
   """
   if not decode:
     return run(None)[0]
@@ -27,6 +48,7 @@ def cached_recurrence(module: nn.Module, run: Callable, zeros: Callable, *, deco
   carry = module.variable("cache", name, zeros)
   if not existed:
     return run(None)[0]
+  _check_batch(module, name, carry.value, zeros)
   y, carry.value = run(carry.value)
   return y
 
@@ -40,3 +62,32 @@ def decode_positions(module: nn.Module, batch: int, length: int, *, decode: bool
     return steps + start, start + length
 
   return cached_recurrence(module, advance, lambda: jnp.zeros((), jnp.int32), decode=decode, name="position")
+
+
+def within_capacity(module: nn.Module, end, capacity: int, *, decode: bool, what: str):
+  """True (a bool scalar) when tokens up to position `end` (exclusive) fit a cache of `capacity` positions.
+
+  When decoding, records `cache['capacity']`. A concrete `end` past the capacity raises ValueError naming `what`
+  (the setting that sizes the cache); a traced one (under jit) gives False, for `poison` to turn outputs into NaN.
+  """
+  if decode:
+    module.variable("cache", "capacity", lambda: jnp.asarray(capacity, jnp.int32))
+  if not isinstance(end, jax.core.Tracer) and int(end) > capacity:
+    raise ValueError(f"{type(module).__name__}: decoding up to position {int(end)} past the cache's capacity of "
+                     f"{capacity} positions ({what})")
+  return jnp.asarray(end) <= capacity
+
+
+def poison(y, ok):
+  """y where `ok`, NaN elsewhere (ok a bool scalar from `within_capacity`)."""
+  return jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype))
+
+
+def decode_capacity(cache):
+  """The fewest positions any bounded cache in `cache` (a model's or a layer's `cache` collection) holds, or None.
+
+  Read it after `init(..., decode=True)` to check a decoding budget before decoding.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(cache)[0]
+  caps = [int(np.min(np.asarray(v))) for path, v in flat if getattr(path[-1], "key", None) == "capacity"]
+  return min(caps) if caps else None

@@ -15,7 +15,9 @@ class GLA(nn.Module):
   """S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(Dk), log a_t = logsigmoid(x W1 W2 + b) / tau.
 
   The gate is low-rank (W1: d_model x gate_rank) and divided by tau = gate_logit_normalizer (GLA's 16), so
-  decays start close to 1. Per-head RMSNorm and a swish output gate; non-causal runs the gates both ways.
+  decays start close to 1. Per-head RMSNorm (norm_eps) and a swish output gate; non-causal runs the gates both
+  ways. Key / value widths are expand_k * d_model and expand_v * d_model over num_heads heads. dtype: computation
+  (None: promote x and the parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
   expand_k: float = 0.5
@@ -24,13 +26,25 @@ class GLA(nn.Module):
   gate_logit_normalizer: float = 16.0
   short_conv: bool = False
   conv_width: int = 4
+  norm_eps: float = 1e-6
   causal: bool = True
   chunk_size: int = 64
   impl: str = "auto"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
+
+  aliases = {**linear_family.FLA_ALIASES, "gate_low_rank_dim": "gate_rank"}
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    """
+    common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
     d_model = x.shape[-1]
@@ -39,15 +53,15 @@ class GLA(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} must divide the key width {key_total} and value width "
                        f"{value_total} (d_model={d_model}, expand_k={self.expand_k}, expand_v={self.expand_v})")
     dk, dv = key_total // self.num_heads, value_total // self.num_heads
-    q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, self.dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, **kw)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          decode=decode)
-    low = common.projection(self.gate_rank, ("embed", None), name="gate_down", dtype=self.dtype)(x)
-    logits = common.projection((self.num_heads, dk), (None, "heads", "kv"), use_bias=True, name="gate_up",
-                               dtype=self.dtype)(low)
+                                          decode=decode, **kw)
+    low = common.projection(self.gate_rank, ("embed", None), name="gate_down", **kw)(x)
+    logits = common.projection((self.num_heads, dk), (None, "heads", "kv"), use_bias=True, name="gate_up", **kw)(low)
     log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / self.gate_logit_normalizer
     k, v, log_decay = linear_family.mask_tokens(mask, k, v, log_decay)
     o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
                              chunk_size=self.chunk_size, impl=self.impl)
-    return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)
+    return linear_family.OutputPath(norm=True, gate=True, norm_eps=self.norm_eps, name="output", **kw)(o, x)

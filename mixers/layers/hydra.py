@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import GatedRMSNorm, check_mask, projection
+from mixers.layers.common import GatedRMSNorm, check_mask, check_x, projection
 from mixers.layers.ssm_family import SSMLayer
 from mixers.registry import register
 
@@ -34,12 +34,13 @@ class Hydra(SSMLayer):
   def operands(self, x, *, mask=None, decode=False):
     """The quasiseparable op's operands for x `[B,T,d]`: (dict x `[B,T,H,P]`, dt, B, C as (forward, backward)
     pairs, A `[H]`, D `[B,T,H]`, mask `[B,T]`; gate z `[B,T,inner]`)."""
+    check_x(self, x)
     self.check_modes(decode)
     mask = check_mask(mask, x.shape)
     z, xs, [(bf, cf, dtf), (bb, cb, dtb)] = self.project(x, mask, directions=2)
     b, t, h, p = xs.shape
-    ssm = self.ssm(h)
-    d_tok = projection(h, ("mlp", "heads"), name="fc_D", dtype=self.dtype)(xs.reshape(b, t, h * p))
+    ssm = self.ssm_params(h)
+    d_tok = projection(h, ("mlp", "heads"), name="fc_D", **self.kw())(xs.reshape(b, t, h * p))
     return dict(x=xs, dt=(ssm.steps(dtf, mask), ssm.steps(dtb, mask)), A=ssm.A(), B=(bf, bb), C=(cf, cb),
                 D=d_tok.astype(jnp.float32) + ssm.D, mask=mask), z
 
@@ -50,10 +51,15 @@ class Hydra(SSMLayer):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]` (bidirectional).
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens leak into no real token), or None.
+    decode: must be False (Hydra is non-causal).
+    """
     operands, z = self.operands(x, mask=mask, decode=decode)
     y = ops.quasiseparable(**operands, chunk_size=self.chunk_size, impl=self.impl)
     return self.output(y, z, x.shape[-1])
 
   def gate(self, y, z):
     """rmsnorm(y) * silu(z)."""
-    return GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, name="norm")(y, z)
+    return GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, name="norm", **self.kw())(y, z)

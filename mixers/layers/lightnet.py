@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import GatedRMSNorm, constrain, grid_tokens, projection
+from mixers.layers.common import Dtype, GatedRMSNorm, check_x, constrain, grid_tokens, head_width, projection
 from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
 from mixers.layers.positional import MdLrpe
 from mixers.ops import positional
@@ -29,6 +29,8 @@ class LightNet(nn.Module):
   num_heads: heads H; head_dim: key channels K per head (default d // H); values take d // H per head.
   gate_rank: rank of the output gate. use_lrpe / lrpe_base: MD-LRPE on q and k (doubles the state's key axis).
   grid_shape: read a `[B,T,d]` input as this grid (non-causal). chunk_size, impl: of the causal core.
+  norm_eps: of the gated output norm. dtype: computation (None: promote x and the parameters); param_dtype: the
+  parameters'.
   """
   num_heads: int = 8
   head_dim: Optional[int] = None
@@ -40,7 +42,8 @@ class LightNet(nn.Module):
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   def _coordinates(self, grid, batch, length, decode):
     """Token coordinates `[B or 1, T, n]` on the n-D grid; 1-D positions continue from the cache when decoding."""
@@ -50,16 +53,24 @@ class LightNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y of x's shape from x `[B,T,d_model]` or a token grid `[B,*spatial,d_model]` (non-causal).
+
+    mask: `[B,T]` or `[B,*spatial]` bool, True at real tokens (padded tokens add nothing), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    """
+    check_x(self, x, grid=True)
     check_decode(self, decode)
     xf, grid, mask = grid_tokens(self, x, mask)
     b, t, d = xf.shape
     h = self.num_heads
-    if d % h:
-      raise ValueError(f"num_heads={h} must divide the width {d} of x {tuple(x.shape)}")
-    dk, dv = self.head_dim or d // h, d // h
-    q = jax.nn.silu(projection((h, dk), ("embed", "heads", "kv"), name="q_proj", dtype=self.dtype)(xf))
-    k = projection((h, dk), ("embed", "heads", "kv"), name="k_proj", dtype=self.dtype)(xf)
-    v = projection((h, dv), ("embed", "heads", "kv"), name="v_proj", dtype=self.dtype)(xf)
+    dv = head_width(h, None, d)
+    dk = self.head_dim or dv
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = jax.nn.silu(projection((h, dk), ("embed", "heads", "kv"), name="q_proj", **kw)(xf))
+    k = projection((h, dk), ("embed", "heads", "kv"), name="k_proj", **kw)(xf)
+    v = projection((h, dv), ("embed", "heads", "kv"), name="v_proj", **kw)(xf)
     phases = MdLrpe(self.lrpe_base).phases(self._coordinates(grid, b, t, decode), dk) if self.use_lrpe else None
 
     def mix(state):
@@ -71,9 +82,9 @@ class LightNet(nn.Module):
       return jnp.zeros((b, h, key_dim, dv), jnp.float32), jnp.full((b, h, dk), -jnp.inf, jnp.float32)
 
     o = cached_recurrence(self, mix, zero_state, decode=decode)
-    gate = projection(self.gate_rank, ("embed", "mlp"), name="gate_down", dtype=self.dtype)(xf)
+    gate = projection(self.gate_rank, ("embed", "mlp"), name="gate_down", **kw)(xf)
     # The gate scales the heads' outputs, so it carries their axes (heads, kv), not embed.
-    gate = projection((h, dv), ("mlp", "heads", "kv"), name="gate_up", dtype=self.dtype)(gate).reshape(b, t, h * dv)
-    o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name="embed")(o.reshape(b, t, h * dv), gate)
-    y = projection(d, ("mlp", "embed"), name="out_proj", dtype=self.dtype)(o)
+    gate = projection((h, dv), ("mlp", "heads", "kv"), name="gate_up", **kw)(gate).reshape(b, t, h * dv)
+    o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name="embed", **kw)(o.reshape(b, t, h * dv), gate)
+    y = projection(d, ("mlp", "embed"), name="out_proj", **kw)(o)
     return constrain(y).reshape(x.shape)

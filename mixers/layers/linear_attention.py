@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers.layers import common, linear_family
-from mixers.layers.decode_cache import check_decode, decode_positions
+from mixers.layers.decode_cache import check_decode, decode_positions, poison, within_capacity
 from mixers.ops import feature_maps
 from mixers.registry import register
 
@@ -19,6 +19,10 @@ class LinearAttention(nn.Module):
   feature_map: identity | elu (elu+1) | relu | taylor (Based, 1 + q.k + (q.k)^2/2 on `feature_dim`-wide
   projections scaled by feature_dim^-1/4) | cosformer (relu, reweighted by cos(pi (t-s) / 2 max_len)) |
   hedgehog (learned [softmax(qW), softmax(-qW)]). Decoding keeps (S, z) in the cache: O(1) per token.
+  num_heads / head_dim (default d_model // num_heads); short_conv, conv_width: short convs on q, k, v;
+  output_gate / output_norm (norm_eps): the swish gate and per-head RMSNorm before the output projection;
+  max_len: cosformer's position bound (longer inputs, and decoding past it, are refused). dtype: computation
+  (None: promote x and the parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
@@ -29,12 +33,16 @@ class LinearAttention(nn.Module):
   conv_width: int = 4
   output_gate: bool = False
   output_norm: bool = False
+  norm_eps: float = 1e-6
   causal: bool = True
   max_len: int = 8192
   eps: float = 1e-6
   chunk_size: int = 64
   impl: str = "auto"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
+
+  aliases = {**linear_family.FLA_ALIASES, "use_output_gate": "output_gate", "use_output_norm": "output_norm"}
 
   def _phi(self, x, pos, name):
     if self.feature_map == "taylor":
@@ -44,28 +52,46 @@ class LinearAttention(nn.Module):
     if self.feature_map == "hedgehog":
       h, d = x.shape[-2:]
       identity = lambda key, shape: jnp.broadcast_to(jnp.eye(d), shape)
-      w = self.param(name, nn.with_logical_partitioning(identity, ("heads", None, None)), (h, d, d))
-      return feature_maps.hedgehog(x, w)
+      w = self.param(name, nn.with_logical_partitioning(identity, ("heads", None, None)), (h, d, d), self.param_dtype)
+      return feature_maps.hedgehog(x, w.astype(x.dtype))
     return feature_maps.get(self.feature_map)(x)
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens add nothing to the state), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk.
+    """
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
+    common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
-    head_dim = self.head_dim or d_model // self.num_heads
-    q, k, v = linear_family.qkv_projections(x, self.num_heads, self.feature_dim or head_dim, head_dim, self.dtype)
+    head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, self.feature_dim or head_dim, head_dim, **kw)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          decode=decode)
+                                          decode=decode, **kw)
     pos = decode_positions(self, b, t, decode=decode)
+    ok = None
+    if self.feature_map == "cosformer":  # its reweighting holds for positions up to max_len only
+      if t > self.max_len:
+        raise ValueError(f"feature_map='cosformer' with max_len={self.max_len} reads at most {self.max_len} "
+                         f"tokens, got x {tuple(x.shape)}")
+      if decode:
+        ok = within_capacity(self, pos[0, -1] + 1, self.max_len, decode=True, what=f"max_len={self.max_len}")
     q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
     k, v = linear_family.mask_tokens(mask, k, v)
     phi_dim = q.shape[-1]
     scale = 1.0 if self.normalize else phi_dim ** -0.5
     o = linear_family.attend(self, q, k, v, decode=decode, normalize=self.normalize, causal=self.causal,
                              scale=scale, eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
-    return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, dtype=self.dtype,
-                                    name="output")(o, x)
+    if ok is not None:
+      o = poison(o, ok)
+    return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, norm_eps=self.norm_eps,
+                                    name="output", **kw)(o, x)

@@ -10,29 +10,34 @@ from mixers.layers import common
 from mixers.layers.decode_cache import cached_recurrence
 
 
-def heads_projection(num_heads, head_dim, name, dtype=None):
+FLA_ALIASES = {"use_short_conv": "short_conv", "conv_size": "conv_width"}  # fla's names for the same arguments
+
+
+def heads_projection(num_heads, head_dim, name, dtype=None, param_dtype=jnp.float32):
   """x `[B,T,d_model]` -> `[B,T,H,D]`, kernel axes (embed, heads, kv)."""
-  return common.projection((num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype)
+  return common.projection((num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype,
+                           param_dtype=param_dtype)
 
 
-def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None):
+def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jnp.float32):
   """q, k `[B,T,H,key_dim]` and v `[B,T,H,value_dim]` from x `[B,T,d_model]` (kernels query, key, value)."""
-  q = heads_projection(num_heads, key_dim, "query", dtype)(x)
-  k = heads_projection(num_heads, key_dim, "key", dtype)(x)
-  return q, k, heads_projection(num_heads, value_dim, "value", dtype)(x)
+  q = heads_projection(num_heads, key_dim, "query", dtype, param_dtype)(x)
+  k = heads_projection(num_heads, key_dim, "key", dtype, param_dtype)(x)
+  return q, k, heads_projection(num_heads, value_dim, "value", dtype, param_dtype)(x)
 
 
-def conv_heads(x, name, *, causal, width, mask, decode):
+def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32):
   """Short depthwise conv over time on a `[B,T,H,D]` tensor (channels = H*D)."""
   b, t, h, d = x.shape
-  y = common.ShortConv(width=width, causal=causal, channel_axis="heads", name=name)(
-      x.reshape(b, t, h * d), mask=mask, decode=decode)
+  y = common.ShortConv(width=width, causal=causal, channel_axis="heads", dtype=dtype, param_dtype=param_dtype,
+                       name=name)(x.reshape(b, t, h * d), mask=mask, decode=decode)
   return y.reshape(b, t, h, d)
 
 
-def short_convs(q, k, v, *, causal, width, mask, decode):
+def short_convs(q, k, v, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32):
   """Separate short convs over q, k and v (named conv_q, conv_k, conv_v), as in fla's layers."""
-  conv = lambda a, n: conv_heads(a, n, causal=causal, width=width, mask=mask, decode=decode)
+  conv = lambda a, n: conv_heads(a, n, causal=causal, width=width, mask=mask, decode=decode, dtype=dtype,
+                                 param_dtype=param_dtype)
   return conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
 
 
@@ -64,14 +69,17 @@ class OutputPath(nn.Module):
   """o `[B,T,H,V]` -> optional per-head RMSNorm -> optional swish gate from x -> projection to d_model."""
   norm: bool = True
   gate: bool = True
+  norm_eps: float = 1e-6
   dtype: Optional[jnp.dtype] = None
+  param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, o, x):
     b, t, h, dv = o.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.norm:
-      o = common.RMSNorm(axis_name="kv", name="head_norm")(o)
+      o = common.RMSNorm(self.norm_eps, axis_name="kv", name="head_norm", **kw)(o)
     if self.gate:
-      g = common.projection((h, dv), ("embed", "heads", "kv"), name="gate", dtype=self.dtype)(x)
+      g = common.projection((h, dv), ("embed", "heads", "kv"), name="gate", **kw)(x)
       o = o * jax.nn.silu(g.astype(jnp.float32)).astype(o.dtype)
-    return common.projection(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype)(o)
+    return common.projection(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(o)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import GatedRMSNorm, check_mask
+from mixers.layers.common import GatedRMSNorm, check_mask, check_x
 from mixers.layers.decode_cache import cached_recurrence
 from mixers.layers.ssm_family import SSMLayer
 from mixers.registry import register
@@ -27,6 +27,7 @@ class Mamba2(SSMLayer):
   def operands(self, x, *, mask=None, decode=False):
     """The SSD's operands for x `[B,T,d]`: (dict x `[B,T,H,P]`, dt `[B,T,H]`, A `[H]`, B, C `[B,T,G,N]`, D `[H]`;
     gate z `[B,T,inner]`)."""
+    check_x(self, x)
     self.check_modes(decode)
     return self.ssd_operands(x, check_mask(mask, x.shape), decode=decode)
 
@@ -41,6 +42,13 @@ class Mamba2(SSMLayer):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    """
     operands, z = self.operands(x, mask=mask, decode=decode)
     b, _, h, p = operands["x"].shape
 
@@ -54,4 +62,4 @@ class Mamba2(SSMLayer):
 
   def gate(self, y, z):
     """rmsnorm(y * silu(z)) over groups of inner / num_groups channels."""
-    return GatedRMSNorm(eps=self.norm_eps, group_size=y.shape[-1] // self.num_groups, name="norm")(y, z)
+    return GatedRMSNorm(eps=self.norm_eps, group_size=y.shape[-1] // self.num_groups, name="norm", **self.kw())(y, z)

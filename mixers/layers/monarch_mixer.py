@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixers.layers.common import ShortConv, check_mask, constrain, projection
-from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
+from mixers.layers.common import Dtype, ShortConv, check_mask, check_x, compute_dtype, constrain, projection
+from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions, poison, within_capacity
 from mixers.ops.long_conv import long_conv, long_conv_matrix
 from mixers.registry import register
 
@@ -26,7 +26,8 @@ class ImplicitFilter(nn.Module):
 
   z(j) = [j/L, cos(2 pi f j / L), sin(2 pi f j / L)] for (emb_dim-1)/2 frequencies f; the MLP is
   Dense-sin-Dense-sin-Dense with `sin(freq * .)` activations (freq learned, initialised to `sin_freq`).
-  Decay rates span `log(target)/fast_decay_pct .. log(target)/slow_decay_pct` across channels.
+  Decay rates span `log(target)/fast_decay_pct .. log(target)/slow_decay_pct` across channels. Computed in
+  float32 whatever the parameters' dtype (`param_dtype`): sines of large arguments need the precision.
   """
   features: int
   order: int = 64
@@ -36,6 +37,7 @@ class ImplicitFilter(nn.Module):
   fast_decay_pct: float = 0.3
   slow_decay_pct: float = 1.5
   decay_target: float = 1e-2
+  param_dtype: Dtype = jnp.float32
 
   def positional_features(self, lags):
     t = lags.astype(jnp.float32)[:, None] / self.length_scale
@@ -50,14 +52,15 @@ class ImplicitFilter(nn.Module):
       raise ValueError(f"emb_dim must be odd and >= 3 (time, cosine and sine), got {self.emb_dim}")
     t, z = self.positional_features(lags)
     freq = self.param("sin_freq", nn.with_logical_partitioning(
-        nn.initializers.constant(self.sin_freq), (None,)), (self.order,), jnp.float32)
+        nn.initializers.constant(self.sin_freq), (None,)), (self.order,), self.param_dtype)
+    dense = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
     h = z
     for i in range(2):
       h = nn.Dense(self.order, name=f"dense_{i}", kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), (None, None)))(h)
-      h = jnp.sin(freq * h)
+          nn.initializers.lecun_normal(), (None, None)), **dense)(h)
+      h = jnp.sin(freq.astype(jnp.float32) * h)
     h = nn.Dense(self.features, use_bias=False, name="dense_out", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), (None, "mlp")))(h)
+        nn.initializers.lecun_normal(), (None, "mlp")), **dense)(h)
     max_decay = np.log(self.decay_target) / self.fast_decay_pct
     min_decay = np.log(self.decay_target) / self.slow_decay_pct
     deltas = jnp.abs(jnp.linspace(min_decay, max_decay, self.features, dtype=jnp.float32))
@@ -68,28 +71,38 @@ class ImplicitFilter(nn.Module):
 class MonarchMixer(nn.Module):
   """M2 mixer: x `[B,T,d]` -> y `[B,T,d]`; any T (long convolutions in O(T log T)).
 
-  causal: one-sided filter and causal short conv (decodes); else bidirectional filter, centred conv.
-  max_len: length scale of the filter's positions, and the decode cache length (decoding past it
-    is not supported). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
+  causal (default True, as every causal-capable mixer): one-sided filter and causal short conv (decodes); False:
+    bidirectional filter, centred conv (M2-BERT).
+  max_len: length scale of the filter's positions, and the decode cache length (decoding past it raises, or gives
+    NaN under jit). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
     positional features and sine frequency. short_width: the short conv's window.
-  conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`.
+  conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`. dtype: computation (None: promote
+  x and the parameters); param_dtype: the parameters'. The filter and the long convolution run in float32.
 
   Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (the state, `[B, max_len, d]`),
   the position and the short conv's window; a step costs O(T) per token (the whole filter against the history),
   a chunk of c > 1 tokens one long convolution over the history.
   """
-  causal: bool = False
+  causal: bool = True
   max_len: int = 2048
   filter_order: int = 64
   emb_dim: int = 5
   sin_freq: float = 10.0
   short_width: int = 3
   conv_impl: str = "fft"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   supports_causal = True
 
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens leak into no real token), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk; at most `max_len` positions in all.
+    """
     return self._mix(x, mask, decode, matrix=False)
 
   def mixing_matrix(self, x, *, mask=None):
@@ -99,7 +112,7 @@ class MonarchMixer(nn.Module):
 
   def _filters(self, t, d):
     kw = dict(features=d, order=self.filter_order, emb_dim=self.emb_dim, length_scale=self.max_len,
-              sin_freq=self.sin_freq)
+              sin_freq=self.sin_freq, param_dtype=self.param_dtype)
     lags = jnp.arange(t)
     k = ImplicitFilter(**kw, name="filter")(lags)
     k_rev = None if self.causal else ImplicitFilter(**kw, name="filter_rev")(lags)
@@ -107,21 +120,21 @@ class MonarchMixer(nn.Module):
 
   @nn.compact
   def _mix(self, x, mask, decode, matrix):
-    if x.ndim != 3:
-      raise ValueError(f"x must have shape [B, T, d_model], got {tuple(x.shape)}")
+    check_x(self, x)
     check_decode(self, decode)
     b, t, d = x.shape
     mask = check_mask(mask, x.shape)
-    dtype = self.dtype or x.dtype
-    u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", dtype=dtype)(x)
+    dtype = compute_dtype(self.dtype, x, self.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=self.param_dtype)
+    u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", **kw)(x)
     u = ShortConv(width=self.short_width, causal=self.causal, activation=None, channel_axis="mlp",
-                  name="short_conv")(u, mask=mask, decode=decode)
+                  name="short_conv", **kw)(u, mask=mask, decode=decode)
     x1, x2, v = jnp.split(u, 3, axis=-1)
     gated = x1 * v
     if mask is not None:
       gated = gated * mask[..., None].astype(gated.dtype)
     skip = self.param("skip", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",)), (d,),
-                      jnp.float32)
+                      self.param_dtype).astype(jnp.float32)
 
     if matrix:
       k, k_rev = self._filters(t, d)
@@ -132,6 +145,7 @@ class MonarchMixer(nn.Module):
       return M, v
 
     start = decode_positions(self, b, t, decode=decode)[0, 0]
+    ok = within_capacity(self, start + t, self.max_len, decode=True, what=f"max_len={self.max_len}") if decode else None
 
     def convolve(history):
       if history is None:
@@ -140,9 +154,10 @@ class MonarchMixer(nn.Module):
       return self._decode_conv(history, start, gated)
 
     y = cached_recurrence(self, convolve, lambda: jnp.zeros((b, self.max_len, d), jnp.float32), decode=decode)
+    if ok is not None:
+      y = poison(y, ok)
     y = (y + skip * gated.astype(jnp.float32)).astype(dtype) * x2
-    out = projection(d, ("mlp", "embed"), use_bias=True, name="out_proj", dtype=dtype)(y)
-    return constrain(out).astype(x.dtype)
+    return constrain(projection(d, ("mlp", "embed"), use_bias=True, name="out_proj", **kw)(y))
 
   def _decode_conv(self, history, start, gated):
     """(long convolution of a chunk starting at `start` against the history `[B,max_len,d]`, updated history)."""

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import constrain
+from mixers.layers.common import Dtype, compute_dtype, constrain
 from mixers.ops.monarch import monarch, monarch_matrix
 from mixers.registry import register
 
@@ -22,7 +22,8 @@ class MonarchLinear(nn.Module):
   """
   features: int
   nblocks: int = 4
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   def factors(self, n_in):
     nb = self.nblocks
@@ -31,14 +32,14 @@ class MonarchLinear(nn.Module):
     m = max(n_in, self.features) // nb
     per_block = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2, batch_axis=(0,))
     init = lambda: nn.with_logical_partitioning(per_block, (None, None, None))
-    R = self.param("R", init(), (nb, m, n_in // nb), jnp.float32)
-    L = self.param("L", init(), (nb, self.features // nb, m), jnp.float32)
+    R = self.param("R", init(), (nb, m, n_in // nb), self.param_dtype)
+    L = self.param("L", init(), (nb, self.features // nb, m), self.param_dtype)
     return L, R
 
   @nn.compact
   def __call__(self, x):
     L, R = self.factors(x.shape[-1])
-    dtype = self.dtype or x.dtype
+    dtype = compute_dtype(self.dtype, x, L)
     return monarch(x.astype(dtype), L.astype(dtype), R.astype(dtype))
 
 
@@ -50,16 +51,18 @@ class MonarchMLP(nn.Module):
   hidden: Optional[int] = None
   nblocks: int = 4
   activation: Callable = jax.nn.silu
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    """y `[..., d]` from x `[..., d]` (position-wise)."""
     d = x.shape[-1]
     h = self.hidden or self.expansion * d
-    gate = MonarchLinear(h, self.nblocks, self.dtype, name="gate")(x)
-    up = MonarchLinear(h, self.nblocks, self.dtype, name="up")(x)
-    y = MonarchLinear(d, self.nblocks, self.dtype, name="down")(self.activation(gate) * up)
-    return constrain(y).astype(x.dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = MonarchLinear(h, self.nblocks, name="gate", **kw)(x)
+    up = MonarchLinear(h, self.nblocks, name="up", **kw)(x)
+    return constrain(MonarchLinear(d, self.nblocks, name="down", **kw)(self.activation(gate) * up))
 
 
 def dense_weights(params):

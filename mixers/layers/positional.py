@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import grid_tokens, projection, rms_normalize
+from mixers.layers.common import Dtype, compute_dtype, grid_tokens, projection, rms_normalize
 from mixers.layers.decode_cache import cached_recurrence, check_decode
 from mixers.ops import positional
 
@@ -43,6 +43,8 @@ class MdTpe(nn.Module):
   eps: float = 1e-6
   chunk_size: int = 64
   impl: str = "auto"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   def _log_decay(self):
     lo, hi = self.decay_init
@@ -53,11 +55,13 @@ class MdTpe(nn.Module):
       lam = jnp.linspace(lo, hi, h, dtype=dtype).reshape(shape)
       return jnp.log(lam) - jnp.log1p(-lam)  # logit, so sigmoid gives lambda
 
-    w = self.param("decay_logit", nn.with_logical_partitioning(init, ("heads",)), (h,), jnp.float32)
-    return jax.nn.log_sigmoid(w)
+    w = self.param("decay_logit", nn.with_logical_partitioning(init, ("heads",)), (h,), self.param_dtype)
+    return jax.nn.log_sigmoid(w.astype(jnp.float32))
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """e of x's shape from x `[B,T,d]` or `[B,*spatial,d]`; mask `[B,T]` or `[B,*spatial]` (True at real
+    tokens) or None; decode (causal only) continues the running sum from the `cache` collection."""
     check_decode(self, decode)
     xf, grid, mask = grid_tokens(self, x, mask)
     b, t, d = xf.shape
@@ -77,7 +81,9 @@ class MdTpe(nn.Module):
 
     y = cached_recurrence(self, run, lambda: jnp.zeros((b, h, 1, d // h), jnp.float32), decode=decode)
     y = rms_normalize(y, self.eps).reshape(b, t, d)
-    scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,))
-    y = (y * scale).astype(x.dtype)
-    out = projection(d, (None, "embed"), kernel_init=nn.initializers.normal(0.02), name="out_proj")(y)
+    scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,),
+                       self.param_dtype)
+    y = (y * scale.astype(jnp.float32)).astype(compute_dtype(self.dtype, x, scale))
+    out = projection(d, (None, "embed"), kernel_init=nn.initializers.normal(0.02), name="out_proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(y)
     return out.reshape(x.shape)

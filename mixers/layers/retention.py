@@ -20,23 +20,39 @@ def retnet_log_decays(num_heads):
 class Retention(nn.Module):
   """S_t = gamma_h S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(D) (rotary q, k); per-head norm, swish gate.
 
-  Non-causal: weights gamma_h^|t-s|. Decoding keeps S in the cache: O(1) per token.
+  Non-causal: weights gamma_h^|t-s|. Decoding keeps S in the cache: O(1) per token. num_heads / head_dim
+  (default d_model // num_heads); norm_eps: of the per-head RMSNorm. dtype: computation (None: promote x and the
+  parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
   causal: bool = True
   rotary: bool = True
+  norm_eps: float = 1e-6
   chunk_size: int = 64
   impl: str = "auto"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[common.Dtype] = None
+  param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y `[B,T,d_model]` from x `[B,T,d_model]`.
+
+    mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
+    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
+      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
+      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    """
+    common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
     b, t, d_model = x.shape
-    head_dim = self.head_dim or d_model // self.num_heads
-    q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, self.dtype)
+    head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
+    if self.rotary and head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
+                       f"num_heads={self.num_heads})")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, **kw)
     pos = decode_positions(self, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos), apply_rotary(k, pos)
@@ -46,4 +62,4 @@ class Retention(nn.Module):
       log_decay = log_decay * mask[..., None].astype(jnp.float32)
     o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
                              chunk_size=self.chunk_size, impl=self.impl)
-    return linear_family.OutputPath(norm=True, gate=True, dtype=self.dtype, name="output")(o, x)
+    return linear_family.OutputPath(norm=True, gate=True, norm_eps=self.norm_eps, name="output", **kw)(o, x)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.common import ShortConv, constrain, projection, torch_conv_init
+from mixers.layers.common import Dtype, ShortConv, check_x, constrain, projection, torch_conv_init
 from mixers.layers.decode_cache import check_decode
 
 
@@ -60,27 +60,30 @@ class SSMParams(nn.Module):
   dt_init_floor: float = 1e-4
   dt_limit: Sequence[float] = (0.0, float("inf"))
   a_init_range: Sequence[float] = (1.0, 16.0)
+  param_dtype: Dtype = jnp.float32
 
   def setup(self):
     heads = lambda init: nn.with_logical_partitioning(init, ("heads",))
     self.dt_bias = self.param("dt_bias", heads(dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor)),
-                              (self.num_heads,), jnp.float32)
-    self.A_log = self.param("A_log", heads(a_log_init(*self.a_init_range)), (self.num_heads,), jnp.float32)
-    self.D = self.param("D", heads(nn.initializers.ones), (self.num_heads,), jnp.float32)
+                              (self.num_heads,), self.param_dtype)
+    self.A_log = self.param("A_log", heads(a_log_init(*self.a_init_range)), (self.num_heads,), self.param_dtype)
+    self.D = self.param("D", heads(nn.initializers.ones), (self.num_heads,), self.param_dtype)
 
   def A(self):
-    return -jnp.exp(self.A_log)
+    """A = -exp(A_log) `[H]`, float32."""
+    return -jnp.exp(self.A_log.astype(jnp.float32))
 
   def steps(self, dt_raw, mask=None):
     """dt `[B,T,H]` in float32; zero where mask is False (padded tokens neither write nor decay)."""
-    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias)
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias.astype(jnp.float32))
     lo, hi = self.dt_limit
     if lo > 0 or hi < float("inf"):
       dt = jnp.clip(dt, lo, hi)
     return dt if mask is None else jnp.where(mask[..., None], dt, 0.0)
 
   def __call__(self, dt_raw, mask=None):
-    return self.steps(dt_raw, mask), self.A(), self.D
+    """(dt `[B,T,H]`, A `[H]`, D `[H]`), float32."""
+    return self.steps(dt_raw, mask), self.A(), self.D.astype(jnp.float32)
 
 
 class SSMLayer(nn.Module):
@@ -90,7 +93,8 @@ class SSMLayer(nn.Module):
   num_groups G of shared B, C (G divides H); conv_width: the depthwise conv's window; dt_min / dt_max /
   dt_init_floor: dt initialisation; dt_limit: clamp of dt; a_init_range: A = -uniform(range) at init;
   use_bias: of the in and out projections; conv_bias: of the conv; norm_eps: of the output norm; chunk_size,
-  impl: of the op.
+  impl: of the op. dtype: computation (None: promote x and the parameters); param_dtype: the parameters'.
+  Aliases (mamba_ssm's names): d_state, d_conv, headdim, ngroups, A_init_range, bias.
 
   `operands` and `__call__` are both `nn.compact`: each creates its own (explicitly named) submodules, so
   `apply(..., method="operands")` and `method="mixing_matrix"` run without the output path.
@@ -112,9 +116,16 @@ class SSMLayer(nn.Module):
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   supports_causal = True
+  aliases = {"d_state": "state_dim", "d_conv": "conv_width", "headdim": "head_dim", "ngroups": "num_groups",
+             "A_init_range": "a_init_range", "bias": "use_bias"}
+
+  def kw(self):
+    """The dtype arguments every submodule takes."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def check_modes(self, decode):
     """ValueError for causal=True on a bidirectional layer, or decode=True on a non-causal one."""
@@ -125,42 +136,41 @@ class SSMLayer(nn.Module):
   def project(self, x, mask, *, decode=False, grid=None, directions=1):
     """x `[B,T,d]` -> z `[B,T,inner]`, x `[B,T,H,P]` and per direction (B `[B,T,G,N]`, C `[B,T,G,N]`, raw dt `[B,T,H]`).
 
-    [z, xBC, dt] = x W_in;  xBC = conv(xBC) (`self.conv` on the token `grid`);  [x, (B, C) per direction] = xBC.
+    [z, xBC, dt] = x W_in;  xBC = conv(xBC) (`self.short_conv` on the token `grid`);  [x, (B, C) per direction] = xBC.
     """
-    if x.ndim != 3:
-      raise ValueError(f"x must have shape [B,T,d], got {tuple(x.shape)}")
+    check_x(self, x)
     b, t, d = x.shape
     inner, h, p = head_layout(d, self.expand, self.head_dim, self.num_heads, self.num_groups, x.shape)
     gn = self.num_groups * self.state_dim
     zxbcdt = projection(2 * inner + 2 * directions * gn + directions * h, ("embed", "mlp"), use_bias=self.use_bias,
-                        name="in_proj", dtype=self.dtype)(x)
+                        name="in_proj", **self.kw())(x)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 2 * directions * gn], axis=-1)
-    xbc = self.conv(xbc, mask=mask, decode=decode, grid=grid or (t,))
+    xbc = self.short_conv(xbc, mask=mask, decode=decode, grid=grid or (t,))
     xs, *bc = jnp.split(xbc, [inner + i * gn for i in range(2 * directions)], axis=-1)
     groups = lambda a: a.reshape(b, t, self.num_groups, self.state_dim)
     dts = jnp.split(dt_raw, directions, axis=-1)
     return z, xs.reshape(b, t, h, p), [(groups(bc[2 * i]), groups(bc[2 * i + 1]), dts[i]) for i in range(directions)]
 
-  def conv(self, xbc, *, mask, decode, grid):
+  def short_conv(self, xbc, *, mask, decode, grid):
     """silu(depthwise conv over time) of xBC `[B,T,C]`, causal or centred; a 1-D `grid` only."""
     if len(grid) != 1:
       raise ValueError(f"{type(self).__name__} reads a 1-D sequence, got grid {grid}")
     return ShortConv(self.conv_width, causal=self.causal, use_bias=self.conv_bias, channel_axis="mlp",
                      kernel_init=torch_conv_init(self.conv_width), bias_init=torch_conv_init(self.conv_width),
-                     name="conv")(xbc, mask=mask, decode=decode)
+                     name="conv", **self.kw())(xbc, mask=mask, decode=decode)
 
-  def ssm(self, num_heads):
+  def ssm_params(self, num_heads):
     """The SSM's parameters (dt_bias, A_log, D), submodule `ssm`."""
     return SSMParams(num_heads, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_limit, self.a_init_range,
-                     name="ssm")
+                     param_dtype=self.param_dtype, name="ssm")
 
   def ssd_operands(self, x, mask, *, decode=False, grid=None):
     """(x, dt, A, B, C, D of `ops.ssd` as a dict, gate z) for x `[B,T,d]` (one direction)."""
     z, xs, [(bs, cs, dt_raw)] = self.project(x, mask, decode=decode, grid=grid)
-    dt, a, d_skip = self.ssm(xs.shape[2])(dt_raw, mask)
+    dt, a, d_skip = self.ssm_params(xs.shape[2])(dt_raw, mask)
     return dict(x=xs, dt=dt, A=a, B=bs, C=cs, D=d_skip), z
 
   def output(self, y, z, width):
     """y `[B,T,H,P]`, gate z `[B,T,inner]` -> W_out gate(y, z) `[B,T,width]`."""
     y = self.gate(y.reshape(*y.shape[:2], -1), z)
-    return constrain(projection(width, ("mlp", "embed"), use_bias=self.use_bias, name="out_proj", dtype=self.dtype)(y))
+    return constrain(projection(width, ("mlp", "embed"), use_bias=self.use_bias, name="out_proj", **self.kw())(y))

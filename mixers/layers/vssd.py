@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import grid_tokens
+from mixers.layers.common import check_x, grid_tokens
 from mixers.layers.ssm_family import SSMLayer
 from mixers.registry import register
 
@@ -38,6 +38,7 @@ class VSSD(SSMLayer):
   @nn.compact
   def operands(self, x, *, mask=None, decode=False):
     """The non-causal SSD's operands on the flattened grid: (dict x `[B,T,H,P]`, dt, A, B, C, D; gate z)."""
+    check_x(self, x, grid=True)
     self.check_modes(decode)
     xf, grid, mask = grid_tokens(self, x, mask)
     return self.ssd_operands(xf, mask, grid=grid)
@@ -49,18 +50,23 @@ class VSSD(SSMLayer):
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False):
+    """y of x's shape from x `[B,T,d_model]` or a token grid `[B,*spatial,d_model]` (bidirectional).
+
+    mask: `[B,T]` or `[B,*spatial]` bool, True at real tokens (padded tokens leak into no real token), or None.
+    decode: must be False (VSSD is non-causal).
+    """
     operands, z = self.operands(x, mask=mask, decode=decode)
     y = ops.ssd(**operands, causal=False, chunk_size=self.chunk_size, impl=self.impl)
     return self.output(y, z, x.shape[-1]).reshape(x.shape)
 
-  def conv(self, xbc, *, mask, decode, grid):
+  def short_conv(self, xbc, *, mask, decode, grid):
     """silu(depthwise conv on the token grid) of xBC `[B,T,C]`, centred along every grid axis."""
     del decode  # a non-causal VSSD never decodes (check_modes)
     if mask is not None:
       xbc = jnp.where(mask[..., None], xbc, 0)
     b, t, channels = xbc.shape
     conv = nn.Conv(channels, (self.conv_width,) * len(grid), padding="SAME", feature_group_count=channels,
-                   use_bias=self.conv_bias, dtype=self.dtype, name="conv",
+                   use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
                    kernel_init=nn.with_logical_partitioning(depthwise_conv_init(),
                                                             ("conv",) + (None,) * len(grid) + ("mlp",)),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
@@ -68,7 +74,7 @@ class VSSD(SSMLayer):
 
   def gate(self, y, z):
     """layernorm(y) * z."""
-    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, name="norm",
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype, name="norm",
                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(y)
-    return (y * z.astype(jnp.float32)).astype(z.dtype)
+    return (y * z.astype(jnp.float32)).astype(z.dtype if self.dtype is None else self.dtype)

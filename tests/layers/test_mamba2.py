@@ -78,7 +78,7 @@ def test_bad_shapes_raise_clear_errors():
     Mamba2(num_heads=3).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match="num_groups=3 must divide the head count 4"):
     Mamba2(head_dim=4, num_groups=3).init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match=r"x must have shape \[B,T,d\]"):
+  with pytest.raises(ValueError, match=r"x must have shape \[B,T,d_model\]"):
     LAYER.apply(PARAMS, X[0])
   with pytest.raises(ValueError, match="mask must have shape"):
     LAYER.apply(PARAMS, X, mask=jnp.ones((B, T + 1), bool))

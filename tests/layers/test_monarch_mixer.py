@@ -57,7 +57,8 @@ def test_decode_matches_forward(params):
   x = _x(4)
   y = forward(params["causal"], x)
   cache = jax.jit(functools.partial(CAUSAL.init, decode=True))(jax.random.PRNGKey(1), x[:, :1])["cache"]
-  assert all(float(jnp.abs(c).max()) == 0 for c in jax.tree_util.tree_leaves(cache))
+  assert int(cache["capacity"]) == KW["max_len"]
+  assert all(float(jnp.abs(c).max()) == 0 for c in jax.tree_util.tree_leaves({**cache, "capacity": 0}))
   for chunks in ([1] * T, [5, 1, 1, T - 7]):
     outs, state, start = [], cache, 0
     for c in chunks:
