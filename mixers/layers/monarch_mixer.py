@@ -77,7 +77,9 @@ class MonarchMixer(nn.Module):
     NaN under jit). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
     positional features and sine frequency. short_width: the short conv's window.
   conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`. dtype: computation (None: promote
-  x and the parameters); param_dtype: the parameters'. The filter and the long convolution run in float32.
+  x and the parameters); param_dtype: the parameters', except the implicit filter's, which take filter_param_dtype
+  (float32; None: param_dtype): they are few, and sin(sin_freq * .) amplifies their rounding (bfloat16 filter
+  parameters alone move the output by about 4%). The filter and the long convolution run in float32.
 
   Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (the state, `[B, max_len, d]`),
   the position and the short conv's window; a step costs O(T) per token (the whole filter against the history),
@@ -92,6 +94,7 @@ class MonarchMixer(nn.Module):
   conv_impl: str = "fft"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  filter_param_dtype: Optional[Dtype] = jnp.float32
 
   supports_causal = True
 
@@ -112,7 +115,7 @@ class MonarchMixer(nn.Module):
 
   def _filters(self, t, d):
     kw = dict(features=d, order=self.filter_order, emb_dim=self.emb_dim, length_scale=self.max_len,
-              sin_freq=self.sin_freq, param_dtype=self.param_dtype)
+              sin_freq=self.sin_freq, param_dtype=self.filter_param_dtype or self.param_dtype)
     lags = jnp.arange(t)
     k = ImplicitFilter(**kw, name="filter")(lags)
     k_rev = None if self.causal else ImplicitFilter(**kw, name="filter_rev")(lags)
