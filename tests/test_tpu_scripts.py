@@ -59,7 +59,7 @@ def test_local_starts_one_trainer_per_process_with_its_id():
     assert "MIXERS_COORDINATOR=127.0.0.1:" in line and "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in line
     assert "--xla_force_host_platform_device_count=3" in line
     assert "-m experiments.train --config=configs/mqar.py:gla\\,tiny --workdir=w --config.num_steps=5" in line
-  assert lines[1].endswith("> w/process_1.log 2>&1")
+  assert lines[1].endswith(">> w/process_1.log 2>&1")
 
 
 @pytest.mark.parametrize("args", [[], ["--name", "x", "--zone", "z"], FLAGS + ["--bogus", "1"]])

@@ -3,7 +3,7 @@
 # jax.distributed (a coordinator on a free localhost port, gloo collectives), as the hosts of a pod would be.
 #   local.sh --num_processes N [--devices_per_process D] --config CONFIG --workdir DIR [--heartbeat_timeout S]
 #            [--grace S] [--dry-run] [TRAINER_ARGS, e.g. --config.num_steps=100] [-- TRAINER_ARGS]
-# Process 0's output streams here; process i's goes to DIR/process_i.log. Exit status: 0 when every process
+# Process 0's output streams here; process i's is appended to DIR/process_i.log. Exit status: 0 when every process
 # finished, else the first non-zero status (the other processes are then sent SIGTERM, and SIGKILL after --grace
 # seconds). SIGTERM or Ctrl-C here reaches every process: the run saves a checkpoint and stops; rerun to resume.
 # A process that dies makes the others stop within --heartbeat_timeout seconds (the jax coordination service's).
@@ -90,7 +90,7 @@ if ((DRY_RUN)); then
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     mapfile -t env < <(process_env "$i")
     line="$(printf '%q ' env "${env[@]}" "${TRAINER[@]}")"
-    if ((i > 0)); then line+="> $(printf '%q' "$(log_of "$i")") 2>&1"; fi
+    if ((i > 0)); then line+=">> $(printf '%q' "$(log_of "$i")") 2>&1"; fi
     echo "${line% }"
   done
   exit 0
@@ -103,7 +103,8 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   if ((i == 0)); then
     env "${env[@]}" "${TRAINER[@]}" < /dev/null &
   else
-    env "${env[@]}" "${TRAINER[@]}" < /dev/null > "$(log_of "$i")" 2>&1 &
+    echo "=== local.sh: process $i of $NUM_PROCESSES, started $(date '+%F %T')" >> "$(log_of "$i")"
+    env "${env[@]}" "${TRAINER[@]}" < /dev/null >> "$(log_of "$i")" 2>&1 &
   fi
   PIDS+=("$!")
 done
