@@ -83,7 +83,8 @@ class Job:
     path = os.path.join(self.workdir, "checkpoints", str(step), "SHA256SUMS")
     deadline = time.time() + TIMEOUT
     while not os.path.exists(path):
-      assert self.proc.poll() is None, f"the job ended ({self.proc.returncode}) before checkpoint {step}:\n{self.output()}"
+      ended = self.proc.poll()
+      assert ended is None, f"the job ended ({ended}) before checkpoint {step}:\n{self.output()}"
       assert time.time() < deadline, f"no checkpoint {step} after {TIMEOUT} s:\n{self.output()}"
       time.sleep(0.05)
 
