@@ -16,7 +16,6 @@ import subprocess
 import time
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -239,3 +238,32 @@ def test_launcher_arguments_come_from_the_mixers_variables():
   assert distributed.launcher_arguments({}) == {}
   with pytest.raises(ValueError, match=distributed.PROCESS_ID):
     distributed.launcher_arguments({distributed.COORDINATOR: "h:1", distributed.NUM_PROCESSES: "2"})
+
+
+class _Layout:
+  """A stand-in for a sharding of a batch of 8 rows: {(process, device): rows}."""
+
+  def __init__(self, rows):
+    self.rows = rows
+
+  def devices_indices_map(self, shape):
+    assert shape == (8,)
+    return {_Device(p, d): (slice(a, b),) for (p, d), (a, b) in self.rows.items()}
+
+
+class _Device:
+  def __init__(self, process_index, id_):
+    self.process_index, self.id = process_index, id_
+
+  def __hash__(self):
+    return hash((self.process_index, self.id))
+
+
+def test_each_host_reads_the_rows_its_devices_hold():
+  across_data = _Layout({(0, 0): (0, 2), (0, 1): (2, 4), (1, 2): (4, 6), (1, 3): (6, 8)})
+  assert [distributed.host_data_shard(across_data, 8, p) for p in (0, 1)] == [(0, 2), (1, 2)]
+  across_sequence = _Layout({(0, 0): (0, 4), (0, 1): (4, 8), (1, 2): (0, 4), (1, 3): (4, 8)})
+  assert [distributed.host_data_shard(across_sequence, 8, p) for p in (0, 1)] == [(0, 1), (0, 1)]
+  interleaved = _Layout({(0, 0): (0, 2), (1, 1): (2, 4), (0, 2): (4, 6), (1, 3): (6, 8)})
+  with pytest.raises(ValueError, match="contiguous block"):
+    distributed.host_data_shard(interleaved, 8, 0)
