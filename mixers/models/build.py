@@ -4,10 +4,11 @@
     config.mixer = "gla,attention"          # layer i uses mixer i % 2 (on the command line:
     model = mixers.models.build_model(config)   # --config.model.mixer=gla,attention)
 """
+import jax.numpy as jnp
 import ml_collections
 
 from mixers import registry
-from mixers.models.backbone import SequenceModel, compute_dtype, mixer_kwargs
+from mixers.models.backbone import SequenceModel, compute_dtype, mixer_kwargs, remat_policy
 from mixers.models.classifier import Classifier
 from mixers.models.language_model import LanguageModel
 
@@ -33,9 +34,12 @@ def default_config():
   c.pool = "mean"  # mean | cls
   c.positional = ""  # "" | learned | md_tpe
   c.positional_kwargs = ml_collections.ConfigDict()
-  c.max_len = 4096
-  c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.remat = False
+  c.max_len = 4096  # longest sequence; sizes the mixers that have a max_len (m2's filter and decode cache)
+  c.dtype = "float32"  # computation dtype: float32 | bfloat16 | float16
+  c.param_dtype = "float32"  # parameters' dtype: float32 | bfloat16 | float16
+  c.remat = False  # rematerialise each block (or scanned group) in the backward pass
+  c.remat_policy = ""  # what remat saves: "" (nothing) | dots_saveable | ... (mixers.models.backbone.REMAT_POLICIES)
+  c.scan_layers = False  # one nn.scan over the repeating group of layers (parameters stacked on a `layers` axis)
   return c
 
 
@@ -75,6 +79,7 @@ def check_config(config):
     raise ValueError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(valid.keys()))}")
   if config.kind not in KINDS:
     raise ValueError(f"model.kind must be one of {KINDS}, got {config.kind!r}")
+  compute_dtype(config.dtype), compute_dtype(config.param_dtype), remat_policy(config.remat_policy)
   names = mixer_names(config)
   seq = registry.names("sequence")
   for name in names:
@@ -103,7 +108,7 @@ def build_model(config):
   """LanguageModel or Classifier for `config` (see `default_config` for the fields)."""
   check_config(config)
   causal = config.kind == "lm" or bool(config.causal)
-  dtype = compute_dtype(config.dtype)
+  dtype, param_dtype = compute_dtype(config.dtype), compute_dtype(config.param_dtype) or jnp.float32
   grid = None
   if config.kind == "classifier" and config.patch_size:
     grid = tuple(s // config.patch_size for s in config.image_size)
@@ -111,14 +116,18 @@ def build_model(config):
   for name in mixer_names(config):
     kw = dict(config.mixer_kwargs.to_dict() if hasattr(config.mixer_kwargs, "to_dict") else config.mixer_kwargs)
     kw.update(dict(config.per_mixer_kwargs.get(name, {}) or {}))
-    per_layer.append(mixer_kwargs(name, kw, causal=causal, dtype=dtype, grid_shape=grid))
+    per_layer.append(mixer_kwargs(name, kw, causal=causal, dtype=dtype, param_dtype=param_dtype, grid_shape=grid,
+                                  max_len=config.max_len))
   channel = None if config.channel_mixer in (None, "", "none") else config.channel_mixer
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
   backbone = SequenceModel(mixers=tuple(mixer_names(config)), mixer_kwargs=tuple(per_layer), channel_mixer=channel,
-                           channel_kwargs=dict(config.channel_kwargs), remat=config.remat, name="backbone")
+                           channel_kwargs=dict(config.channel_kwargs), remat=config.remat,
+                           remat_policy=config.remat_policy or None, scan_layers=config.scan_layers,
+                           name="backbone", **kw)
   if config.kind == "lm":
     return LanguageModel(vocab_size=config.vocab_size, d_model=config.d_model, backbone=backbone,
-                         tie_embeddings=config.tie_embeddings, dtype=dtype)
+                         tie_embeddings=config.tie_embeddings, **kw)
   return Classifier(num_classes=config.num_classes, d_model=config.d_model, backbone=backbone,
                     vocab_size=config.vocab_size, patch_size=config.patch_size or None, pool=config.pool,
                     positional=config.positional or None, positional_kwargs=dict(config.positional_kwargs),
-                    max_len=config.max_len, dtype=dtype)
+                    max_len=config.max_len, **kw)

@@ -4,7 +4,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mixers.layers.common import constrain, projection
+from mixers.layers.common import Dtype, constrain, projection
 from mixers.layers.positional import MdTpe
 from mixers.models.backbone import SequenceModel, embed_init
 
@@ -16,6 +16,7 @@ class PatchEmbed(nn.Module):
   """image `[B,H,W,C]` (uint8 or float) -> patches `[B,H/p,W/p,d_model]` through a stride-p convolution."""
   d_model: int
   patch_size: int
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, image):
@@ -27,12 +28,16 @@ class PatchEmbed(nn.Module):
     x = image.astype(jnp.float32)
     if jnp.issubdtype(image.dtype, jnp.integer):
       x = x / 127.5 - 1.0
-    return nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="conv",
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")))(x)
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed"))
+    return nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="conv", param_dtype=self.param_dtype,
+                   kernel_init=init)(x)
 
 
 class Classifier(nn.Module):
-  """inputs (tokens `[B,T]` int, or an image `[B,H,W,C]`) -> logits `[B,num_classes]` float32."""
+  """inputs (tokens `[B,T]` int, or an image `[B,H,W,C]`) -> logits `[B,num_classes]` float32.
+
+  dtype: of the activations (None: float32); param_dtype: of the embeddings and head (the backbone has its own).
+  """
   num_classes: int
   d_model: int
   backbone: SequenceModel
@@ -42,32 +47,37 @@ class Classifier(nn.Module):
   positional: Optional[str] = None
   positional_kwargs: Mapping[str, Any] = None
   max_len: int = 4096
-  dtype: Optional[jnp.dtype] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs, *, mask=None):
+    """logits `[B,num_classes]` from tokens `[B,T]` or an image `[B,H,W,C]`; mask `[B,T]` (True at real tokens)."""
     if self.pool not in POOLS:
       raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     if self.positional not in POSITIONAL:
       raise ValueError(f"positional must be one of {POSITIONAL}, got {self.positional!r}")
     if self.patch_size:
-      grid = PatchEmbed(self.d_model, self.patch_size, name="patch_embed")(inputs)
+      grid = PatchEmbed(self.d_model, self.patch_size, self.param_dtype, name="patch_embed")(inputs)
       grid_shape = grid.shape[1:3]
       x = grid.reshape(grid.shape[0], -1, self.d_model)
     else:
       if inputs.ndim != 2:
         raise ValueError(f"tokens must have shape [B,T], got {tuple(inputs.shape)}")
-      x = nn.Embed(self.vocab_size, self.d_model, embedding_init=embed_init(), name="embed")(inputs)
+      x = nn.Embed(self.vocab_size, self.d_model, embedding_init=embed_init(), param_dtype=self.param_dtype,
+                   name="embed")(inputs)
       grid_shape = None
     x = x.astype(self.dtype or jnp.float32)
     if self.positional == "learned":
-      pos = self.param("position_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                          (None, "embed")), (self.max_len, self.d_model))
+      init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+      pos = self.param("position_embedding", init, (self.max_len, self.d_model), self.param_dtype)
       x = x + pos[: x.shape[1]].astype(x.dtype)
     elif self.positional == "md_tpe":
-      x = x + MdTpe(grid_shape=grid_shape, name="md_tpe", **dict(self.positional_kwargs or {}))(x, mask=mask)
+      kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, **dict(self.positional_kwargs or {}))
+      x = x + MdTpe(grid_shape=grid_shape, name="md_tpe", **kw)(x, mask=mask)
     if self.pool == "cls":
-      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.d_model,))
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.d_model,),
+                       self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.d_model)), x], axis=1)
       if mask is not None:
         mask = jnp.concatenate([jnp.ones((mask.shape[0], 1), bool), mask], axis=1)
@@ -79,4 +89,5 @@ class Classifier(nn.Module):
     else:
       w = mask.astype(x.dtype)[..., None]
       pooled = (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)
-    return projection(self.num_classes, ("embed", None), name="head")(pooled.astype(jnp.float32))
+    return projection(self.num_classes, ("embed", None), name="head", dtype=jnp.float32,
+                      param_dtype=self.param_dtype)(pooled.astype(jnp.float32))
