@@ -35,12 +35,13 @@ def argument_error(cls, unknown):
 def resolve_aliases(cls, kwargs):
   """kwargs with `cls.aliases` renamed to their fields; TypeError for unknown keywords or an alias given twice."""
   aliases = getattr(cls, "aliases", {})
-  out = {}
+  out, given_as = {}, {}
   for key, value in kwargs.items():
     field = aliases.get(key, key)
     if field in out:
-      raise TypeError(f"{cls.__name__}: {key!r} and {field!r} name the same argument; give one")
-    out[field] = value
+      first, second = sorted([given_as[field], key], key=lambda k: k == field)
+      raise TypeError(f"{cls.__name__}: {first!r} and {second!r} name the same argument; give one")
+    out[field], given_as[field] = value, key
   valid = set(fields(cls)) | {"parent", "name"}
   unknown = [k for k in kwargs if aliases.get(k, k) not in valid]
   if unknown:
@@ -99,8 +100,9 @@ def get(name, kind=None):
   raise ValueError(f"unknown {kind + ' ' if kind else ''}mixer {name!r}; valid names: {', '.join(valid)}")
 
 
-def build_mixer(name, **kwargs):
-  """Instantiates the registered mixer `name` with `kwargs` (its module attributes, or their `aliases`).
+def build_mixer(name, /, **kwargs):
+  """Instantiates the registered mixer `name` with `kwargs` (its module attributes, or their `aliases`; `name=`
+  among them names the submodule, as for any flax module).
 
   A wrong keyword is a ValueError listing the valid arguments.
   """
