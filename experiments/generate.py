@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.trainer import restore
+from mixers.layers.decode_cache import decode_capacity
 
 
 def sample_token(logits, rng, temperature):
@@ -29,7 +30,9 @@ def sample_token(logits, rng, temperature):
 def generate(model, params, prompt, num_tokens, *, rng, temperature=0.8):
   """(tokens [B, num_tokens] int32, seconds per generated token after compilation) continuing prompt [B,P].
 
-  The cache is sized for P + num_tokens; decoding token by token equals the full forward pass.
+  The cache is sized for P + num_tokens (attention's KV cache); layers whose cache the model's settings bound
+  (m2's history holds the model's max_len positions) must hold P + num_tokens too, else a ValueError says so
+  before decoding. Decoding token by token equals the full forward pass.
   """
   prompt = jnp.asarray(prompt, jnp.int32)
   b, p = prompt.shape
@@ -37,6 +40,10 @@ def generate(model, params, prompt, num_tokens, *, rng, temperature=0.8):
     raise ValueError(f"prompt has shape {tuple(prompt.shape)} and num_tokens={num_tokens}: expected both >= 1")
   full = jnp.zeros((b, p + num_tokens), jnp.int32)
   cache = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(0), full)["cache"]
+  capacity = decode_capacity(cache)
+  if capacity is not None and p + num_tokens > capacity:
+    raise ValueError(f"a prompt of {p} tokens and num_tokens={num_tokens} need {p + num_tokens} positions, but the "
+                     f"model's decode caches hold {capacity} (a layer's max_len, from the model config's max_len)")
 
   @jax.jit
   def step(cache, tokens, rng):
