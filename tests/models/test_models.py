@@ -96,13 +96,12 @@ def test_token_classifier_masks_padding(pool):
 
 
 def test_nnx_bridge():
-  """NNX users wrap the Linen models with flax.nnx.bridge; outside a mesh, eager sharding is switched off."""
+  """mixers.nnx.build_model: the Linen model as an initialised nnx.Module, no flags to set."""
   from flax import nnx
+  import mixers.nnx
   model = models.build_model(lm_config("retention"))
   tokens = jnp.ones((1, 5), jnp.int32)
-  with nnx.use_eager_sharding(False):
-    bridged = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
-    nnx.bridge.lazy_init(bridged, tokens)
+  bridged = mixers.nnx.build_model(lm_config("retention"), rngs=nnx.Rngs(0), sample_input=tokens)
   logits = bridged(tokens)
   assert logits.shape == (1, 5, 50)
   params = nnx.to_pure_dict(nnx.state(bridged, nnx.Param))
