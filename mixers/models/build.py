@@ -79,7 +79,7 @@ def check_config(config):
     raise ValueError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(valid.keys()))}")
   if config.kind not in KINDS:
     raise ValueError(f"model.kind must be one of {KINDS}, got {config.kind!r}")
-  compute_dtype(config.dtype), compute_dtype(config.param_dtype), remat_policy(config.remat_policy)
+  compute_dtype(config.dtype), compute_dtype(config.get("param_dtype")), remat_policy(config.get("remat_policy"))
   names = mixer_names(config)
   seq = registry.names("sequence")
   for name in names:
@@ -108,7 +108,8 @@ def build_model(config):
   """LanguageModel or Classifier for `config` (see `default_config` for the fields)."""
   check_config(config)
   causal = config.kind == "lm" or bool(config.causal)
-  dtype, param_dtype = compute_dtype(config.dtype), compute_dtype(config.param_dtype) or jnp.float32
+  # Fields added after a run was saved (its config.json) take their defaults.
+  dtype, param_dtype = compute_dtype(config.dtype), compute_dtype(config.get("param_dtype")) or jnp.float32
   grid = None
   if config.kind == "classifier" and config.patch_size:
     grid = tuple(s // config.patch_size for s in config.image_size)
@@ -122,7 +123,8 @@ def build_model(config):
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   backbone = SequenceModel(mixers=tuple(mixer_names(config)), mixer_kwargs=tuple(per_layer), channel_mixer=channel,
                            channel_kwargs=dict(config.channel_kwargs), remat=config.remat,
-                           remat_policy=config.remat_policy or None, scan_layers=config.scan_layers,
+                           remat_policy=config.get("remat_policy") or None,
+                           scan_layers=bool(config.get("scan_layers", False)),
                            name="backbone", **kw)
   if config.kind == "lm":
     return LanguageModel(vocab_size=config.vocab_size, d_model=config.d_model, backbone=backbone,
