@@ -12,6 +12,10 @@ which moves the previous run into `workdir/archive/<date-time>/` and starts afre
 while one runs there. `--config.data.name=OTHER` swaps in that dataset's fields, keeping those both datasets
 have and every `--config.data.*` given.
 
+Multi-host: on a TPU pod (or any job whose environment names its processes, e.g. the MIXERS_* variables that
+`tpu_scripts/local.sh` sets for N processes on one machine) every host runs this same command; the trainer calls
+`jax.distributed.initialize()` first (`mixers.sharding.maybe_initialize_distributed`).
+
 Exit status: 0 when trained (or stopped by SIGTERM after saving a checkpoint), 1 when refused or failed.
 """
 import os

@@ -64,17 +64,22 @@ class Job:
                                    start_new_session=True)
 
   def trainer_pid(self, index):
-    """The pid of trainer process `index` (a child of local.sh whose MIXERS_PROCESS_ID is index)."""
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-      try:
-        with open(f"/proc/{pid}/stat") as f:
-          parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        with open(f"/proc/{pid}/environ", "rb") as f:
-          environ = f.read().split(b"\0")
-      except (OSError, ValueError, IndexError):
-        continue
-      if parent == self.proc.pid and f"{distributed.PROCESS_ID}={index}".encode() in environ:
-        return pid
+    """The pid of trainer process `index` (a child of local.sh whose MIXERS_PROCESS_ID is index), once started."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+      for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+          with open(f"/proc/{pid}/stat") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+          if parent != self.proc.pid:
+            continue
+          with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+          continue
+        if f"{distributed.PROCESS_ID}={index}".encode() in environ:
+          return pid
+      time.sleep(0.05)
     raise AssertionError(f"no trainer process {index} under local.sh (pid {self.proc.pid})")
 
   def wait_for_checkpoint(self, step):
@@ -153,8 +158,9 @@ def interrupted(shared):
   workdir = shared["root"] / "two_processes"
   run = {"workdir": str(workdir)}
   job = Job(workdir, shared)
+  pid = job.trainer_pid(1)
   job.wait_for_checkpoint(EVERY)
-  os.kill(job.trainer_pid(1), signal.SIGTERM)
+  os.kill(pid, signal.SIGTERM)
   run["sigterm"] = finished(job)
   stopped = re.search(r"stopped at step (\d+) by SIGTERM", job.output())
   assert stopped, job.output()
@@ -162,9 +168,10 @@ def interrupted(shared):
   assert EVERY < step < NUM_STEPS - EVERY, f"SIGTERM after checkpoint {EVERY} stopped the run at step {step}"
 
   job = Job(workdir, shared)
+  pid = job.trainer_pid(1)
   run["before_kill"] = (step // EVERY + 1) * EVERY
   job.wait_for_checkpoint(run["before_kill"])
-  os.kill(job.trainer_pid(1), signal.SIGKILL)
+  os.kill(pid, signal.SIGKILL)
   start = time.time()
   run["killed"], run["kill_status"] = job, job.wait()
   run["kill_seconds"] = time.time() - start
