@@ -33,7 +33,7 @@ class ImplicitFilter(nn.Module):
   order: int = 64
   emb_dim: int = 5
   length_scale: int = 2048
-  sin_freq: float = 10.0
+  sin_freq: float = 1.0
   fast_decay_pct: float = 0.3
   slow_decay_pct: float = 1.5
   decay_target: float = 1e-2
@@ -75,7 +75,9 @@ class MonarchMixer(nn.Module):
     bidirectional filter, centred conv (M2-BERT).
   max_len: length scale of the filter's positions, and the decode cache length (decoding past it raises, or gives
     NaN under jit). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
-    positional features and sine frequency. short_width: the short conv's window.
+    positional features and sine frequency (1, as Zoology's Hyena: at 10, M2-BERT's value, which M2-BERT pairs
+    with a 1e-3 filter learning rate, one Adam step at 1e-2 moves the filter by more than its own norm).
+    short_width: the short conv's window.
   conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`. dtype: computation (None: promote
   x and the parameters); param_dtype: the parameters', except the implicit filter's, which take filter_param_dtype
   (float32; None: param_dtype): they are few, and sin(sin_freq * .) amplifies their rounding (bfloat16 filter
@@ -89,7 +91,7 @@ class MonarchMixer(nn.Module):
   max_len: int = 2048
   filter_order: int = 64
   emb_dim: int = 5
-  sin_freq: float = 10.0
+  sin_freq: float = 1.0
   short_width: int = 3
   conv_impl: str = "fft"
   dtype: Optional[Dtype] = None
