@@ -12,6 +12,10 @@ i.e. S' = A_n S + B_n with A_n = gamma_C I - K~^T W `[K,K]` and B_n = K~^T U0 `[
 through `sequence.affine_recurrence` (which also combines them across devices). Every exponent is a sum of
 log-decays over an interval (<= 0). Cost O(T C (K + V) + T C^2 + T K (K + V)); inputs of any float dtype are
 computed in float32 (float64 stays float64).
+
+The solve is `jax.scipy.linalg.solve_triangular` on accelerators. On CPU that call goes to the BLAS bundled with
+SciPy, whose thread pool stalls for seconds (or indefinitely) when the cores are oversubscribed, so CPU runs
+forward substitution in plain XLA ops instead (`unit_lower_solve`, with its own JVP).
 """
 import jax
 import jax.numpy as jnp
@@ -35,12 +39,46 @@ def _decay_mask(b, strict):
   return jnp.exp(jnp.where(keep, b[..., :, None] - b[..., None, :], -jnp.inf))
 
 
+def _substitute(a, rhs):
+  """x with (I + a) x = rhs, a strictly lower `[..., C, C]`, rhs `[..., C, W]`: row by row (C steps)."""
+  def row(i, x):
+    a_i = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)  # [..., C]; zero at and past i
+    r_i = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(x, r_i - jnp.einsum("...c,...cw->...w", a_i, x), i, axis=-2)
+
+  return jax.lax.fori_loop(0, a.shape[-1], row, jnp.zeros_like(rhs))
+
+
+@jax.custom_jvp
+def unit_lower_solve(a, rhs):
+  """x = (I + a)^-1 rhs for a strictly lower `[..., C, C]` (its diagonal and upper part are ignored)."""
+  return _substitute(jnp.tril(a, -1), rhs)
+
+
+@unit_lower_solve.defjvp
+def _solve_jvp(primals, tangents):
+  """dx = (I + a)^-1 (d rhs - da x): another substitution, linear in the tangents, so reverse mode transposes it
+  (an upper solve) without storing the loop's intermediate rows."""
+  a, rhs = primals
+  da, drhs = tangents
+  a = jnp.tril(a, -1)
+  x = _substitute(a, rhs)
+  return x, _substitute(a, drhs - jnp.einsum("...ts,...sw->...tw", jnp.tril(da, -1), x))
+
+
+def solve(a, rhs):
+  """(I + a)^-1 rhs, a strictly lower: substitution on CPU, `solve_triangular` elsewhere (see the module doc)."""
+  if jax.default_backend() == "cpu":
+    return unit_lower_solve(a, rhs)
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  return jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+
+
 def wy(k, v, beta, b):
   """Per chunk (k `[...,C,K]`, v `[...,C,V]`, beta and b `[...,C]`): (W `[...,C,K]`, U0 `[...,C,V]`)."""
   a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * _decay_mask(b, strict=True)
   rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
-  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
-  solved = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  solved = solve(a, rhs)
   return solved[..., v.shape[-1]:], solved[..., :v.shape[-1]]
 
 

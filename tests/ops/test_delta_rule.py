@@ -139,3 +139,15 @@ def test_bad_inputs_are_refused_by_name():
   # Under jit a positive log-decay is NaN from its chunk on (chunks of 4: token 5 reaches tokens 4 to 7).
   nan = jax.jit(lambda g: ops.delta_rule(q, k, v, beta, log_decay=g, chunk_size=4))(g.at[:, 5].set(0.5))
   assert bool(jnp.all(jnp.isnan(nan[:, 5:]))) and bool(jnp.all(jnp.isfinite(nan[:, :4])))
+
+
+def test_substitution_solve_equals_solve_triangular_with_gradients(x64):
+  """The CPU solve (forward substitution, own VJP) against `jax.scipy.linalg.solve_triangular` (accelerators)."""
+  from mixers.ops.delta_chunked import unit_lower_solve  # pylint: disable=import-outside-toplevel
+  r = np.random.RandomState(8)
+  a, rhs, cot = (jnp.asarray(s * r.randn(2, 3, 9, w)) for s, w in ((0.5, 9), (1.0, 5), (1.0, 5)))
+  lapack = lambda a, rhs: jax.scipy.linalg.solve_triangular(jnp.tril(a, -1) + jnp.eye(9), rhs, lower=True,
+                                                            unit_diagonal=True)
+  run = lambda solve: jax.tree.leaves(jax.value_and_grad(lambda *z: jnp.sum(solve(*z) * cot), argnums=(0, 1))(a, rhs))
+  for got, want in zip(run(unit_lower_solve), run(lapack)):
+    assert_close(got, want, 1e-12, "solve")
