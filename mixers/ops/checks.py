@@ -48,7 +48,9 @@ def check_float(**arrays):
 
 def nonpositive_or_nan(name, x):
   """x, which must be <= 0: a concrete positive value raises; under jit positive entries become NaN, so the
-  outputs that depend on them are NaN rather than silently overflowing."""
+  outputs that depend on them are NaN rather than silently overflowing. In the chunked forms a NaN at token t
+  also reaches the earlier outputs of t's chunk (through the masked intra-chunk matmul), as in every chunked
+  implementation; the token loop keeps it to t and later."""
   if x is None:
     return None
   check_nonpositive(name, x)

@@ -6,7 +6,8 @@ q, k `[B,T,H,K]`, v `[B,T,H,V]`, g (log-decay, <= 0) None | `[H]` | `[B,T,H]` | 
 `[B,H,K,V]` accumulated in float32. With `exclusive=True` a token reads the state before its own write:
 o_t = scale * q_t^T diag(exp(g_t)) S_{t-1}. Forms (`impl`): "reference" (materialised T x T matrix),
 "recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (kernels); "auto" picks pallas where a
-kernel supports the backend and shape, else chunked.
+kernel supports the backend and shape, else chunked. Invalid decays (g > 0) raise when concrete and become NaN
+under jit (`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
 """
 import jax
 import jax.numpy as jnp
