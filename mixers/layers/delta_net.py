@@ -71,12 +71,7 @@ class DeltaRuleLayer(nn.Module):
     common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
-    d_model = x.shape[-1]
-    key_total, value_total = int(d_model * self.expand_k), int(d_model * self.expand_v)
-    if key_total % self.num_heads or value_total % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide the key width {key_total} and value width "
-                       f"{value_total} (d_model={d_model}, expand_k={self.expand_k}, expand_v={self.expand_v})")
-    dk, dv = key_total // self.num_heads, value_total // self.num_heads
+    dk, dv = linear_family.head_widths(x.shape[-1], self.num_heads, self.expand_k, self.expand_v)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, **kw)
     if self.short_conv:  # ShortConv applies the SiLU

@@ -19,6 +19,15 @@ def heads_projection(num_heads, head_dim, name, dtype=None, param_dtype=jnp.floa
                            param_dtype=param_dtype)
 
 
+def head_widths(d_model, num_heads, expand_k, expand_v):
+  """(key, value) width per head: d_model * expand_{k,v} split over num_heads (ValueError unless it divides)."""
+  key_total, value_total = int(d_model * expand_k), int(d_model * expand_v)
+  if key_total % num_heads or value_total % num_heads:
+    raise ValueError(f"num_heads={num_heads} must divide the key width {key_total} and value width {value_total} "
+                     f"(d_model={d_model}, expand_k={expand_k}, expand_v={expand_v})")
+  return key_total // num_heads, value_total // num_heads
+
+
 def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jnp.float32):
   """q, k `[B,T,H,key_dim]` and v `[B,T,H,value_dim]` from x `[B,T,d_model]` (kernels query, key, value)."""
   q = heads_projection(num_heads, key_dim, "query", dtype, param_dtype)(x)
