@@ -37,9 +37,8 @@ class Attention(nn.Module):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None.
-    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
-      `init(key, x_full, decode=True)` (x_full's length is the KV cache's capacity), then call
-      `apply({**variables, "cache": cache}, x_chunk, decode=True, mutable=["cache"])` chunk by chunk.
+    decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
+      x_full's length at init is the KV cache's capacity.
     """
     common.check_x(self, x)
     check_decode(self, decode)

@@ -56,9 +56,8 @@ class LightNet(nn.Module):
     """y of x's shape from x `[B,T,d_model]` or a token grid `[B,*spatial,d_model]` (non-causal).
 
     mask: `[B,T]` or `[B,*spatial]` bool, True at real tokens (padded tokens add nothing), or None.
-    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
-      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
-      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
+      O(1) state per token.
     """
     check_x(self, x, grid=True)
     check_decode(self, decode)

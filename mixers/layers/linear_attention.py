@@ -61,9 +61,7 @@ class LinearAttention(nn.Module):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens add nothing to the state), or None.
-    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
-      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
-      mutable=["cache"])` chunk by chunk.
+    decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
     """
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")

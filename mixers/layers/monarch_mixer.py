@@ -104,9 +104,8 @@ class MonarchMixer(nn.Module):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens leak into no real token), or None.
-    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
-      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
-      mutable=["cache"])` chunk by chunk; at most `max_len` positions in all.
+    decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
+      At most `max_len` positions in all.
     """
     return self._mix(x, mask, decode, matrix=False)
 

@@ -39,9 +39,8 @@ class Retention(nn.Module):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
-    decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`): make it with
-      `init(key, x_full, decode=True)`, then `apply({**variables, "cache": cache}, x_chunk, decode=True,
-      mutable=["cache"])` chunk by chunk; O(1) state per token.
+    decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
+      O(1) state per token.
     """
     common.check_x(self, x)
     check_decode(self, decode)

@@ -4,8 +4,9 @@
 that is, per batch element and head (a_r = exp(dt_r A) per direction),
   y_t = sum_{s<t} (Cf_{t-1} . Bf_s) dtf_s prod_{r=s+1..t-1} af_r x_s
       + sum_{s>t} (Cb_{t+1} . Bb_s) dtb_s prod_{r=t+1..s-1} ab_r x_s + D_t x_t.
-The backward direction is the causal SSD run from the last token to the first. Padded positions get dt = 0 in both directions, so they neither write to nor decay the state: a padded batch
-gives the real tokens exactly what the unpadded sequences would (left or right padding).
+The backward direction is the causal SSD run from the last token to the first. Padded positions get dt = 0 in
+both directions, so they neither write to nor decay the state: a padded batch gives the real tokens exactly what
+the unpadded sequences would (left or right padding).
 """
 import jax.numpy as jnp
 
