@@ -32,13 +32,6 @@ def is_concrete(x):
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_nonpositive(name, x):
-  """Log-decays must be <= 0; checked when the values are concrete (not under jit)."""
-  if x is not None and is_concrete(x) and bool(np.any(np.asarray(x) > 0)):
-    raise ValueError(f"{name} must be <= 0 (a log-space decay), got a maximum of {float(np.max(np.asarray(x)))}")
-
-
-
 def check_float(**arrays):
   """Each named array (None passes) must have a floating dtype: integer inputs would be truncated."""
   for name, x in arrays.items():
@@ -46,23 +39,29 @@ def check_float(**arrays):
       raise ValueError(f"{name} must be a floating-point array, got dtype {jax.numpy.result_type(x)}")
 
 
+def _signed_or_nan(name, x, sign, what):
+  """x whose entries must have `sign` (-1: <= 0, 1: >= 0): a concrete violation raises; under jit the violating
+  entries become NaN."""
+  if x is None:
+    return None
+  if not is_concrete(x):
+    return jax.numpy.where(sign * x < 0, jax.numpy.nan, x)
+  values = np.asarray(x)
+  if np.any(sign * values < 0):
+    worst = float(np.max(values) if sign < 0 else np.min(values))
+    raise ValueError(f"{name} must be {'<=' if sign < 0 else '>='} 0{what}, got a "
+                     f"{'maximum' if sign < 0 else 'minimum'} of {worst}")
+  return x
+
+
 def nonpositive_or_nan(name, x):
   """x, which must be <= 0: a concrete positive value raises; under jit positive entries become NaN, so the
   outputs that depend on them are NaN rather than silently overflowing. In the chunked forms a NaN at token t
   also reaches the earlier outputs of t's chunk (through the masked intra-chunk matmul), as in every chunked
   implementation; the token loop keeps it to t and later."""
-  if x is None:
-    return None
-  check_nonpositive(name, x)
-  if is_concrete(x):
-    return x
-  return jax.numpy.where(x > 0, jax.numpy.nan, x)
+  return _signed_or_nan(name, x, -1, " (a log-space decay)")
 
 
 def nonnegative_or_nan(name, x):
   """x, which must be >= 0 (step sizes): as `nonpositive_or_nan` with the sign reversed."""
-  if x is None:
-    return None
-  if is_concrete(x) and bool(np.any(np.asarray(x) < 0)):
-    raise ValueError(f"{name} must be >= 0, got a minimum of {float(np.min(np.asarray(x)))}")
-  return x if is_concrete(x) else jax.numpy.where(x < 0, jax.numpy.nan, x)
+  return _signed_or_nan(name, x, 1, "")
