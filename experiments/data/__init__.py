@@ -5,16 +5,17 @@
     it = data.get_dataset(config.data, "train", seed=0, batch_size=64, start_step=step)
     batch = next(it)
 
-Names: `mqar`, `listops`, `pathfinder` (generated here as TFDS datasets and cached in
+Names: `mqar`, `listops`, `pathfinder`, `state_tracking` (generated here as TFDS datasets and cached in
 `data_dir`), `bytes` (byte-level LM over local text), catalog datasets prepared in `data_dir`
 (`lm1b`, `imdb_reviews`, `cifar10`, `cifar100`, `mnist`, `fashion_mnist`) and any other as
 `tfds:NAME` with `config.data.kind`. Fields of `config.data`: see `data_config`.
 
 Batch keys (B = batch_size / process_count, T = config.data.seq_len):
-  task "lm" (mqar, bytes, lm1b):
+  task "lm" (mqar, state_tracking, bytes, lm1b):
     inputs  [B, T] int32   tokens read so far
     targets [B, T] int32   next token to predict; IGNORE_INDEX (-100) where nothing is scored
-                           (MQAR: everywhere but the query positions; text: padding)
+                           (MQAR: everywhere but the query positions; text: padding;
+                           state_tracking scores every position)
     mask    [B, T] bool    real (non-padding) input tokens
   task "classification", token inputs (listops, imdb_reviews, images with as_tokens=True):
     inputs  [B, T] int32   tokens, 0-padded (images: grayscale pixels 0..255, T = H*W)
@@ -37,6 +38,7 @@ from experiments.data import listops
 from experiments.data import mqar
 from experiments.data import pathfinder
 from experiments.data import pipeline
+from experiments.data import state_tracking
 from experiments.data import synthetic
 from experiments.data import text
 from experiments.data.targets import IGNORE_INDEX
@@ -66,6 +68,9 @@ def dataset_spec(config):
   splits = ("train", "validation", "test")
   if c.name == "mqar":
     return DatasetSpec(c.name, "lm", "tokens", c.vocab_size, None, c.seq_len, None, splits, "validation")
+  if c.name == "state_tracking":
+    return DatasetSpec(c.name, "lm", "tokens", state_tracking.group_order(c.group), None, c.seq_len, None, splits,
+                       "validation")
   if c.name == "listops":
     return DatasetSpec(c.name, "classification", "tokens", len(listops.VOCAB), listops.NUM_CLASSES, c.seq_len,
                        None, splits, "validation")
@@ -128,6 +133,8 @@ def _synthetic_builder(c):
   if c.name == "listops":
     return synthetic.prepare(listops.Listops, c.data_dir, min_length=c.min_length, max_length=c.max_length,
                              max_depth=c.max_depth, max_args=c.max_args, **common)
+  if c.name == "state_tracking":
+    return synthetic.prepare(state_tracking.StateTracking, c.data_dir, group=c.group, seq_len=c.seq_len, **common)
   return synthetic.prepare(pathfinder.Pathfinder, c.data_dir, resolution=c.resolution,
                            num_distractors=c.num_distractors, **common)
 
@@ -139,7 +146,7 @@ def _source(c, split):
     if split not in builder.info.splits:
       raise ValueError(f"split={split!r}: {c.name} has splits {sorted(builder.info.splits)} with these sizes")
     source = synthetic.data_source(builder, split)
-    if c.name == "mqar":
+    if c.name in ("mqar", "state_tracking"):
       return source, _with_full_mask
     if c.name == "listops":
       return source, lambda ex: _token_classification(ex["tokens"], ex["label"], c.seq_len)

@@ -5,6 +5,7 @@ mqar:            seed, num_train, num_validation, num_test, vocab_size, seq_len,
                  random_non_queries
 listops:         seed, num_train, num_validation, num_test, seq_len (padded length, >= max_length - 1),
                  min_length, max_length, max_depth, max_args
+state_tracking:  seed, num_train, num_validation, num_test, group (parity | s3 | s5), seq_len
 pathfinder:      seed, num_train, num_validation, num_test, resolution (32 or 64 as in LRA, any >= 16),
                  num_distractors, as_tokens (image -> flattened pixel tokens)
 bytes:           seq_len, corpus ('' = the Python standard library; a file or directory),
@@ -23,8 +24,9 @@ import os
 import ml_collections
 
 from experiments.data import catalog
+from experiments.data import state_tracking
 
-SYNTHETIC = ("mqar", "listops", "pathfinder")
+SYNTHETIC = ("mqar", "listops", "pathfinder", "state_tracking")
 LOCAL = SYNTHETIC + ("bytes",)
 
 
@@ -49,6 +51,8 @@ def defaults(name):
   elif name == "listops":
     fields = dict(**_sizes(20_000, 2_000, 2_000), seq_len=2048, min_length=500, max_length=2000, max_depth=10,
                   max_args=10)
+  elif name == "state_tracking":
+    fields = dict(**_sizes(10_000, 1_000, 1_000), group="parity", seq_len=64)
   elif name == "pathfinder":
     fields = dict(**_sizes(20_000, 2_000, 2_000), resolution=32, num_distractors=2, as_tokens=False)
   elif name == "bytes":
@@ -92,5 +96,7 @@ def _check(c):
   if c.name == "listops" and c.seq_len < c.max_length - 1:
     raise ValueError(f"config.data.seq_len={c.seq_len}: expected >= max_length - 1 = {c.max_length - 1} "
                      "so that no ListOps expression is cut")
+  if c.name == "state_tracking" and c.group not in state_tracking.GROUPS:
+    raise ValueError(f"config.data.group={c.group!r}: expected one of {list(state_tracking.GROUPS)}")
   if c.name.startswith("tfds:") and c.kind not in catalog.KINDS:
     raise ValueError(f"config.data.kind={c.kind!r}: expected one of {list(catalog.KINDS)} for {c.name!r}")
