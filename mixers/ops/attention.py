@@ -1,6 +1,12 @@
-"""Softmax attention, the quadratic baseline: o = softmax(scale q k^T + mask) v."""
+"""Softmax attention, the quadratic baseline: o = softmax(scale q k^T + mask) v.
+
+The mask is the boolean visibility of key s from query t: all (cross or bidirectional), causal (s <= t,
+bottom-right aligned when Tq != Tk), Prefix-LM (causal, and s < P when t < P) or block-causal
+(s // b <= t // b), intersected with the caller's `mask`.
+"""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixers.ops import checks
 
@@ -10,11 +16,58 @@ def causal_mask(t_q, t_k):
   return jnp.arange(t_k)[None, :] <= jnp.arange(t_q)[:, None] + (t_k - t_q)
 
 
-def attention(q, k, v, *, causal=False, scale=None, mask=None):
+def _prefix_len(prefix_len, batch, length):
+  """prefix_len (int, scalar or `[B]` int array, values in [0, T]) -> int array `[B or 1, 1, 1, 1]`."""
+  if isinstance(prefix_len, bool):
+    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got {prefix_len!r}")
+  p = jnp.asarray(prefix_len)
+  if not jnp.issubdtype(p.dtype, jnp.integer) or p.shape not in ((), (batch,)):
+    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got {p.dtype} of shape "
+                     f"{tuple(p.shape)}")
+  if checks.is_concrete(p):
+    values = np.asarray(p)
+    if np.any(values < 0) or np.any(values > length):
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
+                       f"{values.max()}")
+  return p.reshape((-1, 1, 1, 1))
+
+
+def visibility(t_q, t_k, *, causal=False, prefix_len=None, block_size=None, batch=1):
+  """`[B or 1, 1, Tq, Tk]` bool: query t sees key s (None when every key is visible).
+
+  causal: s <= t + Tk - Tq; prefix_len P (`[B]` per row; needs Tq == Tk): also s < P when t < P; block_size b
+  (needs Tq == Tk): s // b <= t // b.
+  """
+  if prefix_len is not None or block_size is not None:
+    if not causal:
+      raise ValueError("prefix_len and block_size widen the causal mask: they need causal=True")
+    if prefix_len is not None and block_size is not None:
+      raise ValueError("prefix_len and block_size are two different masks: pass one of them, not both")
+    if t_q != t_k:
+      raise ValueError(f"prefix_len and block_size need queries and keys of one sequence (Tq == Tk), got Tq = "
+                       f"{t_q}, Tk = {t_k}")
+  if not causal:
+    return None
+  t, s = jnp.arange(t_q)[:, None], jnp.arange(t_k)[None, :]
+  if block_size is not None:
+    checks.check_positive_int("block_size", block_size)
+    return (s // block_size <= t // block_size)[None, None]
+  seen = causal_mask(t_q, t_k)[None, None]
+  if prefix_len is not None:
+    p = _prefix_len(prefix_len, batch, t_q)
+    seen = seen | ((t < p) & (s < p))
+  return seen
+
+
+def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=None, mask=None):
   """q `[B,Tq,H,D]`, k `[B,Tk,Hkv,D]`, v `[B,Tk,Hkv,Dv]` (Hkv divides H: grouped queries) -> o `[B,Tq,H,Dv]`.
 
-  `mask` `[B,Tk]` bool marks valid keys (or any shape broadcastable to `[B,H,Tq,Tk]`). Causal masks are
-  bottom-right aligned when Tq != Tk, so a block of new queries attends to a longer cache.
+  o_t = sum_s softmax_s(scale q_t . k_s over the keys visible from t) v_s; `scale` defaults to D**-0.5.
+  Visible: every key (cross attention: any Tk), or with `causal` s <= t, bottom-right aligned when Tq != Tk
+  (s <= t + Tk - Tq, so a block of new queries attends to a longer cache). With causal and Tq == Tk,
+  `prefix_len` P (int or int array `[B]`, 0 <= P <= T; Prefix-LM) also shows s < P to t < P, and `block_size`
+  b (block-causal) shows s when s // b <= t // b; one of them. `mask` `[B,Tk]` bool marks valid keys (or any
+  shape broadcastable to `[B,H,Tq,Tk]`) and is intersected with the pattern.
   """
   checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,Tq,H,D]")
@@ -28,13 +81,14 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None):
   if mask is not None:
     full = mask[:, None, None, :] if mask.ndim == 2 else mask
     full = jnp.broadcast_to(full, (q.shape[0], q.shape[2], t_q, t_k))
-  if causal and t_q != t_k:
-    cm = causal_mask(t_q, t_k)[None, None]
-    full = cm if full is None else full & cm
-  is_causal = causal and t_q == t_k
+  plain_causal = causal and t_q == t_k and prefix_len is None and block_size is None
+  seen = None if plain_causal else visibility(t_q, t_k, causal=causal, prefix_len=prefix_len,
+                                               block_size=block_size, batch=q.shape[0])
+  if seen is not None:
+    full = seen if full is None else full & seen
   if v.shape[-1] == q.shape[-1]:
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=full, is_causal=is_causal)
-  return _attention_xla(q, k, v, scale, full, is_causal)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=full, is_causal=plain_causal)
+  return _attention_xla(q, k, v, scale, full, plain_causal)
 
 
 def _attention_xla(q, k, v, scale, mask, is_causal):

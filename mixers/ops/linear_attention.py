@@ -1,14 +1,20 @@
-"""Linear attention on the gated linear-recurrence core, causal and non-causal, with optional normalisation.
+"""Linear attention on the gated linear-recurrence core: causal, non-causal, cross, prefix-LM and block-causal.
 
 Causal: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t; normalised, with
 z_t = exp(g_t) z_{t-1} + k_t: o_t = scale q_t^T S_t / (scale q_t . z_t + eps). The normaliser is the same
 recurrence run on a column of ones appended to v, so its gradients are exact by construction.
-Non-causal: o_t = scale sum_s q_t^T diag(w_ts) k_s v_s, w_ts = exp(sum of g over (s, t]) (or (t, s]).
+Non-causal: o_t = scale sum_s q_t^T diag(w_ts) k_s v_s, w_ts = exp(sum of g over (s, t]) (or (t, s]); without
+decay k and v may have their own length (cross attention). Prefix-LM (`prefix_len`) and block-causal
+(`block_size`) widen the causal mask with the same w_ts: the causal pass plus an exclusive reversed pass over the
+keys that the wider mask adds (the prefix's, or each block's with the blocks folded into the batch), so both stay
+sub-quadratic and keep the causal final state.
 """
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixers.ops import checks, sequence
-from mixers.ops.recurrence import shapes, step
+from mixers.ops.recurrence import gated_linear_recurrence, shapes, step
 
 
 def _default_scale(q, scale):
@@ -48,30 +54,128 @@ def _unpack(o, state, normalize, eps, out_dtype):
   return o.astype(out_dtype), state
 
 
+def _keys_cut_along_time(k):
+  """Whether k holds one slice of the time axis (inside a split), not every key (cross attention's k and v of
+  another length stay whole on every slice)."""
+  split = sequence.current_split()
+  return split is not None and split.axis in jax.typeof(k).manual_axis_type.varying
+
+
+def _no_pallas(impl):
+  return "chunked" if impl == "pallas" else impl  # the kernels have no exclusive form
+
+
 def _noncausal(q, k, v, log_decay, scale, chunk_size, impl):
   """Without decay two matmuls through the global state; with decay a causal pass plus an exclusive reverse
   pass whose decay is shifted by one token (h_t = g_{t+1}): o_t reads sum_{s>t} exp(g_{t+1} + ... + g_s)."""
   if log_decay is None:
     dtype = shapes.compute_dtype(q, k, v)
-    state = sequence.sum_over_time(jnp.einsum("bshk,bshv->bhkv", k.astype(dtype), v.astype(dtype)))
+    state = jnp.einsum("bshk,bshv->bhkv", k.astype(dtype), v.astype(dtype))
+    state = sequence.sum_over_time(state) if _keys_cut_along_time(k) else state
     return scale * jnp.einsum("bthk,bhkv->bthv", q.astype(dtype), state)
   kw = dict(scale=scale, chunk_size=chunk_size)
   forward, _ = sequence.recurrence(q, k, v, log_decay, impl=impl, **kw)
   backward, _ = sequence.recurrence(q, k, v, sequence.shift(log_decay, -1), exclusive=True, reverse=True,
-                                    impl="chunked" if impl == "pallas" else impl, **kw)
+                                    impl=_no_pallas(impl), **kw)
   return forward.astype(jnp.promote_types(forward.dtype, jnp.float32)) + backward
 
 
-@sequence.splits_time("q", "k", "v", "log_decay", batched=("initial_state",))
-def linear_attention(q, k, v, *, causal=True, log_decay=None, normalize=False, scale=None, eps=1e-6,
-                     initial_state=None, return_state=False, chunk_size=64, impl="auto"):
+def _check_prefix_len(prefix_len, batch, length):
+  """None | int | int array `[B]` (or a scalar array) with values in [0, T]; concrete values are checked."""
+  if prefix_len is None or (isinstance(prefix_len, (int, np.integer)) and not isinstance(prefix_len, bool)):
+    if prefix_len is not None and not 0 <= prefix_len <= length:
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got {prefix_len}")
+    return prefix_len
+  p = jnp.asarray(prefix_len)
+  if not jnp.issubdtype(p.dtype, jnp.integer) or p.shape not in ((), (batch,)):
+    raise ValueError(f"prefix_len must be None, an int or an int array [B] = ({batch},), got "
+                     f"{p.dtype} of shape {tuple(p.shape)}")
+  if checks.is_concrete(p):
+    values = np.asarray(p)
+    if np.any(values < 0) or np.any(values > length):
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
+                       f"{values.max()}")
+  return p
+
+
+def _prefix_pass(q, k, v, log_decay, prefix_len, scale, chunk_size, impl):
+  """What the prefix adds to the causal pass: o_t += scale sum_{t<s<P} q_t^T diag(w_ts) k_s v_s (P = prefix_len),
+  an exclusive reversed pass over the keys s < P (the others zeroed) with decay h_t = g_{t+1}."""
+  kw = dict(scale=scale, exclusive=True, reverse=True, chunk_size=chunk_size, impl=_no_pallas(impl))
+  t = q.shape[1]
+  if isinstance(prefix_len, (int, np.integer)) and sequence.current_split() is None:
+    if prefix_len == 0:
+      return jnp.zeros(v.shape, shapes.compute_dtype(q, k, v))
+    cut = lambda x: None if x is None else x[:, :prefix_len]
+    o, _ = sequence.recurrence(cut(q), cut(k), cut(v), cut(sequence.shift(log_decay, -1) if log_decay is not None
+                                                              else None), **kw)
+    return jnp.pad(o, [(0, 0), (0, t - prefix_len), (0, 0), (0, 0)])
+  inside = sequence.positions(t)[None, :] < jnp.reshape(prefix_len, (-1, 1))  # [B or 1, T]
+  k = jnp.where(inside[:, :, None, None], k, jnp.zeros_like(k))
+  decay = None if log_decay is None else sequence.shift(log_decay, -1)
+  o, _ = sequence.recurrence(q, k, v, decay, **kw)
+  return o
+
+
+def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
+  """What the blocks add to the causal pass: o_t += scale sum_{s>t, s in t's block} q_t^T diag(w_ts) k_s v_s.
+  T is padded to a multiple of block_size and the blocks folded into the batch, `[B,T,H,*] -> [B*T/bs,bs,H,*]`,
+  each run as an exclusive reversed recurrence with decay h_t = g_{t+1} (zero past the block's end)."""
+  split = sequence.current_split()
+  if split is not None and split.slice_length % block_size:
+    raise ValueError(f"block_size={block_size} must divide the length of each sequence slice "
+                     f"({split.slice_length} tokens) to split block-causal linear attention along time")
+  b, t = q.shape[:2]
+  n = -(-t // block_size)
+
+  def blocks(x):
+    x = jnp.pad(x, [(0, 0), (0, n * block_size - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((b * n, block_size) + x.shape[2:])
+
+  decay = None
+  if log_decay is not None:
+    g = blocks(log_decay)
+    decay = jnp.flip(jnp.concatenate([g[:, 1:], jnp.zeros_like(g[:, :1])], axis=1), axis=1)
+  qb, kb, vb = (jnp.flip(blocks(x), axis=1) for x in (q, k, v))
+  # Inside a split the blocks are local to the slice; the scan's zero carry must vary like the slice's data.
+  start = None if split is None else sequence._zero_state(qb, vb, shapes.compute_dtype(q, k, v))  # pylint: disable=protected-access
+  o, _ = gated_linear_recurrence(qb, kb, vb, decay, scale=scale, initial_state=start, exclusive=True,
+                                 chunk_size=chunk_size, impl=_no_pallas(impl))
+  return jnp.flip(o, axis=1).reshape((b, n * block_size) + o.shape[2:])[:, :t]
+
+
+@sequence.splits_time("q", "k", "v", "log_decay", batched=("initial_state", "prefix_len"))
+def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, log_decay=None, normalize=False,
+                     scale=None, eps=1e-6, initial_state=None, return_state=False, chunk_size=64, impl="auto"):
   """Linear attention. q, k `[B,T,H,K]`, v `[B,T,H,V]`, log_decay None | `[H]` | `[B,T,H]` | `[B,T,H,K]`.
 
+  o_t = scale sum_{s visible from t} q_t^T diag(w_ts) k_s v_s (w_ts of the module docstring; all ones without
+  decay), normalised by scale sum_s q_t^T diag(w_ts) k_s + eps when `normalize`. Visible: s <= t (causal); every
+  s (`causal=False`); with causal, `prefix_len` P (int or int array `[B]`, 0 <= P <= T; Prefix-LM): also s < P
+  when t < P; `block_size` b (positive int; block-causal): s // b <= t // b. One of prefix_len and block_size.
+  Cross attention: with `causal=False` and no decay, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` may have any Tk.
+
   Returns o `[B,T,H,V]`, and with `return_state` (causal only) the final state: S `[B,H,K,V]`, or (S, z) with
-  z `[B,H,K]` when normalize. `scale` defaults to K**-0.5. Any T; chunk_size in tokens; impl as in the core.
+  z `[B,H,K]` when normalize. The state is always the causal one (S_T above), so decoding goes on causally after
+  a Prefix-LM prefill, and a block-causal call on the next block from it gives the full forward's outputs there.
+  `initial_state` is earlier context that every token sees through the causal pass (prefix and blocks alike).
+  `scale` defaults to K**-0.5. Any T; chunk_size in tokens; impl as in the core. Split along time (sequence
+  parallelism), block_size must divide the slice length.
   """
-  shapes.check_qkv(q, k, v)
+  shapes.check_qkv(q, k, v, cross=not causal)
   checks.check_positive_int("chunk_size", chunk_size)
+  if prefix_len is not None or block_size is not None:
+    if not causal:
+      raise ValueError("prefix_len and block_size widen the causal mask: they need causal=True")
+    if prefix_len is not None and block_size is not None:
+      raise ValueError("prefix_len and block_size are two different masks: pass one of them, not both")
+  if block_size is not None:
+    checks.check_positive_int("block_size", block_size)
+  split = sequence.current_split()
+  prefix_len = _check_prefix_len(prefix_len, q.shape[0], q.shape[1] if split is None else split.length)
+  if k.shape[1] != q.shape[1] and log_decay is not None:
+    raise ValueError(f"log_decay needs k and v as long as q: a decay between tokens of two sequences (Tq = "
+                     f"{q.shape[1]}, Tk = {k.shape[1]}) has no meaning")
   scale = _default_scale(q, scale)
   log_decay = shapes.normalize_log_decay(log_decay, q)
   out_dtype = shapes.output_dtype(q, k, v)
@@ -84,6 +188,13 @@ def linear_attention(q, k, v, *, causal=True, log_decay=None, normalize=False, s
   state = _pack_state(initial_state, normalize, q, v)
   o, final = sequence.recurrence(q, k, v_in, log_decay, scale=scale, initial_state=state, chunk_size=chunk_size,
                                  impl=impl)
+  extra = None
+  if prefix_len is not None:
+    extra = _prefix_pass(q, k, v_in, log_decay, prefix_len, scale, chunk_size, impl)
+  elif block_size is not None:
+    extra = _block_pass(q, k, v_in, log_decay, block_size, scale, chunk_size, impl)
+  if extra is not None:
+    o = o.astype(jnp.promote_types(o.dtype, jnp.float32)) + extra
   o, final = _unpack(o, final, normalize, eps, out_dtype)
   return (o, final) if return_state else o
 

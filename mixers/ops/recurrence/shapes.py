@@ -13,9 +13,15 @@ def output_dtype(*xs):
   return jnp.result_type(*xs)
 
 
-def check_qkv(q, k, v):
+def check_qkv(q, k, v, *, cross=False):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]`; with `cross`, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` of their own length Tk."""
   checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,T,H,K]")
+  if cross:
+    b, _, h, dk = q.shape
+    checks.check_shape("k", k, (b, None, h, dk), f"[B,Tk,H,K] with (B, H, K) = {(b, h, dk)} like q")
+    checks.check_shape("v", v, k.shape[:3] + (None,), f"[B,Tk,H,V] = {tuple(k.shape[:3])} + (V,) like k")
+    return
   checks.check_shape("k", k, q.shape, f"{tuple(q.shape)} like q [B,T,H,K]")
   checks.check_shape("v", v, q.shape[:3] + (None,), f"[B,T,H,V] = {tuple(q.shape[:3])} + (V,)")
 
