@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
-from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions, poison, within_capacity
+from mixers.layers.decode_cache import (block_aligned, cached_recurrence, check_decode, decode_positions, poison,
+                                       within_capacity)
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -17,7 +18,9 @@ class Attention(nn.Module):
   """o = softmax(q k^T / sqrt(D)) v per head, then an output projection. x `[B,T,d_model]`.
 
   num_heads / head_dim (default d_model // num_heads) / num_kv_heads (grouped-query; divides num_heads);
-  rotary, rotary_base: rotary positions on q and k. dtype: computation (None: promote x and the parameters);
+  rotary, rotary_base: rotary positions on q and k. block_size (causal only): block-causal, a token reads its whole
+  block of block_size tokens and every earlier block; decoding, each chunk starts at a block boundary
+  (`decode_cache.block_aligned`). dtype: computation (None: promote x and the parameters);
   param_dtype: the parameters'. Decoding keeps keys and values for as many positions as the input given to
   `init(..., decode=True)` (its capacity; decoding past it raises, or gives NaN under jit).
   """
@@ -25,6 +28,7 @@ class Attention(nn.Module):
   head_dim: Optional[int] = None
   num_kv_heads: Optional[int] = None
   causal: bool = True
+  block_size: Optional[int] = None
   rotary: bool = True
   rotary_base: float = 10000.0
   dtype: Optional[common.Dtype] = None
@@ -33,44 +37,72 @@ class Attention(nn.Module):
   aliases = {"rope_theta": "rotary_base"}
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
-    mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None.
+    mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None. With a context the keys
+      are the context's: context_mask marks them and mask has no effect.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       x_full's length at init is the KV cache's capacity.
+    prefix_len: None, int or `[B]` ints, causal only (Prefix-LM): the first prefix_len tokens read each other, later
+      tokens everything before them. Decoding, it counts from the chunk's first token (the chunk's first prefix_len
+      tokens read each other and the cache): a prompt read with it fills the cache, later chunks go on causally.
+    context: `[B,Tk,d_model]` or None (self attention): cross attention, q from x, k and v from the context through
+      the same projections. Non-causal: any Tk, and no rotary (the positions of two sequences are not comparable).
+      Causal (target t reads sources s <= t): Tk == T, rotary at the shared positions, and decoding takes the
+      context chunk that matches each x chunk into the KV cache. context_mask: `[B,Tk]` bool, True at real context
+      tokens, or None.
     """
     common.check_x(self, x)
     check_decode(self, decode)
+    common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    source, key_mask = common.check_context(self, x, context, context_mask, mask)
     b, t, d_model = x.shape
     head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    if self.rotary and head_dim % 2:
+    rotary = self.rotary and (context is None or self.causal)
+    if rotary and head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
                        f"num_heads={self.num_heads})")
     proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
                                                  dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(x), proj(kv_heads, "value")(x)
+    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
     pos = decode_positions(self, b, t, decode=decode)
-    if self.rotary:
+    if rotary:
       q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
     what = "the length of the input given to init(..., decode=True)"
+    patterns = {key: val for key, val in (("prefix_len", prefix_len), ("block_size", self.block_size))
+                if val is not None}
 
     def attend(kv_cache):
       if kv_cache is None:
         if decode:  # the call that makes the cache records its capacity
           within_capacity(self, t, t, decode=True, what=what)
-        return ops.attention(q, k, v, causal=self.causal, mask=mask), None
-      ok = within_capacity(self, pos[0, 0] + t, kv_cache[0].shape[1], decode=True, what=what)
-      keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, pos[0, 0], 0, 0))
+        return ops.attention(q, k, v, causal=self.causal, mask=key_mask, **patterns), None
+      start = pos[0, 0]
+      ok = within_capacity(self, start + t, kv_cache[0].shape[1], decode=True, what=what)
+      if self.block_size is not None:
+        ok = ok & block_aligned(self, start, self.block_size)
+      keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, start, 0, 0))
                       for c, a in zip(kv_cache, (k, v)))
-      visible = jnp.arange(keys.shape[1])[None, None, None, :] <= pos[:, None, :, None]  # [B,1,T,L]
+      last = self._last_visible(pos, t, prefix_len)
+      visible = jnp.arange(keys.shape[1])[None, None, None, :] <= last[:, None, :, None]  # [B,1,T,L]
       return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
 
     empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
     o = cached_recurrence(self, attend, empty_cache, decode=decode)
     return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
                              param_dtype=self.param_dtype)(o)
+
+  def _last_visible(self, pos, t, prefix_len):
+    """`[B,T]`: the last cache position each query of a decode chunk (positions `pos` `[B,T]`) reads."""
+    start = pos[:, :1]
+    if self.block_size is not None:  # its block, up to the chunk's last token
+      return jnp.minimum((pos // self.block_size + 1) * self.block_size, start + t) - 1
+    if prefix_len is None:
+      return pos
+    p = common.prefix_lengths(prefix_len, pos.shape[0], t)[:, None]
+    return jnp.where(pos - start < p, start + p - 1, pos)

@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixers.layers.decode_cache import cached_recurrence, check_decode
 
@@ -229,3 +230,61 @@ class ShortConv(nn.Module):
     if bias is not None:
       y = y + bias.astype(x.dtype)
     return self.activation(y) if self.activation is not None else y
+
+
+def check_patterns(module, *, prefix_len=None, block_size=None):
+  """ValueError unless the visibility patterns beyond causal (Prefix-LM's `prefix_len`, block-causal's `block_size`)
+  come with causal=True, one at a time, block_size a positive integer and prefix_len None, an int or ints `[B]`."""
+  name = type(module).__name__
+  if block_size is not None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+      raise ValueError(f"{name}: block_size must be a positive integer or None, got {block_size!r}")
+    if not module.causal:
+      raise ValueError(f"{name}: block_size={block_size} (block-causal) needs causal=True")
+  if prefix_len is not None:
+    if not module.causal:
+      raise ValueError(f"{name}: prefix_len (Prefix-LM) needs causal=True: a non-causal layer already reads the "
+                       f"whole sequence")
+    if block_size is not None:
+      raise ValueError(f"{name}: prefix_len (Prefix-LM) and block_size={block_size} (block-causal) are two different "
+                       f"masks: use one of them")
+    if (isinstance(prefix_len, bool) or jnp.ndim(prefix_len) > 1
+        or not jnp.issubdtype(jnp.result_type(prefix_len), jnp.integer)):
+      raise ValueError(f"{name}: prefix_len must be an int or an int array [B], got "
+                       f"{getattr(prefix_len, 'shape', prefix_len)!r}")
+
+
+def check_context(module, x, context, context_mask, mask, *, aligned=False):
+  """(source, source mask): what keys and values are computed from, the context (cross attention) or x.
+
+  context `[B,Tk,d_model]` (x `[B,T,d_model]`) or None; context_mask `[B,Tk]` (True at real context tokens) or None.
+  aligned: the layer pairs target t with source t (its decays or positions run along one time axis), so Tk must
+  equal T. Causal cross attention (target t reads sources s <= t) always needs Tk == T.
+  """
+  name = type(module).__name__
+  if context is None:
+    if context_mask is not None:
+      raise ValueError(f"{name}: context_mask given without a context")
+    return x, mask
+  b, t, d = x.shape
+  if context.ndim != 3 or context.shape[0] != b or context.shape[2] != d:
+    raise ValueError(f"{name}: context must have shape [B,Tk,d_model] = ({b}, Tk, {d}) for x {tuple(x.shape)}, "
+                     f"got {tuple(context.shape)}")
+  if (module.causal or aligned) and context.shape[1] != t:
+    why = ("causal cross attention: target t reads sources s <= t" if module.causal else
+           "its decays or positions pair target t with source t, which two sequences of different lengths do not")
+    raise ValueError(f"{name}: context must have x's length T={t} ({why}), got context {tuple(context.shape)}")
+  return context, check_mask(context_mask, context.shape)
+
+
+def prefix_lengths(prefix_len, batch, length):
+  """prefix_len (int or `[B]`) -> int32 `[B]`; concrete values outside [0, length] raise ValueError."""
+  if jnp.ndim(prefix_len) == 1 and jnp.shape(prefix_len)[0] != batch:
+    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got shape "
+                     f"{tuple(jnp.shape(prefix_len))}")
+  if not isinstance(prefix_len, jax.core.Tracer):
+    values = np.asarray(prefix_len)
+    if values.min() < 0 or values.max() > length:
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
+                       f"{values.max()}")
+  return jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (batch,))

@@ -78,6 +78,20 @@ def within_capacity(module: nn.Module, end, capacity: int, *, decode: bool, what
   return jnp.asarray(end) <= capacity
 
 
+def block_aligned(module: nn.Module, start, block_size: int):
+  """True (a bool scalar) when a decode chunk starting at position `start` starts a block of `block_size` tokens.
+
+  Block-causal decoding reads whole blocks from the cache: each chunk starts at a block boundary (so every chunk but
+  the last is a whole number of blocks). A concrete misaligned `start` raises ValueError; a traced one (under jit)
+  gives False, for `poison`.
+  """
+  if not isinstance(start, jax.core.Tracer) and int(start) % block_size:
+    raise ValueError(f"{type(module).__name__}: with block_size={block_size} each decode chunk must start at a block "
+                     f"boundary (a multiple of {block_size}), got a chunk starting at position {int(start)}: every "
+                     f"chunk but the last must be a whole number of blocks")
+  return jnp.asarray(start) % block_size == 0
+
+
 def poison(y, ok):
   """y where `ok`, NaN elsewhere (ok a bool scalar from `within_capacity`)."""
   return jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype))

@@ -21,7 +21,9 @@ class LinearAttention(nn.Module):
   hedgehog (learned [softmax(qW), softmax(-qW)]). Decoding keeps (S, z) in the cache: O(1) per token.
   num_heads / head_dim (default d_model // num_heads); short_conv, conv_width: short convs on q, k, v;
   output_gate / output_norm (norm_eps): the swish gate and per-head RMSNorm before the output projection;
-  max_len: cosformer's position bound (longer inputs, and decoding past it, are refused). dtype: computation
+  max_len: cosformer's position bound (longer inputs, and decoding past it, are refused). block_size (causal
+  only): block-causal, a token reads its whole block of block_size tokens and every earlier block; decoding, each
+  chunk starts at a block boundary (`decode_cache.block_aligned`); short convs stay causal. dtype: computation
   (None: promote x and the parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
@@ -35,6 +37,7 @@ class LinearAttention(nn.Module):
   output_norm: bool = False
   norm_eps: float = 1e-6
   causal: bool = True
+  block_size: Optional[int] = None
   max_len: int = 8192
   eps: float = 1e-6
   chunk_size: int = 64
@@ -57,24 +60,35 @@ class LinearAttention(nn.Module):
     return feature_maps.get(self.feature_map)(x)
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens add nothing to the state), or None.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
+    prefix_len: None, int or `[B]` ints, causal only (Prefix-LM): the first prefix_len tokens read each other, later
+      tokens everything before them. Decoding, it counts from the chunk's first token: a prompt read with prefix_len
+      fills the cache and later chunks without it continue causally. Short convs stay causal.
+    context: `[B,Tk,d_model]` or None (self attention): cross attention, q from x, k and v from the context through
+      the same projections (and short convs, run over the context). Non-causal: any Tk without decay-like
+      position weights (cosformer needs Tk == T); causal (target t reads sources s <= t): Tk == T, and decoding
+      takes the context chunk that matches each x chunk. context_mask: `[B,Tk]` bool, True at real context tokens.
     """
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
     common.check_x(self, x)
     check_decode(self, decode)
+    common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    source, source_mask = common.check_context(self, x, context, context_mask, mask,
+                                               aligned=self.feature_map == "cosformer")
     b, t, d_model = x.shape
     head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = linear_family.qkv_projections(x, self.num_heads, self.feature_dim or head_dim, head_dim, **kw)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, self.feature_dim or head_dim, head_dim, context=context,
+                                            **kw)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          decode=decode, **kw)
+                                          kv_mask=source_mask, decode=decode, **kw)
     pos = decode_positions(self, b, t, decode=decode)
     ok = None
     if self.feature_map == "cosformer":  # its reweighting holds for positions up to max_len only
@@ -84,11 +98,12 @@ class LinearAttention(nn.Module):
       if decode:
         ok = within_capacity(self, pos[0, -1] + 1, self.max_len, decode=True, what=f"max_len={self.max_len}")
     q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
-    k, v = linear_family.mask_tokens(mask, k, v)
+    k, v = linear_family.mask_tokens(source_mask, k, v)
     phi_dim = q.shape[-1]
     scale = 1.0 if self.normalize else phi_dim ** -0.5
     o = linear_family.attend(self, q, k, v, decode=decode, normalize=self.normalize, causal=self.causal,
-                             scale=scale, eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
+                             prefix_len=prefix_len, block_size=self.block_size, start=pos[0, 0], scale=scale,
+                             eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
     if ok is not None:
       o = poison(o, ok)
     return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, norm_eps=self.norm_eps,

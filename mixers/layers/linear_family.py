@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
-from mixers.layers.decode_cache import cached_recurrence
+from mixers.layers.decode_cache import block_aligned, cached_recurrence, poison
 
 
 FLA_ALIASES = {"use_short_conv": "short_conv", "conv_size": "conv_width"}  # fla's names for the same arguments
@@ -28,11 +28,13 @@ def head_widths(d_model, num_heads, expand_k, expand_v):
   return key_total // num_heads, value_total // num_heads
 
 
-def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jnp.float32):
-  """q, k `[B,T,H,key_dim]` and v `[B,T,H,value_dim]` from x `[B,T,d_model]` (kernels query, key, value)."""
+def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jnp.float32, context=None):
+  """q `[B,T,H,key_dim]` from x `[B,T,d_model]`, k `[B,Tk,H,key_dim]` and v `[B,Tk,H,value_dim]` from `context`
+  `[B,Tk,d_model]` (cross attention) or x (kernels query, key, value)."""
+  source = x if context is None else context
   q = heads_projection(num_heads, key_dim, "query", dtype, param_dtype)(x)
-  k = heads_projection(num_heads, key_dim, "key", dtype, param_dtype)(x)
-  return q, k, heads_projection(num_heads, value_dim, "value", dtype, param_dtype)(x)
+  k = heads_projection(num_heads, key_dim, "key", dtype, param_dtype)(source)
+  return q, k, heads_projection(num_heads, value_dim, "value", dtype, param_dtype)(source)
 
 
 def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32):
@@ -43,27 +45,51 @@ def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=
   return y.reshape(b, t, h, d)
 
 
-def short_convs(q, k, v, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32):
-  """Separate short convs over q, k and v (named conv_q, conv_k, conv_v), as in fla's layers."""
-  conv = lambda a, n: conv_heads(a, n, causal=causal, width=width, mask=mask, decode=decode, dtype=dtype,
-                                 param_dtype=param_dtype)
-  return conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+_SAME = object()
 
 
-def attend(module, q, k, v, *, causal, decode, normalize=False, **kwargs):
-  """`ops.linear_attention` over q, k `[B,T,H,K]`, v `[B,T,H,V]`; causal layers keep (S[, z]) in the cache."""
+def short_convs(q, k, v, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, kv_mask=_SAME):
+  """Separate short convs over q, k and v (named conv_q, conv_k, conv_v), as in fla's layers.
+
+  mask `[B,T]` is q's; kv_mask `[B,Tk]` is k's and v's (cross attention: the context's; default: mask). The convs
+  run along their own sequence: q's over x, k's and v's over the context.
+  """
+  conv = lambda a, n, m: conv_heads(a, n, causal=causal, width=width, mask=m, decode=decode, dtype=dtype,
+                                    param_dtype=param_dtype)
+  kv_mask = mask if kv_mask is _SAME else kv_mask
+  return conv(q, "conv_q", mask), conv(k, "conv_k", kv_mask), conv(v, "conv_v", kv_mask)
+
+
+def attend(module, q, k, v, *, causal, decode, normalize=False, prefix_len=None, block_size=None, start=None,
+           **kwargs):
+  """`ops.linear_attention` over q `[B,T,H,K]`, k `[B,Tk,H,K]`, v `[B,Tk,H,V]`; causal layers keep (S[, z]) in the
+  cache.
+
+  prefix_len (int or `[B]`, Prefix-LM) and block_size (block-causal) go to the op, causal only. When decoding,
+  prefix_len counts from the chunk's first token (the chunk's first prefix_len tokens read each other and the
+  cache), and with block_size each chunk must start at a block boundary: `start`, the chunk's first position, is
+  checked (`decode_cache.block_aligned`).
+  """
+  patterns = {}
+  if prefix_len is not None:
+    patterns["prefix_len"] = prefix_len
+  if block_size is not None:
+    patterns["block_size"] = block_size
 
   def run(state):
     if not causal:
       return ops.linear_attention(q, k, v, causal=False, normalize=normalize, **kwargs), None
-    return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **kwargs)
+    return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **patterns,
+                                **kwargs)
 
   def zero_state():
     b, _, h, dk = q.shape
     s = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     return (s, jnp.zeros(s.shape[:-1], jnp.float32)) if normalize else s
 
-  return cached_recurrence(module, run, zero_state, decode=decode)
+  ok = block_aligned(module, start, block_size) if decode and block_size is not None else None
+  o = cached_recurrence(module, run, zero_state, decode=decode)
+  return o if ok is None else poison(o, ok)
 
 
 def mask_tokens(mask, *xs):

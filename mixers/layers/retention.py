@@ -21,12 +21,14 @@ class Retention(nn.Module):
   """S_t = gamma_h S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(D) (rotary q, k); per-head norm, swish gate.
 
   Non-causal: weights gamma_h^|t-s|. Decoding keeps S in the cache: O(1) per token. num_heads / head_dim
-  (default d_model // num_heads); norm_eps: of the per-head RMSNorm. dtype: computation (None: promote x and the
-  parameters); param_dtype: the parameters'.
+  (default d_model // num_heads); norm_eps: of the per-head RMSNorm. block_size (causal only): block-causal, a token
+  reads its whole block and every earlier block; decoding, each chunk starts at a block boundary. dtype: computation
+  (None: promote x and the parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
   causal: bool = True
+  block_size: Optional[int] = None
   rotary: bool = True
   norm_eps: float = 1e-6
   chunk_size: int = 64
@@ -35,30 +37,38 @@ class Retention(nn.Module):
   param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       O(1) state per token.
+    prefix_len: None, int or `[B]` ints, causal only (Prefix-LM, as in `LinearAttention`): within the prefix the
+      weights are gamma_h^|t-s|.
+    context: `[B,Tk,d_model]` or None: cross attention, q from x, k and v from the context, rotary at the same
+      positions on both. The decays gamma_h^|t-s| pair target t with source t, so Tk == T (causal: sources
+      s <= t). context_mask: `[B,Tk]` bool, True at real context tokens (padded ones neither write nor decay).
     """
     common.check_x(self, x)
     check_decode(self, decode)
+    common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    _, source_mask = common.check_context(self, x, context, context_mask, mask, aligned=True)
     b, t, d_model = x.shape
     head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
     if self.rotary and head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
                        f"num_heads={self.num_heads})")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, **kw)
+    q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, context=context, **kw)
     pos = decode_positions(self, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos), apply_rotary(k, pos)
-    k, v = linear_family.mask_tokens(mask, k, v)
+    k, v = linear_family.mask_tokens(source_mask, k, v)
     log_decay = jnp.asarray(retnet_log_decays(self.num_heads))
-    if mask is not None:  # padded tokens neither write nor decay the state
-      log_decay = log_decay * mask[..., None].astype(jnp.float32)
+    if source_mask is not None:  # padded tokens neither write nor decay the state
+      log_decay = log_decay * source_mask[..., None].astype(jnp.float32)
     o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
+                             prefix_len=prefix_len, block_size=self.block_size, start=pos[0, 0],
                              chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=True, gate=True, norm_eps=self.norm_eps, name="output", **kw)(o, x)
