@@ -2,6 +2,7 @@
 from mixers.ops import feature_maps, monarch_fft, positional
 from mixers.ops.attention import attention
 from mixers.ops.delta_rule import delta_rule, delta_rule_step
+from mixers.ops.hyper_attention import hyper_attention
 from mixers.ops.lightnet import lightnet
 from mixers.ops.linear_attention import linear_attention, linear_attention_step
 from mixers.ops.long_conv import long_conv, long_conv_matrix
