@@ -82,12 +82,9 @@ def wy(k, v, beta, b):
   return solved[..., v.shape[-1]:], solved[..., :v.shape[-1]]
 
 
-def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64):
-  """(o `[B,T,H,V]` in the compute dtype, final state `[B,H,K,V]`); any T (zero-padded tokens with beta = 0
-  change nothing)."""
-  t = q.shape[1]
-  dtype = shapes.compute_dtype(q, k, v, beta)
-  chunk = min(chunk_size, t)
+def _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype):
+  """The chunked pieces shared by both output paths: (q, k, U chunked `[B,N,H,C,*]`, b `[B,N,H,C]`, the states
+  entering each chunk `[B,N,H,K,V]`, the final state)."""
   qc, kc, vc = (_chunks(a, chunk, dtype) for a in (q, k, v))  # [B,N,H,C,*]
   betac = _chunks(beta, chunk, dtype)  # [B,N,H,C]
   b = jnp.zeros_like(betac) if log_decay is None else jnp.cumsum(_chunks(log_decay, chunk, dtype), axis=-1)
@@ -98,8 +95,38 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chun
   inputs = jnp.einsum("...sk,...sv->...kv", k_end, u0)
   entering, final = sequence.affine_recurrence(transitions, inputs, initial_state)  # [B,N,H,K,V]
   u = u0 - jnp.einsum("...sk,...kv->...sv", w, entering)
+  return qc, kc, u, b, entering, final
+
+
+def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64):
+  """(o `[B,T,H,V]` in the compute dtype, final state `[B,H,K,V]`); any T (zero-padded tokens with beta = 0
+  change nothing)."""
+  t = q.shape[1]
+  dtype = shapes.compute_dtype(q, k, v, beta)
+  qc, kc, u, b, entering, final = _pseudo_values(q, k, v, beta, log_decay, initial_state, min(chunk_size, t), dtype)
   scores = jnp.einsum("...tk,...sk->...ts", qc, kc) * _decay_mask(b, strict=False)
   o = jnp.einsum("...tk,...kv->...tv", qc * jnp.exp(b)[..., None], entering) + jnp.einsum("...ts,...sv->...tv",
                                                                                           scores, u)
   o = rearrange(scale * o, "b n h c v -> b (n c) h v")[:, :t]
   return o, final
+
+
+def delta_rule_kernel(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64, interpret=False,
+                      backend=None):
+  """The same with the output and state passes in the Pallas chunk kernel (`mixers.kernels`, forward and
+  backward): given the pseudo-values U, the delta rule's o and S are the gated linear recurrence's over (q, k, U),
+  o_t = scale (gamma_t q_t^T S + sum_{s<=t} exp(b_t - b_s) (q_t . k_s) u_s), S' = gamma_C S + K~^T U. The WY
+  solve and the `[K,K]` chunk-transition scan that give U stay in XLA. U is cast to q's dtype (the kernel takes
+  one input dtype; it accumulates in float32). Returns (o `[B,T,H,V]` in q's dtype, final state float32)."""
+  from mixers import kernels  # pylint: disable=import-outside-toplevel
+  t = q.shape[1]
+  dtype = shapes.compute_dtype(q, k, v, beta)
+  chunk = chunk_size
+  _, _, u, _, _, _ = _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype)
+  u = rearrange(u, "b n h c v -> b (n c) h v").astype(q.dtype)
+  pad = u.shape[1] - t
+  pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  o, final = kernels.chunked_recurrence(pad_time(q), pad_time(k.astype(q.dtype)), u, pad_time(log_decay),
+                                        scale=scale, initial_state=initial_state, chunk_size=chunk,
+                                        interpret=interpret, backend=backend)
+  return o[:, :t], final

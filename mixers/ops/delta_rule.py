@@ -9,8 +9,10 @@ keep beta in (0, 1), or (0, 2) for negative eigenvalues); the op takes them as g
 
 Forms (`impl`): "reference" (a token loop multiplying by the K x K transition matrix; there is no materialised
 T x T form, the transition is not diagonal), "recurrent" (the rank-one update, `lax.scan`), "chunked" (the WY
-form in `mixers/ops/delta_chunked.py`); "auto" is "chunked". A sequence split across devices always runs the
-chunked form: its chunk transitions are what the slices combine.
+form in `mixers/ops/delta_chunked.py`), "pallas" (the WY form with its output and state passes in the Pallas chunk
+kernel, forward and backward); "auto" is "pallas" where that kernel supports the backend, shapes and dtype, else
+"chunked". A sequence split across devices always runs the chunked form: its chunk transitions are what the
+slices combine.
 """
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from mixers.ops import checks, delta_chunked, sequence
 from mixers.ops.recurrence import shapes
 
-IMPLS = ("auto", "chunked", "recurrent", "reference")
+IMPLS = ("auto", "chunked", "recurrent", "reference", "pallas")
 
 
 def _check(q, k, v, beta, log_decay, initial_state):
@@ -73,6 +75,20 @@ def _reference(q, k, v, beta, log_decay, scale, initial_state):
   return _scan_tokens(step, q, k, v, beta, log_decay, initial_state)
 
 
+def _kernel_supported(q, v, log_decay, chunk_size):
+  """Whether `impl="auto"` takes the kernel path: a GPU or TPU default backend whose kernel takes these shapes
+  (T padded to the chunk) in q's dtype."""
+  if jax.default_backend() not in ("gpu", "tpu") or sequence.current_split() is not None:
+    return False
+  from mixers import kernels  # pylint: disable=import-outside-toplevel
+  b, t, h, dk = q.shape
+  padded = -(-t // chunk_size) * chunk_size
+  sds = lambda shape: jax.ShapeDtypeStruct(shape, q.dtype)
+  g = None if log_decay is None else jax.ShapeDtypeStruct((b, padded, h), jnp.float32)
+  return kernels.supports(sds((b, padded, h, dk)), sds((b, padded, h, dk)), sds((b, padded, h, v.shape[-1])), g,
+                          chunk_size)
+
+
 def _empty(q, v, beta, initial_state):
   """Nothing to read (B = 0 or T = 0): zero outputs, the initial (or zero) state."""
   b, _, h, dk = q.shape
@@ -99,6 +115,10 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
     o, final = _reference(q, k, v, beta, log_decay, scale, initial_state)
   elif impl == "recurrent" and sequence.current_split() is None:
     o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state)
+  elif (impl == "pallas" and sequence.current_split() is None) or (
+      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size)):
+    o, final = delta_chunked.delta_rule_kernel(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
+                                               chunk_size=chunk_size)
   else:
     o, final = delta_chunked.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                                         chunk_size=chunk_size)

@@ -133,7 +133,7 @@ def test_bad_inputs_are_refused_by_name():
   with pytest.raises(ValueError, match="beta must be a floating-point array"):
     ops.delta_rule(q, k, v, beta.astype(jnp.int32))
   with pytest.raises(ValueError, match="impl must be one of"):
-    ops.delta_rule(q, k, v, beta, impl="pallas")
+    ops.delta_rule(q, k, v, beta, impl="triton")
   with pytest.raises(ValueError, match="state must have shape"):
     ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], jnp.zeros((B, H, K, K)))
   # Under jit a positive log-decay is NaN from its chunk on (chunks of 4: token 5 reaches tokens 4 to 7).
