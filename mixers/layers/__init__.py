@@ -8,6 +8,7 @@ from mixers.layers.common import GatedRMSNorm, RMSNorm, ShortConv
 from mixers.layers.delta_net import DeltaNet, GatedDeltaNet
 from mixers.layers.gla import GLA
 from mixers.layers.hydra import Hydra
+from mixers.layers.hyper_attention import HyperAttention
 from mixers.layers.lightnet import LightNet
 from mixers.layers.linear_attention import LinearAttention
 from mixers.layers.mamba2 import Mamba2

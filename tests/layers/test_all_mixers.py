@@ -23,6 +23,7 @@ SMALL = {
     "lightnet": dict(num_heads=2, gate_rank=4),
     "delta_net": dict(num_heads=2, chunk_size=8),
     "gated_delta_net": dict(num_heads=2, chunk_size=8),
+    "hyper_attention": dict(num_heads=2, block_size=16, sample_size=4, min_seq_len=4),  # LSH path, exact
 }
 CAUSAL = [n for n in registry.names("sequence") if registry.is_causal_capable(n)]
 NONCAUSAL = registry.names("sequence")
