@@ -38,23 +38,31 @@ def test_steps_for_budget_spends_the_budget():
   assert abs(6 * 1000 * 2048 * steps - 6e12) / 6e12 < 1e-3
 
 
-def test_best_over_lr_picks_the_most_accurate_learning_rate():
-  rows = [dict(mixer="gla", d_model=32, seq_len=64, num_pairs=4, learning_rate=lr, accuracy=acc)
+def test_best_over_lr_picks_the_most_accurate_learning_rate_per_seed():
+  rows = [dict(mixer="gla", d_model=32, seq_len=64, num_pairs=4, learning_rate=lr, accuracy=acc, seed=0)
           for lr, acc in ((1e-3, 0.2), (1e-2, float("nan")), (3e-3, 0.7))]
+  rows.append(dict(mixer="gla", d_model=32, seq_len=64, num_pairs=4, learning_rate=1e-3, accuracy=0.5, seed=1))
   rows.append(dict(mixer="gla", d_model=64, seq_len=64, num_pairs=4, learning_rate=1e-2, accuracy=float("nan")))
   best = sweep.best_over_lr(rows)
-  assert [(r["d_model"], r["learning_rate"], r["accuracy"]) for r in best] == [(32, 3e-3, 0.7), (64, 1e-2, 0.0)]
+  assert [(r["d_model"], r["seed"], r["learning_rate"], r["accuracy"]) for r in best] == [
+      (32, 0, 3e-3, 0.7), (32, 1, 1e-3, 0.5), (64, 0, 1e-2, 0.0)]
+  summary = sweep.over_seeds(best)
+  assert [(r["d_model"], r["seeds"]) for r in summary] == [(32, 2), (64, 1)]
+  assert summary[0]["accuracy"] == pytest.approx(0.6) and summary[0]["spread"] == pytest.approx(0.2)
+  assert summary[0]["accuracies"] == "0.700 0.500" and summary[0]["learning_rates"] == "0.003 0.001"
 
 
 def test_sweep_points_drop_pairs_that_do_not_fit():
   grid = dict(sweep.QUICK, mixers=("gla",), seq_lens=(64,), num_pairs=(4, 32), d_models=(32,),
-              learning_rates=(1e-3, 1e-2))
-  assert sweep.points(grid) == [("gla", 32, 64, 4, 1e-3), ("gla", 32, 64, 4, 1e-2)]
+              learning_rates=(1e-3, 1e-2), seeds=(0, 5))
+  assert sweep.points(grid) == [("gla", 32, 64, 4, 1e-3, 0), ("gla", 32, 64, 4, 1e-2, 0), ("gla", 32, 64, 4, 1e-3, 5),
+                                ("gla", 32, 64, 4, 1e-2, 5)]
+  assert sweep.make_config(grid, *sweep.points(grid)[-1]).seed == 5
 
 
 @pytest.mark.parametrize("grid", [sweep.QUICK, sweep.FULL], ids=["quick", "full"])
 def test_sweep_configs_are_valid(grid):
-  for point in sweep.points(grid)[:: len(grid["learning_rates"])]:
+  for point in sweep.points(grid)[:: len(grid["learning_rates"]) * len(grid["seeds"])]:
     config, _ = trainer_config.resolve(sweep.make_config(grid, *point))
     assert (config.model.mixer, config.model.d_model, config.data.num_pairs) == (point[0], point[1], point[3])
 
@@ -77,8 +85,10 @@ def test_scaling_counts_non_embedding_parameters():
 
 
 def test_plots_and_tables_are_written(tmp_path):
-  best = [dict(mixer=m, d_model=d, seq_len=64, num_pairs=4, learning_rate=1e-3, accuracy=acc, loss=1.0, seconds=1.0)
-          for m, acc in (("attention", 0.9), ("gla", 0.5)) for d in (32, 64)]
+  best = [dict(mixer=m, d_model=d, seq_len=64, num_pairs=4, learning_rate=1e-3, accuracy=acc + 0.1 * seed, loss=1.0,
+               seconds=1.0, seed=seed) for m, acc in (("attention", 0.8), ("gla", 0.5)) for d in (32, 64)
+          for seed in (0, 1)]
+  best = sweep.over_seeds(best)
   assert os.path.getsize(sweep.plot_accuracy_vs_width(best, str(tmp_path / "mqar.png"))) > 0
   assert open(sweep.write_table(best, str(tmp_path))).read().count("\n") == 5
 
