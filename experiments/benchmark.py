@@ -3,6 +3,7 @@ r"""Speed and memory benchmarks of the mixers, printed as tables (and optionally
   python -m experiments.benchmark --suite mixers --results results/benchmark
   python -m experiments.benchmark --suite mixers --quick --results /tmp/bench     # T <= 4096, 2 repeats
   python -m experiments.benchmark --suite linear_attention --max_len 16384 --csv results/la.csv
+  python -m experiments.benchmark --suite attention_patterns --quick    # self / cross x causal / non-causal
 
 Each suite lives in experiments/benchmarks/<suite>.py and returns rows; timings are medians of several
 runs after a warm-up call, on whatever backend JAX sees. `--results DIR` writes DIR/benchmark.csv,
