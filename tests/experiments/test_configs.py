@@ -3,11 +3,12 @@ model's kind and causality, bad names, keys and values fail naming the field and
 import ml_collections
 import pytest
 
-from configs import image, listops, lm, mqar, pathfinder
+from configs import image, image_causal, listops, lm, mqar, pathfinder
 from experiments.trainer import config as trainer_config
 from mixers import registry
 
-FAMILIES = {"mqar": mqar, "lm": lm, "listops": listops, "pathfinder": pathfinder, "image": image}
+FAMILIES = {"mqar": mqar, "lm": lm, "listops": listops, "pathfinder": pathfinder, "image": image,
+            "image_causal": image_causal}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
