@@ -4,6 +4,7 @@ Layers run one after another, or (`scan_layers=True`) as one `nn.scan` over a gr
 shortest repeating pattern of the layers' mixers (one block for a plain model, two for `gla,attention`), its
 parameters gain a leading axis (logical name `layers`) and the program compiles the group once.
 """
+import inspect
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -33,6 +34,22 @@ def mixer_kwargs(name, kwargs, *, causal=None, dtype=None, param_dtype=None, gri
   return kwargs
 
 
+def takes_prefix_len(name):
+  """Whether the sequence mixer `name` reads `prefix_len` (Prefix-LM) at call time."""
+  return "prefix_len" in inspect.signature(registry.get(name, "sequence").__call__).parameters
+
+
+def check_prefix_len(mixers, prefix_len):
+  """ValueError when prefix_len is given to a model with a mixer that cannot read it, listing those that can."""
+  if prefix_len is None:
+    return
+  bad = sorted({n for n in mixers if not takes_prefix_len(n)})
+  if bad:
+    able = [n for n in registry.names("sequence") if takes_prefix_len(n)]
+    raise ValueError(f"prefix_len (Prefix-LM) reaches every layer, but mixer(s) {bad} do not take it; mixers that "
+                     f"do: {', '.join(able)}")
+
+
 def remat_policy(name):
   """The `jax.checkpoint` policy called `name` (None or "" saves nothing); ValueError lists the valid names."""
   if not name:
@@ -55,12 +72,13 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, decode=False):
-    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode: see the mixers."""
+  def __call__(self, x, mask=None, decode=False, prefix_len=None):
+    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode, prefix_len: see the mixers."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mixer_kw = mixer_kwargs(self.mixer, self.mixer_kwargs, **kw)
     mixer = registry.get(self.mixer, "sequence")(name="mixer", **mixer_kw)
-    x = constrain(x + mixer(RMSNorm(name="mixer_norm", **kw)(x), mask=mask, decode=decode))
+    patterns = {} if prefix_len is None else {"prefix_len": prefix_len}
+    x = constrain(x + mixer(RMSNorm(name="mixer_norm", **kw)(x), mask=mask, decode=decode, **patterns))
     if self.channel_mixer:
       channel_kw = mixer_kwargs(self.channel_mixer, self.channel_kwargs, **kw)
       channel = registry.get(self.channel_mixer, "channel")(name="channel", **channel_kw)
@@ -79,10 +97,10 @@ class BlockGroup(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, prefix_len):
     for j, (name, kwargs) in enumerate(zip(self.mixers, self.mixer_kwargs)):
       x = Block(name, kwargs, self.channel_mixer, self.channel_kwargs, self.dtype, self.param_dtype,
-                name=f"block_{j}")(x, mask, self.decode)
+                name=f"block_{j}")(x, mask, self.decode, prefix_len)
     return x, None
 
 
@@ -115,30 +133,36 @@ class SequenceModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
-    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache."""
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None):
+    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache.
+
+    prefix_len: None, int or `[B]` ints (Prefix-LM): passed to every layer's mixer, which must take it
+    (`takes_prefix_len`); decoding, a prompt read with it fills the caches and later chunks go on causally.
+    """
     if len(self.mixers) != len(self.mixer_kwargs):
       raise ValueError(f"{len(self.mixers)} mixers but {len(self.mixer_kwargs)} mixer_kwargs")
+    check_prefix_len(self.mixers, prefix_len)
     policy = remat_policy(self.remat_policy)
     channel_kwargs = dict(self.channel_kwargs or {})
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
-      x = self._scanned(x, mask, decode, policy, channel_kwargs, kw)
+      x = self._scanned(x, mask, decode, prefix_len, policy, channel_kwargs, kw)
     else:
       block = nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat else Block
       for i, (name, kwargs) in enumerate(zip(self.mixers, self.mixer_kwargs)):
-        x = block(name, kwargs, self.channel_mixer, channel_kwargs, name=f"block_{i}", **kw)(x, mask, decode)
+        x = block(name, kwargs, self.channel_mixer, channel_kwargs, name=f"block_{i}", **kw)(x, mask, decode,
+                                                                                              prefix_len)
     return RMSNorm(name="final_norm", **kw)(x)
 
-  def _scanned(self, x, mask, decode, policy, channel_kwargs, kw):
+  def _scanned(self, x, mask, decode, prefix_len, policy, channel_kwargs, kw):
     period = layer_period(self.mixers, self.mixer_kwargs)
     body = nn.remat(BlockGroup, policy=policy, prevent_cse=False) if self.remat else BlockGroup
     scan = nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,), length=len(self.mixers) // period,
+                   in_axes=(nn.broadcast, nn.broadcast), length=len(self.mixers) // period,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     group = scan(tuple(self.mixers[:period]), tuple(self.mixer_kwargs[:period]), self.channel_mixer, channel_kwargs,
                  decode, name="layers", **kw)
-    return group(x, mask)[0]
+    return group(x, mask, prefix_len)[0]
 
 
 def stack_layers(params, num_layers, period=1):

@@ -1,4 +1,6 @@
 """Models built from ConfigDicts: language model, classifiers, hybrids, decoding, NNX bridge."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,11 @@ from mixers import models
 from tests.conftest import assert_close
 
 
-def lm_config(mixer="gla,attention"):
+def lm_config(mixer="gla,attention", **overrides):
   c = models.default_config()
   c.mixer, c.d_model, c.num_layers, c.vocab_size = mixer, 32, 2, 50
   c.mixer_kwargs.num_heads = 2
+  c.update(overrides)
   return c
 
 
@@ -49,6 +52,42 @@ def test_lm_causal_and_decodes(hybrid_lm):
     cache = mut["cache"]
     outs.append(out)
   assert_close(jnp.concatenate(outs, axis=1), logits, 1e-5)
+
+
+def test_lm_prefix_len_reads_the_prompt_both_ways_then_decodes(hybrid_lm):
+  """prefix_len P in every layer: logits before P see the rest of the prompt, none sees past its own position after
+  P; a prompt prefilled with prefix_len then token by token decoding equals the forward; the remat and scanned
+  backbones pass it on alike; a mixer that cannot read it is a ValueError naming those that can."""
+  model, variables, tokens = hybrid_lm
+  p = 6
+  apply = jax.jit(lambda v, t, p: model.apply(v, t, prefix_len=p))
+  logits = apply(variables, tokens, p)
+  changed = apply(variables, tokens.at[:, p - 1].set((tokens[:, p - 1] + 1) % 50), p)
+  assert not np.allclose(logits[:, 0], changed[:, 0], atol=1e-5)
+  later = apply(variables, tokens.at[:, p + 1:].set(7), p)
+  np.testing.assert_allclose(logits[:, :p + 1], later[:, :p + 1], atol=1e-5)
+  cache = model.init(jax.random.key(1), tokens, decode=True)["cache"]
+  run = lambda c, t, **kw: model.apply({**variables, "cache": c}, t, decode=True, mutable=["cache"], **kw)
+  out, mut = jax.jit(functools.partial(run, prefix_len=p))(cache, tokens[:, :p])
+  outs, cache, step = [out], mut["cache"], jax.jit(run)
+  for t in range(p, tokens.shape[1]):
+    out, mut = step(cache, tokens[:, t:t + 1])
+    outs.append(out)
+    cache = mut["cache"]
+  assert_close(jnp.concatenate(outs, axis=1), logits, 1e-5, "prefix-LM decode")
+  per_row = jnp.array([p, 2])
+  expected = apply(variables, tokens, per_row)
+  params = nn.unbox(variables["params"])
+  for extra in (dict(remat=True), dict(scan_layers=True, remat=True)):
+    other = models.build_model(lm_config(**extra))
+    other_params = params
+    if extra.get("scan_layers"):
+      other_params = {**params, "backbone": models.stack_layers(params["backbone"], 2, 2)}
+    assert_close(jax.jit(lambda v, t, p: other.apply(v, t, prefix_len=p))({"params": other_params}, tokens, per_row),
+                 expected, 1e-5, f"prefix_len with {extra}")
+  with pytest.raises(ValueError, match=r"mixer\(s\) \['mamba2'\] do not take it; mixers that do: attention, gla"):
+    mamba = models.build_model(lm_config("gla,mamba2"))
+    mamba.init(jax.random.key(1), tokens, prefix_len=p)
 
 
 def test_image_classifier_trains():
