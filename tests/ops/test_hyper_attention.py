@@ -1,0 +1,168 @@
+"""HyperAttention against dense softmax attention (float64): exact regimes, error vs sample budget, causality,
+gradients, odd lengths, argument errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixers import ops
+from mixers.ops.hyper_attention import lsh_buckets
+from tests.conftest import assert_close, rel_rms
+
+B, T, H, HKV, D, DV = 2, 37, 2, 1, 6, 5  # T odd, not a multiple of the blocks; grouped keys and values
+
+
+def dense(q, k, v, causal, mask=None):
+  """Softmax attention as the materialised [T,T] matrix: (o `[B,T,H,Dv]`, lse `[B,T,H]`)."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+  visible = jnp.ones(logits.shape, bool)
+  if causal:
+    visible &= jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+  if mask is not None:
+    visible &= mask[:, None, None, :]
+  logits = jnp.where(visible, logits, -jnp.inf)
+  o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  return o, jnp.swapaxes(jax.nn.logsumexp(logits, axis=-1), 1, 2)
+
+
+def inputs(seed=0, t=T, structured=False, dtype=jnp.float64):
+  """q, k, v; `structured`: keys and queries near 4 shared directions (the heavy entries LSH should find)."""
+  kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(kq, (B, t, H, D), dtype)
+  k = jax.random.normal(kk, (B, t, HKV, D), dtype)
+  v = jax.random.normal(kv, (B, t, HKV, DV), dtype)
+  if structured:
+    centers = jax.random.normal(kc, (4, D), dtype) * 1.5
+    q = 0.5 * q + centers[(3 * jnp.arange(t)) % 4][None, :, None]
+    k = 0.5 * k + centers[jnp.arange(t) % 4][None, :, None]
+  return q, k, v
+
+
+EXACT = {  # settings in which every part is exact
+    "T <= min_seq_len": dict(min_seq_len=64, block_size=4, sample_size=3),
+    "block covers the keys": dict(min_seq_len=3, block_size=64, sample_size=3),
+    "samples cover the keys": dict(min_seq_len=3, block_size=4, sample_size=64),
+}
+APPROX = dict(min_seq_len=5, block_size=4, sample_size=5, lsh_num_projs=3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_regimes_equal_softmax_attention(x64, causal):
+  q, k, v = inputs()
+  mask = jnp.ones((B, T), bool).at[1, 20:].set(False).at[0, 3:30:4].set(False)  # key 0 always visible
+  want, want_lse = jax.jit(dense, static_argnums=3)(q, k, v, causal, mask)
+  every = jax.jit(lambda *a: {what: ops.hyper_attention(*a[:3], causal=causal, mask=a[3], return_lse=True, **settings)
+                              for what, settings in EXACT.items()})
+  for what, (o, lse) in every(q, k, v, mask).items():
+    assert o.shape == (B, T, H, DV) and o.dtype == jnp.float64
+    assert_close(o, want, 1e-12, what)
+    assert_close(lse, want_lse, 1e-12, f"{what} lse")
+
+
+def test_gradient_in_the_exact_regime_equals_softmax_attention(x64):
+  """Random-cotangent VJP through the causal recursion and the LSH blocks (one block covers each part's keys)."""
+  q, k, v = inputs(1)
+  ct = jax.random.normal(jax.random.key(5), (B, T, H, DV), jnp.float64)
+  hyper = functools.partial(ops.hyper_attention, causal=True, **EXACT["block covers the keys"])
+  vjp = jax.jit(lambda f, *a: jax.vjp(f, *a)[1](ct), static_argnums=0)
+  for name, got, want in zip("qkv", vjp(hyper, q, k, v), vjp(lambda *a: dense(*a, True)[0], q, k, v)):
+    assert_close(got, want, 1e-11, f"d{name}")
+
+
+@pytest.mark.parametrize("causal,budget", [(False, 24), (True, 12)])
+def test_error_shrinks_as_the_sample_budget_grows(x64, causal, budget):
+  """Mean relative error over 4 keys, T = 48: `budget` samples clearly below 4; deterministic per key. (The causal
+  recursion's largest approximate part has T/2 keys, so T/4 samples there are what T/2 are to the non-causal form.)"""
+  t = 48
+  q, k, v = inputs(2, t=t, structured=True)
+  want = dense(q, k, v, causal)[0]
+  keys = jax.random.split(jax.random.key(7), 4)
+  errors = {}
+  for samples in (4, budget):
+    hyper = functools.partial(ops.hyper_attention, q, k, v, causal=causal, min_seq_len=6, block_size=4,
+                              sample_size=samples, lsh_num_projs=3)
+    f = jax.jit(jax.vmap(lambda key, hyper=hyper: hyper(key=key)))
+    outs = f(keys)
+    errors[samples] = np.mean([rel_rms(o, want) for o in outs])
+    assert rel_rms(outs[0], outs[1]) > 1e-3, "different keys should give different estimates"
+    np.testing.assert_array_equal(f(keys), outs)
+  assert errors[budget] < 0.7 * errors[4], errors
+
+
+def test_causal_recursion_is_causal_and_its_gradients_finite(x64):
+  """In the approximate regime (blocks of 4, 5 samples, odd T): changing tokens after t changes no output up to t;
+  gradients through the approximation are finite and reach every input."""
+  q, k, v = inputs(3)
+  ct = jax.random.normal(jax.random.key(5), (B, T, H, DV), jnp.float64)
+
+  @jax.jit
+  def outputs_and_grads(q, k, v):
+    y, vjp = jax.vjp(functools.partial(ops.hyper_attention, causal=True, **APPROX), q, k, v)
+    return y, vjp(ct)
+
+  t = 21
+  later = lambda a, seed: a.at[:, t + 1:].set(jax.random.normal(jax.random.key(seed), a[:, t + 1:].shape, a.dtype))
+  (y1, grads), (y2, _) = outputs_and_grads(q, k, v), outputs_and_grads(later(q, 10), later(k, 11), later(v, 12))
+  np.testing.assert_allclose(y1[:, :t + 1], y2[:, :t + 1], rtol=1e-13, atol=1e-13)
+  assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
+  assert rel_rms(y1, jax.jit(dense, static_argnums=3)(q, k, v, True)[0]) > 1e-3, "the setting should be approximate"
+  for name, g in zip("qkv", grads):
+    assert bool(jnp.all(jnp.isfinite(g))), f"d{name} not finite"
+    first = 1 if name == "q" else 0  # the first output is v_0 whatever q_0 is
+    assert float(jnp.min(jnp.max(jnp.abs(g[:, first:]), axis=(0, 2, 3)))) > 0, f"some token gets no d{name}"
+
+
+def test_noncausal_cross_attention_in_float32():
+  """Tq != Tk in float32: approximate (shape, dtype, finite) and with the samples covering the keys (exact)."""
+  q = inputs(4, t=19, dtype=jnp.float32)[0]
+  _, k, v = inputs(5, t=T, dtype=jnp.float32)
+  o, exact = jax.jit(lambda *a: (ops.hyper_attention(*a, **APPROX),
+                                 ops.hyper_attention(*a, **EXACT["samples cover the keys"])))(q, k, v)
+  assert o.shape == (B, 19, H, DV) and o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))
+  assert_close(exact, jax.jit(dense, static_argnums=3)(q, k, v, False)[0], 1e-5)
+
+
+def test_lsh_buckets_number_cells_in_gray_order():
+  """Sign patterns of P = 5 axis projections: numbers 0..31 each once, consecutive ones one sign apart."""
+  p = 5
+  signs = jnp.array([[(cell >> i) & 1 for i in range(p)] for cell in range(2 ** p)], jnp.float32) * 2 - 1
+  buckets = np.asarray(lsh_buckets(signs, jnp.eye(p)))
+  assert sorted(buckets) == list(range(2 ** p))
+  cells = np.argsort(buckets)
+  assert all(bin(int(a) ^ int(b)).count("1") == 1 for a, b in zip(cells[:-1], cells[1:]))
+
+
+BAD = [
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(sample_size=-1), "sample_size must be a non-negative integer"),
+    (dict(min_seq_len=2.5), "min_seq_len must be a positive integer"),
+    (dict(lsh_num_projs=0), "lsh_num_projs must be a positive integer"),
+    (dict(lsh_num_projs=25), "lsh_num_projs must be at most 24"),
+    (dict(capacity_factor=0.5), "capacity_factor must be a number >= 1"),
+    (dict(mask=jnp.ones((B, T + 1), bool)), r"mask must have shape \[B,Tk\]"),
+    (dict(mask=jnp.ones((B, T), jnp.int32)), "mask must be a bool array"),
+    (dict(key=3), "key must be a scalar PRNG key"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD, ids=[next(iter(kw)) + str(i) for i, (kw, _) in enumerate(BAD)])
+def test_bad_arguments_raise_naming_them(kwargs, message):
+  q, k, v = inputs(dtype=jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    ops.hyper_attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes_raise_naming_the_argument():
+  q, k, v = inputs(dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"k must have shape \[B,Tk,Hkv,D\]"):
+    ops.hyper_attention(q, k[..., :-1], v)
+  with pytest.raises(ValueError, match=r"v must have shape \[B,Tk,Hkv,Dv\]"):
+    ops.hyper_attention(q, k, v[:, :-1])
+  with pytest.raises(ValueError, match="causal hyper_attention needs as many keys as queries"):
+    ops.hyper_attention(q[:, :-1], k, v, causal=True)
+  with pytest.raises(ValueError, match="q must have shape"):
+    ops.hyper_attention(q[0], k, v)
