@@ -50,10 +50,12 @@ class Attention(nn.Module):
     context: `[B,Tk,d_model]` or None (self attention): cross attention, q from x, k and v from the context through
       the same projections. Non-causal: any Tk, and no rotary (the positions of two sequences are not comparable).
       Causal (target t reads sources s <= t): Tk == T, rotary at the shared positions, and decoding takes the
-      context chunk that matches each x chunk into the KV cache. context_mask: `[B,Tk]` bool, True at real context
-      tokens, or None.
+      context chunk that matches each x chunk into the KV cache. Non-causal cross attention has no decode mode
+      (ValueError): target t reads only x_t and the whole context, so calling the layer on each new x chunk with the
+      whole context gives the full forward's outputs. context_mask: `[B,Tk]` bool, True at real context tokens.
     """
     common.check_x(self, x)
+    common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)

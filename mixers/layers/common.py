@@ -254,6 +254,14 @@ def check_patterns(module, *, prefix_len=None, block_size=None):
                        f"{getattr(prefix_len, 'shape', prefix_len)!r}")
 
 
+def check_cross_decode(module, decode, context):
+  """ValueError for decode=True with a context on a non-causal layer (before `check_decode`, to say why)."""
+  if decode and context is not None and not module.causal:
+    raise ValueError(f"{type(module).__name__}: decode=True with a context needs causal=True (causal cross attention "
+                     f"decodes the context chunk beside each x chunk); non-causal cross attention keeps no decode "
+                     f"cache")
+
+
 def check_context(module, x, context, context_mask, mask, *, aligned=False):
   """(source, source mask): what keys and values are computed from, the context (cross attention) or x.
 

@@ -53,6 +53,7 @@ class GLA(nn.Module):
       context_mask: `[B,Tk]` bool, True at real context tokens.
     """
     common.check_x(self, x)
+    common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)

@@ -50,6 +50,7 @@ class Retention(nn.Module):
       s <= t). context_mask: `[B,Tk]` bool, True at real context tokens (padded ones neither write nor decay).
     """
     common.check_x(self, x)
+    common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)

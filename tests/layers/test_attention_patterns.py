@@ -205,6 +205,14 @@ def test_causal_cross_attention_is_causal_and_decodes(name):
   assert_close(decode(name, chunks, conv=True)[0], y, 1e-5, f"{name} causal cross decode vs forward")
 
 
+def test_noncausal_cross_attention_reads_each_target_token_alone():
+  """Non-causal cross attention has no decode mode: target t reads x_t and the whole context only, so a chunk of
+  new target tokens with the whole context gives the full forward's outputs there."""
+  x, context = inputs(), inputs(5, TK)
+  y = forward("attention", x, causal=False, context=context)
+  assert_close(forward("attention", x[:, 4:], causal=False, context=context), y[:, 4:], 1e-5, "target chunk")
+
+
 @pytest.mark.parametrize("name", ["attention", "linear_attention"])
 def test_cross_attention_context_mask(name):
   """Padded context tokens (context_mask False) change nothing: the same as the context without them."""
@@ -239,5 +247,5 @@ def test_bad_patterns_and_contexts():
     noncausal("attention").apply(variables, x, context=jnp.ones((B, TK, 8)))
   with pytest.raises(ValueError, match="context_mask given without a context"):
     build("attention").apply(variables, x, context_mask=jnp.ones((B, T), bool))
-  with pytest.raises(ValueError, match="decode=True needs causal=True"):
+  with pytest.raises(ValueError, match="decode=True with a context needs causal=True"):
     noncausal("attention").init(jax.random.key(0), x, context=inputs(5, TK), decode=True)
