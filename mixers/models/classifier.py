@@ -111,8 +111,10 @@ class Classifier(nn.Module):
       kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, **dict(self.positional_kwargs or {}))
       x = x + MdTpe(grid_shape=grid_shape, name="md_tpe", **kw)(x, mask=mask)
     if self.pool in ("cls", "last_token"):
-      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.d_model,),
-                       self.param_dtype)
+      # A zero token after the patches starts dead in the linear-attention family (a zero query reads nothing, so
+      # at the first step only the token itself gets a gradient); it starts at the token embeddings' scale.
+      init = nn.initializers.zeros if self.pool == "cls" else nn.initializers.normal(1.0)
+      cls = self.param("cls", nn.with_logical_partitioning(init, ("embed",)), (self.d_model,), self.param_dtype)
       token = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.d_model))
     if self.pool == "cls":
       x = jnp.concatenate([token, x], axis=1)

@@ -11,7 +11,7 @@ from mixers.models import classifier
 from mixers.models.backbone import SequenceModel
 from tests.conftest import assert_close, random_like
 
-CAUSAL = ("gla", "linear_attention", "mamba2", "attention")
+CAUSAL = ("gla", "mamba2", "attention")
 
 
 def image_config(mixer, pool, causal=True, positional=""):
@@ -147,9 +147,10 @@ def counting_images(key, n):
 
 def test_causal_class_token_classifier_trains():
   """A causal GLA counts the bright squares of the whole image through the class token after the patches: the
-  loss falls and held-out accuracy is far above chance (1/4)."""
+  first step already trains the backbone (the token does not start at zero), the loss falls and held-out accuracy
+  is far above chance (1/4)."""
   c = image_config("gla", "last_token", positional="learned")
-  c.update(dict(d_model=32, num_classes=4))
+  c.num_classes = 4
   model = models.build_model(c)
   train_images, train_labels = counting_images(jax.random.key(0), 512)
   test_images, test_labels = counting_images(jax.random.key(1), 256)
@@ -164,12 +165,13 @@ def test_causal_class_token_classifier_trains():
   def train_step(params, state, images, labels):
     loss, g = jax.value_and_grad(loss_fn)(params, images, labels)
     updates, state = opt.update(g, state)
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state, loss, optax.global_norm(g["backbone"])
 
   losses = []
-  for step in range(100):
-    batch = slice(64 * (step % 8), 64 * (step % 8 + 1))
-    params, state, loss = train_step(params, state, train_images[batch], train_labels[batch])
+  for step in range(80):
+    batch = slice(32 * (step % 16), 32 * (step % 16 + 1))
+    params, state, loss, backbone_grad = train_step(params, state, train_images[batch], train_labels[batch])
+    assert step or float(backbone_grad) > 0, "the first step does not reach the backbone"
     losses.append(float(loss))
   accuracy = float((jax.jit(model.apply)({"params": params}, test_images).argmax(-1) == test_labels).mean())
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
