@@ -46,29 +46,34 @@ class HyperAttention(nn.Module):
   aliases = {"rope_theta": "rotary_base"}
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, context=None, context_mask=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
-    mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None.
+    mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None. With a context the keys
+      are the context's: context_mask marks them and mask has no effect.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       x_full's length at init is the KV cache's capacity.
+    context: `[B,Tk,d_model]` or None (self attention): cross attention as in `Attention` (non-causal: any Tk, no
+      rotary; causal: Tk == T, target t reads sources s <= t). context_mask: `[B,Tk]` bool or None.
     """
     common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
+    source, key_mask = common.check_context(self, x, context, context_mask, mask)
     b, t, d_model = x.shape
     head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    if self.rotary and head_dim % 2:
+    rotary = self.rotary and (context is None or self.causal)
+    if rotary and head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
                        f"num_heads={self.num_heads})")
     proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
                                                  dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(x), proj(kv_heads, "value")(x)
+    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
     pos = decode_positions(self, b, t, decode=decode)
-    if self.rotary:
+    if rotary:
       q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
     what = "the length of the input given to init(..., decode=True)"
     key = self.make_rng("hyper_attention") if self.has_rng("hyper_attention") else jax.random.key(self.seed)
@@ -77,7 +82,7 @@ class HyperAttention(nn.Module):
       if kv_cache is None:
         if decode:  # the call that makes the cache records its capacity
           within_capacity(self, t, t, decode=True, what=what)
-        o = ops.hyper_attention(q, k, v, causal=self.causal, mask=mask, block_size=self.block_size,
+        o = ops.hyper_attention(q, k, v, causal=self.causal, mask=key_mask, block_size=self.block_size,
                                 sample_size=self.sample_size, min_seq_len=self.min_seq_len,
                                 lsh_num_projs=self.lsh_num_projs, capacity_factor=self.capacity_factor, key=key)
         return o, None
