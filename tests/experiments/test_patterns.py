@@ -83,7 +83,7 @@ def test_a_mixer_that_pairs_positions_refuses_a_longer_source():
 
 def test_jrt_runs_prefix_and_twice():
   rows, table = jrt.main(["--quick", "--steps", "3", "--pairs", "4", "--queries", "2", "--vocab", "16",
-                          "--seeds", "0", "--d_model", "32", "--mixer", "linear_attention", "--reference", "",
+                          "--seeds", "0", "--d_model", "32", "--batch_size", "8", "--mixer", "linear_attention", "--reference", "",
                           "--condition", "prefix", "--condition", "jrt_prompt"])
   assert [(r["mixer"], r["condition"]) for r in rows] == [("linear_attention", "prefix"),
                                                           ("linear_attention", "jrt_prompt")]
