@@ -23,11 +23,11 @@ def image_config(mixer, pool, causal=True, positional=""):
   return c
 
 
-def token_config(mixer, causal):
+def token_config(mixer, causal, **mixer_kwargs):
   c = models.default_config()
   c.update(dict(kind="classifier", causal=causal, mixer=mixer, d_model=16, num_layers=2, num_classes=3,
                 vocab_size=20, pool="last_token", positional="learned"))
-  c.mixer_kwargs.num_heads = 2
+  c.mixer_kwargs.update(dict(num_heads=2, **mixer_kwargs))
   return c
 
 
@@ -66,11 +66,13 @@ def test_causal_class_token_reads_every_patch_and_a_prepended_one_none(mixer):
   assert float(influence.max()) == 0.0, f"{mixer}: a causal class token before the patches sees them: {influence}"
 
 
-@pytest.mark.parametrize("mixer,causal", [("gla", True), ("attention", True), ("hydra", False)])
-def test_padding_changes_nothing(mixer, causal):
-  """Right-padded rows (garbage in the pads) give the logits of the unpadded rows alone. The class token goes right after each row's last real token, so short convolutions and
-  positions around it see the same neighbours with and without padding."""
-  model = models.build_model(token_config(mixer, causal))
+@pytest.mark.parametrize("mixer,causal,kwargs", [("gla", True, {"short_conv": True}), ("attention", True, {}),
+                                                 ("hydra", False, {})])
+def test_padding_changes_nothing(mixer, causal, kwargs):
+  """Right-padded rows (garbage in the pads) give the logits of the unpadded rows alone. The class token goes right
+  after each row's last real token, so short convolutions and positions around it see the same neighbours with and
+  without padding."""
+  model = models.build_model(token_config(mixer, causal, **kwargs))
   t, length = 13, 7
   tokens = jax.random.randint(jax.random.key(0), (2, t), 1, 20)
   params = random_params(model, tokens)
