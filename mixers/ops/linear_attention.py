@@ -143,9 +143,6 @@ def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
   A block no longer than chunk_size is one masked matmul; a longer one runs as an exclusive reversed recurrence
   in chunks with decay h_t = g_{t+1} (zero past the block's end)."""
   split = sequence.current_split()
-  if split is not None and split.slice_length % block_size:
-    raise ValueError(f"block_size={block_size} must divide the length of each sequence slice "
-                     f"({split.slice_length} tokens) to split block-causal linear attention along time")
   b, t = q.shape[:2]
   n = -(-t // block_size)
 
@@ -194,9 +191,12 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
       raise ValueError("prefix_len and block_size widen the causal mask: they need causal=True")
     if prefix_len is not None and block_size is not None:
       raise ValueError("prefix_len and block_size are two different masks: pass one of them, not both")
+  split = sequence.current_split()
   if block_size is not None:
     checks.check_positive_int("block_size", block_size)
-  split = sequence.current_split()
+    if split is not None and split.slice_length % block_size:
+      raise ValueError(f"block_size={block_size} must divide the length of each sequence slice "
+                       f"({split.slice_length} tokens) to split block-causal linear attention along time")
   prefix_len = _check_prefix_len(prefix_len, q.shape[0], q.shape[1] if split is None else split.length)
   if k.shape[1] != q.shape[1] and log_decay is not None:
     raise ValueError(f"log_decay needs k and v as long as q: a decay between tokens of two sequences (Tq = "
