@@ -160,7 +160,8 @@ def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
     decay = jnp.flip(jnp.concatenate([g[:, 1:], jnp.zeros_like(g[:, :1])], axis=1), axis=1)
   qb, kb, vb = (jnp.flip(blocks(x), axis=1) for x in (q, k, v))
   # Inside a split the blocks are local to the slice; the scan's zero carry must vary like the slice's data.
-  start = None if split is None else sequence._zero_state(qb, vb, shapes.compute_dtype(q, k, v))  # pylint: disable=protected-access
+  zero_state = sequence._zero_state  # pylint: disable=protected-access
+  start = None if split is None else zero_state(qb, vb, shapes.compute_dtype(q, k, v))
   o, _ = gated_linear_recurrence(qb, kb, vb, decay, scale=scale, initial_state=start, exclusive=True,
                                  chunk_size=chunk_size, impl=_no_pallas(impl))
   return unfold(jnp.flip(o, axis=1))
@@ -173,8 +174,9 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
 
   o_t = scale sum_{s visible from t} q_t^T diag(w_ts) k_s v_s (w_ts of the module docstring; all ones without
   decay), normalised by scale sum_s q_t^T diag(w_ts) k_s + eps when `normalize`. Visible: s <= t (causal); every
-  s (`causal=False`); with causal, `prefix_len` P (int or int array `[B]`, 0 <= P <= T; Prefix-LM): also s < P
-  when t < P; `block_size` b (positive int; block-causal): s // b <= t // b. One of prefix_len and block_size.
+  s (`causal=False`); with causal, `prefix_len` P (int or int array `[B]`, 0 <= P <= T, checked when concrete,
+  clipped in effect under jit; Prefix-LM): also s < P when t < P; `block_size` b (positive int; block-causal):
+  s // b <= t // b. One of prefix_len and block_size.
   Cross attention: with `causal=False` and no decay, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` may have any Tk.
 
   Returns o `[B,T,H,V]`, and with `return_state` (causal only) the final state: S `[B,H,K,V]`, or (S, z) with
