@@ -98,13 +98,14 @@ def _noncausal(q, k, v, valid, scale, key, cfg):
     x = jnp.pad(x, [(0, 0), (0, 0), (0, num_blocks * block - m)] + [(0, 0)] * (x.ndim - 3))
     return x.reshape(x.shape[:2] + (num_blocks, block) + x.shape[3:])
 
-  k_blocks, v_blocks, valid_blocks = blocks(_take(k, key_order)), blocks(_take(v, key_order)), blocks(
-      jnp.take_along_axis(valid, key_order, axis=-1))
+  k_blocks, v_blocks = blocks(_take(k, key_order)), blocks(_take(v, key_order))
+  valid_blocks = blocks(jnp.take_along_axis(valid, key_order, axis=-1))  # [B,H,num_blocks,block]
 
   # Each query's block: the one holding the middle of its bucket's run of sorted keys.
   query_bucket = lsh_buckets(q, projections)
-  middle = (_searchsorted(sorted_buckets, query_bucket, "left") + _searchsorted(sorted_buckets, query_bucket, "right"))
-  query_block = jnp.minimum(middle // 2 // block, num_blocks - 1)
+  run_start, run_end = (_searchsorted(sorted_buckets, query_bucket, side) for side in ("left", "right"))
+  middle = (run_start + run_end) // 2
+  query_block = jnp.minimum(middle // block, num_blocks - 1)
 
   # Slots: block b holds its first `capacity` queries in time order.
   query_order = jnp.argsort(query_block, axis=-1, stable=True)
@@ -185,7 +186,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, mask=None, block_size=
   checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,Tq,H,D]")
   checks.check_rank("k", k, 4, "[B,Tk,Hkv,D]")
-  checks.check_shape("k", k, (q.shape[0], None, None, q.shape[-1]), f"[B,Tk,Hkv,D] with B={q.shape[0]}, D={q.shape[-1]}")
+  checks.check_shape("k", k, (q.shape[0], None, None, q.shape[-1]),
+                     f"[B,Tk,Hkv,D] with B={q.shape[0]}, D={q.shape[-1]}")
   checks.check_shape("v", v, k.shape[:3] + (None,), f"[B,Tk,Hkv,Dv] = {tuple(k.shape[:3])} + (Dv,)")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"k's head count {k.shape[2]} must divide q's {q.shape[2]}")
