@@ -7,9 +7,10 @@ import mixers
 from mixers import ops, registry
 
 CONTRACT = {
-    "attention": ("q", "k", "v", dict(causal=False, scale=None)),
-    "linear_attention": ("q", "k", "v", dict(causal=True, log_decay=None, normalize=False, scale=None, eps=1e-6,
-                                             initial_state=None, return_state=False, chunk_size=64, impl="auto")),
+    "attention": ("q", "k", "v", dict(causal=False, prefix_len=None, block_size=None, scale=None)),
+    "linear_attention": ("q", "k", "v", dict(causal=True, prefix_len=None, block_size=None, log_decay=None,
+                                             normalize=False, scale=None, eps=1e-6, initial_state=None,
+                                             return_state=False, chunk_size=64, impl="auto")),
     "linear_attention_step": ("q", "k", "v", "state", dict(log_decay=None, normalize=False, scale=None, eps=1e-6)),
     "ssd": ("x", "dt", "A", "B", "C", dict(D=None, causal=True, chunk_size=64, initial_state=None,
                                            return_state=False, impl="auto")),
@@ -40,7 +41,7 @@ def test_op_signature(name):
 def test_registry_names():
   assert registry.names("sequence") == sorted(["attention", "linear_attention", "retention", "gla", "mamba2",
                                                "hydra", "vssd", "m2", "lightnet", "delta_net",
-                                               "gated_delta_net"])
+                                               "gated_delta_net", "hyper_attention"])
   assert registry.names("channel") == ["glu", "mlp", "monarch_mlp"]
   for name in registry.names("sequence"):
     assert "causal" in registry.get(name).__dataclass_fields__

@@ -31,7 +31,7 @@ def default_config():
   c.num_classes = 10
   c.patch_size = 0  # > 0: image classifier on patches of this size
   c.image_size = (32, 32)  # image height, width (sets grid_shape for n-D mixers)
-  c.pool = "mean"  # mean | cls
+  c.pool = "mean"  # mean | cls | last_token
   c.positional = ""  # "" | learned | md_tpe
   c.positional_kwargs = ml_collections.ConfigDict()
   c.max_len = 4096  # longest sequence; sizes the mixers that have a max_len (m2's filter and decode cache)
