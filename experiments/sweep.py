@@ -109,6 +109,7 @@ def over_seeds(best):
     accs = [r["accuracy"] for r in rs]
     out.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_pairs=num_pairs,
                     accuracy=sum(accs) / len(accs), spread=max(accs) - min(accs), seeds=len(accs),
+                    seed_accuracies=accs,
                     accuracies=" ".join(f"{a:.3f}" for a in accs),
                     learning_rates=" ".join(f"{r['learning_rate']:g}" for r in rs),
                     seconds=round(sum(r.get("seconds", 0.0) for r in rs), 1)))
@@ -142,10 +143,9 @@ def plot_accuracy_vs_width(best, path):
       rows = sorted((r for r in best if (r["mixer"], r["seq_len"], r["num_pairs"]) == (m, t, p)),
                     key=lambda r: r["d_model"])
       if rows:
-        seeds = [[float(a) for a in r["accuracies"].split()] for r in rows]
         means = [r["accuracy"] for r in rows]
-        below = [mean - min(accs) for mean, accs in zip(means, seeds)]
-        above = [max(accs) - mean for mean, accs in zip(means, seeds)]
+        below = [max(mean - min(r["seed_accuracies"]), 0.0) for mean, r in zip(means, rows)]
+        above = [max(max(r["seed_accuracies"]) - mean, 0.0) for mean, r in zip(means, rows)]
         ax.errorbar([r["d_model"] for r in rows], means, yerr=[below, above], marker="o", capsize=3, label=m)
     widths = sorted({r["d_model"] for r in best})
     ax.set_xscale("log", base=2)
