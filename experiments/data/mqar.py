@@ -75,11 +75,7 @@ class Mqar(synthetic.SyntheticBuilder):
   CONFIG_FIELDS = ("vocab_size", "seq_len", "num_pairs", "power_a", "random_non_queries")
 
   def _features(self):
-    t = self.builder_config.seq_len
-    return {
-        "inputs": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-        "targets": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-    }
+    return synthetic.token_sequence_features(self.builder_config.seq_len)
 
   def _example(self, rng):
     c = self.builder_config

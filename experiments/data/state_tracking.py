@@ -66,11 +66,7 @@ class StateTracking(synthetic.SyntheticBuilder):
   CONFIG_FIELDS = ("group", "seq_len")
 
   def _features(self):
-    t = self.builder_config.seq_len
-    return {
-        "inputs": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-        "targets": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-    }
+    return synthetic.token_sequence_features(self.builder_config.seq_len)
 
   def _example(self, rng):
     c = self.builder_config

@@ -81,6 +81,12 @@ class SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
 
+def token_sequence_features(seq_len):
+  """The features of a sequence-to-sequence example: inputs and targets, `[seq_len]` int32 each."""
+  return {"inputs": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
+          "targets": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32)}
+
+
 def _fmt(value):
   if isinstance(value, bool):
     return str(int(value))
