@@ -60,43 +60,15 @@ class Attention(nn.Module):
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
     source, key_mask = common.check_context(self, x, context, context_mask, mask)
-    b, t, d_model = x.shape
-    head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
-    kv_heads = self.num_kv_heads or self.num_heads
-    if self.num_heads % kv_heads:
-      raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    rotary = self.rotary and (context is None or self.causal)
-    if rotary and head_dim % 2:
-      raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
-                       f"num_heads={self.num_heads})")
-    proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
-                                                 dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
-    pos = decode_positions(self, b, t, decode=decode)
-    if rotary:
-      q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
-    what = "the length of the input given to init(..., decode=True)"
+    q, k, v, pos = project_heads(self, x, source, context=context, decode=decode)
     patterns = {key: val for key, val in (("prefix_len", prefix_len), ("block_size", self.block_size))
                 if val is not None}
-
-    def attend(kv_cache):
-      if kv_cache is None:
-        if decode:  # the call that makes the cache records its capacity
-          within_capacity(self, t, t, decode=True, what=what)
-        return ops.attention(q, k, v, causal=self.causal, mask=key_mask, **patterns), None
-      start = pos[0, 0]
-      ok = within_capacity(self, start + t, kv_cache[0].shape[1], decode=True, what=what)
-      if self.block_size is not None:
-        ok = ok & block_aligned(self, start, self.block_size)
-      keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, start, 0, 0))
-                      for c, a in zip(kv_cache, (k, v)))
-      last = self._last_visible(pos, t, prefix_len)
-      visible = jnp.arange(keys.shape[1])[None, None, None, :] <= last[:, None, :, None]  # [B,1,T,L]
-      return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
-
-    empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-    o = cached_recurrence(self, attend, empty_cache, decode=decode)
-    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
+    aligned = None if self.block_size is None else (lambda start: block_aligned(self, start, self.block_size))
+    o = attend_through_cache(self, q, k, v, pos,
+                             lambda: ops.attention(q, k, v, causal=self.causal, mask=key_mask, **patterns),
+                             decode=decode, last_visible=lambda pos: self._last_visible(pos, x.shape[1], prefix_len),
+                             aligned=aligned)
+    return common.projection(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
                              param_dtype=self.param_dtype)(o)
 
   def _last_visible(self, pos, t, prefix_len):
@@ -108,3 +80,53 @@ class Attention(nn.Module):
       return pos
     p = common.prefix_lengths(prefix_len, pos.shape[0], t)[:, None]
     return jnp.where(pos - start < p, start + p - 1, pos)
+
+
+def project_heads(module, x, source, *, context, decode):
+  """(q `[B,T,H,D]` from x, k and v `[B,Tk,Hkv,D]` from `source`, positions `[B,T]`) through the projections named
+  query, key and value, with rotary positions on q and k for self and causal cross attention (non-causal cross
+  attention has none: the positions of two sequences are not comparable). Reads the module's num_heads, head_dim,
+  num_kv_heads, causal, rotary, rotary_base, dtype and param_dtype."""
+  b, t, d_model = x.shape
+  head_dim = common.head_width(module.num_heads, module.head_dim, d_model)
+  kv_heads = module.num_kv_heads or module.num_heads
+  if module.num_heads % kv_heads:
+    raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={module.num_heads}")
+  rotary = module.rotary and (context is None or module.causal)
+  if rotary and head_dim % 2:
+    raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
+                     f"num_heads={module.num_heads})")
+  proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
+                                               dtype=module.dtype, param_dtype=module.param_dtype)
+  q, k, v = proj(module.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
+  pos = decode_positions(module, b, t, decode=decode)
+  if rotary:
+    q, k = apply_rotary(q, pos, module.rotary_base), apply_rotary(k, pos, module.rotary_base)
+  return q, k, v, pos
+
+
+def attend_through_cache(module, q, k, v, pos, forward, *, decode, last_visible=None, aligned=None):
+  """o `[B,T,H,Dv]`: `forward()` when there is no cache to read; decoding, k and v are written into the KV cache at
+  positions `pos` `[B,T]` and q attends exactly over it, each query up to `last_visible(pos)` `[B,T]` (default: its
+  own position). The cache's capacity is the length given to `init(..., decode=True)`; past it, or where
+  `aligned(start)` is False, the output is NaN (a concrete violation raises)."""
+  t = q.shape[1]
+  what = "the length of the input given to init(..., decode=True)"
+
+  def attend(kv_cache):
+    if kv_cache is None:
+      if decode:  # the call that makes the cache records its capacity
+        within_capacity(module, t, t, decode=True, what=what)
+      return forward(), None
+    start = pos[0, 0]
+    ok = within_capacity(module, start + t, kv_cache[0].shape[1], decode=True, what=what)
+    if aligned is not None:
+      ok = ok & aligned(start)
+    keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, start, 0, 0))
+                    for c, a in zip(kv_cache, (k, v)))
+    last = pos if last_visible is None else last_visible(pos)
+    visible = jnp.arange(keys.shape[1])[None, None, None, :] <= last[:, None, :, None]  # [B,1,T,L]
+    return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
+
+  empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  return cached_recurrence(module, attend, empty_cache, decode=decode)

@@ -5,9 +5,9 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixers.layers.decode_cache import cached_recurrence, check_decode
+from mixers.ops import checks
 
 Dtype = Any
 ACTIVATIONS = ("batch", "length", "embed")
@@ -287,12 +287,4 @@ def check_context(module, x, context, context_mask, mask, *, aligned=False):
 
 def prefix_lengths(prefix_len, batch, length):
   """prefix_len (int or `[B]`) -> int32 `[B]`; concrete values outside [0, length] raise ValueError."""
-  if jnp.ndim(prefix_len) == 1 and jnp.shape(prefix_len)[0] != batch:
-    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got shape "
-                     f"{tuple(jnp.shape(prefix_len))}")
-  if not isinstance(prefix_len, jax.core.Tracer):
-    values = np.asarray(prefix_len)
-    if values.min() < 0 or values.max() > length:
-      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
-                       f"{values.max()}")
-  return jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (batch,))
+  return jnp.broadcast_to(jnp.asarray(checks.check_prefix_len(prefix_len, batch, length), jnp.int32), (batch,))

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from mixers import ops
 from mixers.layers import common
-from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions, poison, within_capacity
-from mixers.layers.rotary import apply_rotary
+from mixers.layers.attention import attend_through_cache, project_heads
+from mixers.layers.decode_cache import check_decode
 from mixers.registry import register
 
 
@@ -60,39 +60,12 @@ class HyperAttention(nn.Module):
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
     source, key_mask = common.check_context(self, x, context, context_mask, mask)
-    b, t, d_model = x.shape
-    head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
-    kv_heads = self.num_kv_heads or self.num_heads
-    if self.num_heads % kv_heads:
-      raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    rotary = self.rotary and (context is None or self.causal)
-    if rotary and head_dim % 2:
-      raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, "
-                       f"num_heads={self.num_heads})")
-    proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
-                                                 dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = proj(self.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
-    pos = decode_positions(self, b, t, decode=decode)
-    if rotary:
-      q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
-    what = "the length of the input given to init(..., decode=True)"
+    q, k, v, pos = project_heads(self, x, source, context=context, decode=decode)
     key = self.make_rng("hyper_attention") if self.has_rng("hyper_attention") else jax.random.key(self.seed)
-
-    def attend(kv_cache):
-      if kv_cache is None:
-        if decode:  # the call that makes the cache records its capacity
-          within_capacity(self, t, t, decode=True, what=what)
-        o = ops.hyper_attention(q, k, v, causal=self.causal, mask=key_mask, block_size=self.block_size,
-                                sample_size=self.sample_size, min_seq_len=self.min_seq_len,
-                                lsh_num_projs=self.lsh_num_projs, capacity_factor=self.capacity_factor, key=key)
-        return o, None
-      ok = within_capacity(self, pos[0, 0] + t, kv_cache[0].shape[1], decode=True, what=what)
-      keys, values = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, pos[0, 0], 0, 0))
-                      for c, a in zip(kv_cache, (k, v)))
-      visible = jnp.arange(keys.shape[1])[None, None, None, :] <= pos[:, None, :, None]  # [B,1,T,L]
-      return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
-
-    empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-    o = cached_recurrence(self, attend, empty_cache, decode=decode)
-    return common.projection(d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
+    forward = lambda: ops.hyper_attention(q, k, v, causal=self.causal, mask=key_mask, block_size=self.block_size,
+                                          sample_size=self.sample_size, min_seq_len=self.min_seq_len,
+                                          lsh_num_projs=self.lsh_num_projs, capacity_factor=self.capacity_factor,
+                                          key=key)
+    o = attend_through_cache(self, q, k, v, pos, forward, decode=decode)
+    return common.projection(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
                              param_dtype=self.param_dtype)(o)

@@ -6,7 +6,6 @@ bottom-right aligned when Tq != Tk), Prefix-LM (causal, and s < P when t < P) or
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixers.ops import checks
 
@@ -14,22 +13,6 @@ from mixers.ops import checks
 def causal_mask(t_q, t_k):
   """`[Tq, Tk]` bool, bottom-right aligned: query i sees keys j <= i + Tk - Tq (the decode convention)."""
   return jnp.arange(t_k)[None, :] <= jnp.arange(t_q)[:, None] + (t_k - t_q)
-
-
-def _prefix_len(prefix_len, batch, length):
-  """prefix_len (int, scalar or `[B]` int array, values in [0, T]) -> int array `[B or 1, 1, 1, 1]`."""
-  if isinstance(prefix_len, bool):
-    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got {prefix_len!r}")
-  p = jnp.asarray(prefix_len)
-  if not jnp.issubdtype(p.dtype, jnp.integer) or p.shape not in ((), (batch,)):
-    raise ValueError(f"prefix_len must be an int or an int array [B] = ({batch},), got {p.dtype} of shape "
-                     f"{tuple(p.shape)}")
-  if checks.is_concrete(p):
-    values = np.asarray(p)
-    if np.any(values < 0) or np.any(values > length):
-      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
-                       f"{values.max()}")
-  return p.reshape((-1, 1, 1, 1))
 
 
 def visibility(t_q, t_k, *, causal=False, prefix_len=None, block_size=None, batch=1):
@@ -54,7 +37,7 @@ def visibility(t_q, t_k, *, causal=False, prefix_len=None, block_size=None, batc
     return (s // block_size <= t // block_size)[None, None]
   seen = causal_mask(t_q, t_k)[None, None]
   if prefix_len is not None:
-    p = _prefix_len(prefix_len, batch, t_q)
+    p = jnp.reshape(checks.check_prefix_len(prefix_len, batch, t_q), (-1, 1, 1, 1))
     seen = seen | ((t < p) & (s < p))
   return seen
 

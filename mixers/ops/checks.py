@@ -1,5 +1,6 @@
 """Argument checks that fail fast with the argument's name, its shape and what was expected."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -65,3 +66,24 @@ def nonpositive_or_nan(name, x):
 def nonnegative_or_nan(name, x):
   """x, which must be >= 0 (step sizes): as `nonpositive_or_nan` with the sign reversed."""
   return _signed_or_nan(name, x, 1, "")
+
+
+def check_prefix_len(prefix_len, batch, length):
+  """prefix_len None | int | int array (a scalar or `[B]`) with values in [0, length]; concrete values are checked.
+  Returns it unchanged (a Python int stays one), arrays as jnp arrays."""
+  if prefix_len is None:
+    return None
+  if isinstance(prefix_len, (int, np.integer)) and not isinstance(prefix_len, bool):
+    if not 0 <= prefix_len <= length:
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got {prefix_len}")
+    return prefix_len
+  p = jnp.asarray(prefix_len)
+  if not jnp.issubdtype(p.dtype, jnp.integer) or p.shape not in ((), (batch,)):
+    raise ValueError(f"prefix_len must be None, an int or an int array [B] = ({batch},), got "
+                     f"{p.dtype} of shape {tuple(p.shape)}")
+  if is_concrete(p):
+    values = np.asarray(p)
+    if np.any(values < 0) or np.any(values > length):
+      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
+                       f"{values.max()}")
+  return p

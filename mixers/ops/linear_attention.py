@@ -80,24 +80,6 @@ def _noncausal(q, k, v, log_decay, scale, chunk_size, impl):
   return forward.astype(jnp.promote_types(forward.dtype, jnp.float32)) + backward
 
 
-def _check_prefix_len(prefix_len, batch, length):
-  """None | int | int array `[B]` (or a scalar array) with values in [0, T]; concrete values are checked."""
-  if prefix_len is None or (isinstance(prefix_len, (int, np.integer)) and not isinstance(prefix_len, bool)):
-    if prefix_len is not None and not 0 <= prefix_len <= length:
-      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got {prefix_len}")
-    return prefix_len
-  p = jnp.asarray(prefix_len)
-  if not jnp.issubdtype(p.dtype, jnp.integer) or p.shape not in ((), (batch,)):
-    raise ValueError(f"prefix_len must be None, an int or an int array [B] = ({batch},), got "
-                     f"{p.dtype} of shape {tuple(p.shape)}")
-  if checks.is_concrete(p):
-    values = np.asarray(p)
-    if np.any(values < 0) or np.any(values > length):
-      raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
-                       f"{values.max()}")
-  return p
-
-
 def _prefix_pass(q, k, v, log_decay, prefix_len, scale, chunk_size, impl):
   """What the prefix adds to the causal pass: o_t += scale sum_{t<s<P} q_t^T diag(w_ts) k_s v_s (P = prefix_len),
   an exclusive reversed pass over the keys s < P (the others zeroed) with decay h_t = g_{t+1}."""
@@ -199,7 +181,7 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
     if split is not None and split.slice_length % block_size:
       raise ValueError(f"block_size={block_size} must divide the length of each sequence slice "
                        f"({split.slice_length} tokens) to split block-causal linear attention along time")
-  prefix_len = _check_prefix_len(prefix_len, q.shape[0], q.shape[1] if split is None else split.length)
+  prefix_len = checks.check_prefix_len(prefix_len, q.shape[0], q.shape[1] if split is None else split.length)
   if k.shape[1] != q.shape[1] and log_decay is not None:
     raise ValueError(f"log_decay needs k and v as long as q: a decay between tokens of two sequences (Tq = "
                      f"{q.shape[1]}, Tk = {k.shape[1]}) has no meaning")
