@@ -94,7 +94,11 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
     decay, contrib = x
     return (s if decay is None else decay * s) + contrib, s
 
-  final, s_prev = jax.lax.scan(pass_state, s0, (chunk_decay, local))
-  o = scale * (o + jnp.einsum("...tk,...kv->...tv", q_in, s_prev))
+  if initial_state is None and qc.shape[0] == 1:
+    # One chunk, zero state: skip q_in @ 0, whose YNN fusion with the score sum XLA CPU 0.10.2 sometimes miscompiles.
+    final, o = local[0], scale * o
+  else:
+    final, s_prev = jax.lax.scan(pass_state, s0, (chunk_decay, local))
+    o = scale * (o + jnp.einsum("...tk,...kv->...tv", q_in, s_prev))
   o = rearrange(o, "n b h c v -> b (n c) h v")[:, :t]
   return o.astype(shapes.output_dtype(q, k, v)), final
