@@ -98,32 +98,10 @@ def _prefix_pass(q, k, v, log_decay, prefix_len, scale, chunk_size, impl):
   return o
 
 
-def _within_blocks(q, k, v, log_decay, scale):
-  """o_t = scale sum_{s>t} q_t^T diag(exp(c_s - c_t)) k_s v_s inside each block `[N,bs,H,*]`, c the cumulative
-  log-decay within the block: masked matmuls (the block is one chunk), with the [bs, bs, K] product for
-  per-channel decays."""
-  dtype = shapes.compute_dtype(q, k, v)
-  q, k, v = (x.astype(dtype) for x in (q, k, v))
-  n = q.shape[1]
-  later = jnp.arange(n)[None, :] > jnp.arange(n)[:, None]  # [t, s]: s after t
-  if log_decay is None:
-    scores = jnp.where(later, jnp.einsum("nthk,nshk->nhts", q, k), 0)
-  elif log_decay.ndim == 3:
-    c = jnp.cumsum(log_decay.astype(dtype), axis=1)  # [N,bs,H]
-    diff = jnp.moveaxis(c[:, None, :, :] - c[:, :, None, :], -1, 1)  # [N,H,t,s] = c_s - c_t
-    scores = jnp.einsum("nthk,nshk->nhts", q, k) * jnp.exp(jnp.where(later, diff, -jnp.inf))
-  else:
-    c = jnp.cumsum(log_decay.astype(dtype), axis=1)  # [N,bs,H,K]
-    w = jnp.exp(jnp.where(later[None, :, :, None, None], c[:, None] - c[:, :, None], -jnp.inf))  # [N,t,s,H,K]
-    scores = jnp.einsum("nthk,nshk,ntshk->nhts", q, k, w)
-  return scale * jnp.einsum("nhts,nshv->nthv", scores, v)
-
-
 def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
   """What the blocks add to the causal pass: o_t += scale sum_{s>t, s in t's block} q_t^T diag(w_ts) k_s v_s.
   T is padded to a multiple of block_size and the blocks folded into the batch, `[B,T,H,*] -> [B*T/bs,bs,H,*]`.
-  A block no longer than chunk_size is one masked matmul; a longer one runs as an exclusive reversed recurrence
-  in chunks with decay h_t = g_{t+1} (zero past the block's end)."""
+  Each block runs as an exclusive reversed recurrence with decay h_t = g_{t+1} (zero past the block's end)."""
   split = sequence.current_split()
   b, t = q.shape[:2]
   n = -(-t // block_size)
@@ -132,10 +110,6 @@ def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
     x = jnp.pad(x, [(0, 0), (0, n * block_size - t)] + [(0, 0)] * (x.ndim - 2))
     return x.reshape((b * n, block_size) + x.shape[2:])
 
-  unfold = lambda o: o.reshape((b, n * block_size) + o.shape[2:])[:, :t]
-  if block_size <= chunk_size:
-    return unfold(_within_blocks(blocks(q), blocks(k), blocks(v), None if log_decay is None else blocks(log_decay),
-                                 scale))
   decay = None
   if log_decay is not None:
     g = blocks(log_decay)
@@ -146,7 +120,7 @@ def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
   start = None if split is None else zero_state(qb, vb, shapes.compute_dtype(q, k, v))
   o, _ = gated_linear_recurrence(qb, kb, vb, decay, scale=scale, initial_state=start, exclusive=True,
                                  chunk_size=chunk_size, impl=_no_pallas(impl))
-  return unfold(jnp.flip(o, axis=1))
+  return jnp.flip(o, axis=1).reshape((b, n * block_size) + o.shape[2:])[:, :t]
 
 
 @sequence.splits_time("q", "k", "v", "log_decay", batched=("initial_state", "prefix_len"))
