@@ -2,7 +2,8 @@
 
 The mask is the boolean visibility of key s from query t: all (cross or bidirectional), causal (s <= t,
 bottom-right aligned when Tq != Tk), Prefix-LM (causal, and s < P when t < P) or block-causal
-(s // b <= t // b), intersected with the caller's `mask`.
+(s // b <= t // b), intersected with the caller's `mask` and, for packed sequences, with t and s being in one
+segment.
 """
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,16 @@ def visibility(t_q, t_k, *, causal=False, prefix_len=None, block_size=None, batc
   return seen
 
 
-def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=None, mask=None):
+def same_segment(segment_ids):
+  """`[B,1,T,T]` bool: tokens t and s are in one segment of `segment_ids` `[B,T]` (a segment is a run of equal
+  ids, so ids may repeat across segments, as a padding id does)."""
+  starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  seg = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+  return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=None, mask=None,
+              segment_ids=None):
   """q `[B,Tq,H,D]`, k `[B,Tk,Hkv,D]`, v `[B,Tk,Hkv,Dv]` (Hkv divides H: grouped queries) -> o `[B,Tq,H,Dv]`.
 
   o_t = sum_s softmax_s(scale q_t . k_s over the keys visible from t) v_s; `scale` defaults to D**-0.5.
@@ -50,7 +60,8 @@ def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=
   (s <= t + Tk - Tq, so a block of new queries attends to a longer cache). With causal and Tq == Tk,
   `prefix_len` P (int or int array `[B]`, 0 <= P <= T; Prefix-LM) also shows s < P to t < P, and `block_size`
   b (block-causal) shows s when s // b <= t // b; one of them. `mask` `[B,Tk]` bool marks valid keys (or any
-  shape broadcastable to `[B,H,Tq,Tk]`) and is intersected with the pattern.
+  shape broadcastable to `[B,H,Tq,Tk]`) and is intersected with the pattern. `segment_ids` `[B,T]` ints (packed
+  sequences, Tq == Tk): t sees s only inside its own segment (a run of equal ids).
   """
   checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,Tq,H,D]")
@@ -64,6 +75,11 @@ def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=
   if mask is not None:
     full = mask[:, None, None, :] if mask.ndim == 2 else mask
     full = jnp.broadcast_to(full, (q.shape[0], q.shape[2], t_q, t_k))
+  if segment_ids is not None:
+    if t_q != t_k:
+      raise ValueError(f"segment_ids need queries and keys of one sequence (Tq == Tk), got Tq = {t_q}, Tk = {t_k}")
+    same = same_segment(checks.check_segment_ids(segment_ids, q.shape[0], t_q))
+    full = same if full is None else full & same
   plain_causal = causal and t_q == t_k and prefix_len is None and block_size is None
   seen = None if plain_causal else visibility(t_q, t_k, causal=causal, prefix_len=prefix_len,
                                                block_size=block_size, batch=q.shape[0])

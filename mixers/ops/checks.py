@@ -87,3 +87,15 @@ def check_prefix_len(prefix_len, batch, length):
       raise ValueError(f"prefix_len must be in [0, T] = [0, {length}], got values from {values.min()} to "
                        f"{values.max()}")
   return p
+
+
+def check_segment_ids(segment_ids, batch, length):
+  """segment_ids None | int array `[B,T]` (packed sequences: a segment is a run of equal ids). Returns it as a jnp
+  array, or None."""
+  if segment_ids is None:
+    return None
+  ids = jnp.asarray(segment_ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.shape != (batch, length):
+    raise ValueError(f"segment_ids must be an int array [B,T] = {(batch, length)}, got {ids.dtype} of shape "
+                     f"{tuple(ids.shape)}")
+  return ids

@@ -65,18 +65,19 @@ def _no_pallas(impl):
   return "chunked" if impl == "pallas" else impl  # the kernels have no exclusive form
 
 
-def _noncausal(q, k, v, log_decay, scale, chunk_size, impl):
-  """Without decay two matmuls through the global state; with decay a causal pass plus an exclusive reverse
-  pass whose decay is shifted by one token (h_t = g_{t+1}): o_t reads sum_{s>t} exp(g_{t+1} + ... + g_s)."""
-  if log_decay is None:
+def _noncausal(q, k, v, log_decay, scale, chunk_size, impl, segment_ids=None):
+  """Without decay (and unpacked) two matmuls through the global state; otherwise a causal pass plus an exclusive
+  reverse pass whose decay is shifted by one token (h_t = g_{t+1}): o_t reads sum_{s>t} exp(g_{t+1} + ... + g_s);
+  both passes restart where a packed segment starts."""
+  if log_decay is None and segment_ids is None:
     dtype = shapes.compute_dtype(q, k, v)
     state = jnp.einsum("bshk,bshv->bhkv", k.astype(dtype), v.astype(dtype))
     state = sequence.sum_over_time(state) if _keys_cut_along_time(k) else state
     return scale * jnp.einsum("bthk,bhkv->bthv", q.astype(dtype), state)
-  kw = dict(scale=scale, chunk_size=chunk_size)
+  kw = dict(scale=scale, chunk_size=chunk_size, segment_ids=segment_ids)
   forward, _ = sequence.recurrence(q, k, v, log_decay, impl=impl, **kw)
-  backward, _ = sequence.recurrence(q, k, v, sequence.shift(log_decay, -1), exclusive=True, reverse=True,
-                                    impl=_no_pallas(impl), **kw)
+  shifted = None if log_decay is None else sequence.shift(log_decay, -1)
+  backward, _ = sequence.recurrence(q, k, v, shifted, exclusive=True, reverse=True, impl=_no_pallas(impl), **kw)
   return forward.astype(jnp.promote_types(forward.dtype, jnp.float32)) + backward
 
 
@@ -123,9 +124,10 @@ def _block_pass(q, k, v, log_decay, block_size, scale, chunk_size, impl):
   return jnp.flip(o, axis=1).reshape((b, n * block_size) + o.shape[2:])[:, :t]
 
 
-@sequence.splits_time("q", "k", "v", "log_decay", batched=("initial_state", "prefix_len"))
+@sequence.splits_time("q", "k", "v", "log_decay", "segment_ids", batched=("initial_state", "prefix_len"))
 def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, log_decay=None, normalize=False,
-                     scale=None, eps=1e-6, initial_state=None, return_state=False, chunk_size=64, impl="auto"):
+                     scale=None, eps=1e-6, initial_state=None, return_state=False, chunk_size=64, impl="auto",
+                     segment_ids=None):
   """Linear attention. q, k `[B,T,H,K]`, v `[B,T,H,V]`, log_decay None | `[H]` | `[B,T,H]` | `[B,T,H,K]`.
 
   o_t = scale sum_{s visible from t} q_t^T diag(w_ts) k_s v_s (w_ts of the module docstring; all ones without
@@ -134,6 +136,9 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
   clipped in effect under jit; Prefix-LM): also s < P when t < P; `block_size` b (positive int; block-causal):
   s // b <= t // b. One of prefix_len and block_size.
   Cross attention: with `causal=False` and no decay, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` may have any Tk.
+  `segment_ids` `[B,T]` ints (packed sequences; a segment is a run of equal ids): s is visible from t only in t's
+  segment, and each segment is computed as its own sequence (`initial_state` reaches the first segment, the
+  returned state is the last segment's). Not with prefix_len, block_size, cross attention or impl="pallas".
 
   Returns o `[B,T,H,V]`, and with `return_state` (causal only) the final state: S `[B,H,K,V]`, or (S, z) with
   z `[B,H,K]` when normalize. The state is always the causal one (S_T above), so decoding goes on causally after
@@ -156,6 +161,10 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
       raise ValueError(f"block_size={block_size} must divide the length of each sequence slice "
                        f"({split.slice_length} tokens) to split block-causal linear attention along time")
   prefix_len = checks.check_prefix_len(prefix_len, q.shape[0], q.shape[1] if split is None else split.length)
+  segment_ids = checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
+  if segment_ids is not None and (prefix_len is not None or block_size is not None or k.shape[1] != q.shape[1]):
+    raise ValueError("segment_ids (packed sequences) cannot be combined with prefix_len, block_size or cross "
+                     "attention (k and v of another length)")
   if k.shape[1] != q.shape[1] and log_decay is not None:
     raise ValueError(f"log_decay needs k and v as long as q: a decay between tokens of two sequences (Tq = "
                      f"{q.shape[1]}, Tk = {k.shape[1]}) has no meaning")
@@ -166,11 +175,11 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
   if not causal:
     if initial_state is not None or return_state:
       raise ValueError("initial_state and return_state need causal=True (a non-causal mixer has no running state)")
-    o = _noncausal(q, k, v_in, log_decay, scale, chunk_size, impl)
+    o = _noncausal(q, k, v_in, log_decay, scale, chunk_size, impl, segment_ids)
     return _unpack(o, None, normalize, eps, out_dtype)[0]
   state = _pack_state(initial_state, normalize, q, v)
   o, final = sequence.recurrence(q, k, v_in, log_decay, scale=scale, initial_state=state, chunk_size=chunk_size,
-                                 impl=impl)
+                                 impl=impl, segment_ids=segment_ids)
   extra = None
   if prefix_len is not None:
     extra = _prefix_pass(q, k, v_in, log_decay, prefix_len, scale, chunk_size, impl)

@@ -6,11 +6,13 @@ that is, per batch element and head (a_r = exp(dt_r A) per direction),
       + sum_{s>t} (Cb_{t+1} . Bb_s) dtb_s prod_{r=t+1..s-1} ab_r x_s + D_t x_t.
 The backward direction is the causal SSD run from the last token to the first. Padded positions get dt = 0 in
 both directions, so they neither write to nor decay the state: a padded batch gives the real tokens exactly what
-the unpadded sequences would (left or right padding).
+the unpadded sequences would (left or right padding). With `segment_ids` (packed sequences) both directions restart
+at every segment boundary and neither shift crosses one.
 """
 import jax.numpy as jnp
 
 from mixers.ops import checks, sequence
+from mixers.ops.attention import same_segment
 from mixers.ops.ssd import IMPLS, causal_scan, check_ssd_inputs, checked_rates, skip, ssd_matrix
 
 
@@ -45,11 +47,12 @@ def _check(x, dt, A, B, C, D):
   return A, dtf, dtb, bf, bb, cf, cb
 
 
-def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None):
+def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None, segment_ids=None):
   """The mixing matrix M `[B,H,T,T]` of `quasiseparable` (y[:, t, h] = sum_s M[:, h, t, s] x[:, s, h]).
 
   Strictly lower part: the forward semiseparable matrix shifted down one row; strictly upper part: the
-  backward one, built on the reversed sequence, shifted and flipped back; D on the diagonal.
+  backward one, built on the reversed sequence, shifted and flipped back; D on the diagonal; with `segment_ids`
+  `[B,T]`, zero between segments.
   """
   dtf, dtb = _pair("dt", dt)
   (bf, bb), (cf, cb) = _pair("B", B), _pair("C", C)
@@ -66,11 +69,14 @@ def quasiseparable_matrix(dt, A, B, C, *, D=None, mask=None, lengths=None):
     m = m + jnp.moveaxis(d, 1, 2)[..., None] * jnp.eye(t, dtype=m.dtype)
   if keep is not None:
     m = m * keep[:, None, :, None] * keep[:, None, None, :]
+  if segment_ids is not None:
+    m = jnp.where(same_segment(segment_ids), m, 0)
   return m
 
 
-@sequence.splits_time("x", "dt", "B", "C", "D", "mask", batched=("lengths",))
-def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=None, lengths=None):
+@sequence.splits_time("x", "dt", "B", "C", "D", "mask", "segment_ids", batched=("lengths",))
+def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=None, lengths=None,
+                   segment_ids=None):
   """Hydra's bidirectional mixer.
 
   Args:
@@ -81,6 +87,8 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
     chunk_size, impl: as in `ssd`; "reference" materialises the T x T quasiseparable matrix.
     mask: optional `[B,T]` bool, True at real tokens; or lengths: `[B]` ints (real tokens are t < length).
       Padded positions contribute nothing to real tokens in either direction; their outputs are zero.
+    segment_ids: optional `[B,T]` ints (packed sequences; a segment is a run of equal ids): each segment is mixed
+      as its own sequence (both scans restart at its first token and neither shift crosses its edges).
 
   Returns:
     y `[B,T,H,P]` in x's dtype.
@@ -90,17 +98,24 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
   A, dtf, dtb, bf, bb, cf, cb = _check(x, dt, A, B, C, D)
   bsz, t = x.shape[:2]
   keep = token_mask(mask, lengths, bsz, t)
+  segment_ids = checks.check_segment_ids(segment_ids, bsz, t)
+  if segment_ids is not None and impl == "pallas":
+    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
   if keep is not None:
     x = jnp.where(keep[..., None, None], x, 0)
     dtf, dtb = (jnp.where(keep[..., None], d, 0) for d in (dtf, dtb))
   if impl == "reference":
-    m = quasiseparable_matrix((dtf, dtb), A, (bf, bb), (cf, cb), D=D)
+    m = quasiseparable_matrix((dtf, dtb), A, (bf, bb), (cf, cb), D=D, segment_ids=segment_ids)
     y = jnp.einsum("bhts,bshp->bthp", m, x.astype(m.dtype)).astype(x.dtype)
   else:
-    kw = dict(chunk_size=chunk_size, impl=impl)
+    kw = dict(chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
     y_f, _ = causal_scan(x, dtf, A, bf, cf, **kw)
     y_b, _ = causal_scan(x, dtb, A, bb, cb, reverse=True, **kw)
-    y = sequence.shift(y_f, 1) + sequence.shift(y_b, -1)
+    y_f, y_b = sequence.shift(y_f, 1), sequence.shift(y_b, -1)
+    if segment_ids is not None:  # the shifts bring a neighbouring segment's last output: drop it
+      y_f = jnp.where(sequence.segment_starts(segment_ids)[..., None, None], 0, y_f)
+      y_b = jnp.where(sequence.segment_starts(segment_ids, reverse=True)[..., None, None], 0, y_b)
+    y = y_f + y_b
     if D is not None:
       y = y + skip(x, D)
   if keep is not None:

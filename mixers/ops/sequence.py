@@ -85,31 +85,53 @@ def _zero_state(q, v, dtype):
   return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
 
 
-def _combine_states(states, log_totals, initial_state):
-  """Prefix over slices: states `[P,B,H,K,V]`, log_totals None | `[P,B,H,1|K]` -> (incoming `[P,...]`, final)."""
+def _combine_states(states, log_totals, initial_state, carries=None):
+  """Prefix over slices: states `[P,B,H,K,V]`, log_totals None | `[P,B,H,1|K]`, carries None | bool `[P,B]` (the
+  slice passes its incoming state on: no segment starts in it) -> (incoming `[P,...]`, final)."""
   start = jnp.zeros_like(states[0]) if initial_state is None else initial_state.astype(states.dtype)
 
   def step(s_in, x):
-    s_p, g_p = x
-    return s_p + (s_in if g_p is None else jnp.exp(g_p)[..., None] * s_in), s_in
+    s_p, g_p, c_p = x
+    passed = s_in if g_p is None else jnp.exp(g_p)[..., None] * s_in
+    if c_p is not None:
+      passed = jnp.where(c_p[:, None, None, None], passed, jnp.zeros_like(passed))
+    return s_p + passed, s_in
 
-  final, incoming = jax.lax.scan(step, start, (states, log_totals))
+  final, incoming = jax.lax.scan(step, start, (states, log_totals, carries))
   return incoming, final
 
 
+def segment_starts(segment_ids, reverse=False):
+  """bool `[B,T]`: token t starts a segment of `segment_ids` `[B,T]` (a run of equal ids) in the direction of the
+  pass: its id differs from the previous token's (`reverse`: the next token's). The sequence's first token never
+  does (the initial state belongs to the first segment), nor does padding past the sequence's end. Split along time,
+the neighbour may be on another slice."""
+  if segment_ids is None:
+    return None
+  t = segment_ids.shape[1]
+  split = current_split()
+  pos, length = positions(t), (t if split is None else split.length)
+  if reverse:
+    return (segment_ids != shift(segment_ids, -1)) & (pos < length - 1)[None]
+  return (segment_ids != shift(segment_ids, 1)) & ((pos > 0) & (pos < length))[None]
+
+
 def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False, reverse=False,
-               chunk_size=64, impl="auto"):
+               chunk_size=64, impl="auto", segment_ids=None):
   """The gated linear recurrence over the whole time axis: (o `[B,T,H,V]`, final state `[B,H,K,V]`).
 
   Forward: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T; `reverse` runs from the last token to the first,
   S_t = diag(exp(g_t)) S_{t+1} + k_t v_t^T. o_t = scale q_t^T S_t (`exclusive`: the state before t's write).
+  `segment_ids` `[B,T]`: the recurrence restarts from zeros where a segment starts (in the pass's direction).
   Split: each slice runs from zero; the state entering slice p is the prefix of the gathered slice states,
-  and adds scale (q_t exp(c_t))^T S_in to each output, c_t the slice's cumulative log-decay up to t.
+  and adds scale (q_t exp(c_t))^T S_in to each output before the slice's first segment start, c_t the slice's
+  cumulative log-decay up to t; a slice with a segment start passes no incoming state on.
   """
   log_decay = shapes.normalize_log_decay(log_decay, q)
+  resets = segment_starts(segment_ids, reverse)
   if reverse:
-    q, k, v, log_decay = (_flip(a) for a in (q, k, v, log_decay))
-  kw = dict(scale=scale, exclusive=exclusive, chunk_size=chunk_size, impl=impl)
+    q, k, v, log_decay, resets = (_flip(a) for a in (q, k, v, log_decay, resets))
+  kw = dict(scale=scale, exclusive=exclusive, chunk_size=chunk_size, impl=impl, resets=resets)
   split = current_split()
   if split is None:
     o, final = gated_linear_recurrence(q, k, v, log_decay, initial_state=initial_state, **kw)
@@ -126,12 +148,18 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
     g = log_decay[..., None] if log_decay.ndim == 3 else log_decay
     cum = jnp.cumsum(g.astype(acc), axis=1)  # [B,L,H,1|K]
     totals = jax.lax.all_gather(cum[:, -1], split.axis, to="invarying")
+  carries, before_start = None, None
+  if resets is not None:
+    before_start = jnp.cumsum(resets.astype(jnp.int32), axis=1) == 0  # [B,L]
+    carries = jax.lax.all_gather(before_start[:, -1], split.axis, to="invarying")  # [P,B]
   index = jax.lax.axis_index(split.axis)
   if reverse:
-    states, totals = jnp.flip(states, 0), (None if totals is None else jnp.flip(totals, 0))
+    states, totals, carries = (None if a is None else jnp.flip(a, 0) for a in (states, totals, carries))
     index = states.shape[0] - 1 - index
-  incoming, final = _combine_states(states, totals, initial_state)
+  incoming, final = _combine_states(states, totals, initial_state, carries)
   q_in = q.astype(acc) if cum is None else q.astype(acc) * jnp.exp(cum)
+  if before_start is not None:
+    q_in = q_in * before_start[:, :, None, None]
   o = (o.astype(acc) + scale * jnp.einsum("blhk,bhkv->blhv", q_in, incoming[index])).astype(o.dtype)
   return (_flip(o) if reverse else o), final
 
@@ -366,8 +394,9 @@ def split_time(op, mesh, axis, *args, **kwargs):
 
   def spec(path, x):
     name = path[0].key
-    batched = (name in timed or name in declared.batched) and x.ndim >= 1 and x.shape[0] == b
     in_time = name in timed and x.ndim >= 2 and x.shape[1] == padded
+    # a timed argument without its time axis (a per-head D `[H]`) is not batch-first, even when H == B
+    batched = (in_time or name in declared.batched) and x.ndim >= 1 and x.shape[0] == b
     return P(batch if batched else None, axis) if in_time else P(batch if batched else None)
 
   in_specs = tuple(spec(path_leaves[i][0], leaves[i]) for i in dynamic)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from einops import rearrange, repeat
 
 from mixers.ops import checks, recurrence, sequence
+from mixers.ops.attention import same_segment
 from mixers.ops.recurrence import shapes
 
 IMPLS = recurrence.IMPLS
@@ -57,13 +58,14 @@ def skip(x, D):
   return (D[..., None] * x).astype(x.dtype)
 
 
-def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
+def _chunked(x, dt, A, B, C, *, chunk_size, initial_state, resets=None):
   """(y `[B,T,H,P]`, final state `[B,H,P,N]`) chunk by chunk; b = cumulative dt A inside a chunk:
 
     intra:  y_t += sum_{s<=t} (C_t . B_s) exp(b_t - b_s) dt_s x_s       (scores per group, decay per head)
     inter:  y_t += exp(b_t) S_prev C_t
     state:  S = exp(b_end) S_prev + sum_s exp(b_end - b_s) dt_s x_s B_s^T
   Every exponent is a sum of dt A over an interval (<= 0), masked to -inf before exp above the diagonal.
+  `resets` (bool `[B,T]`, segment starts) restrict each term to one segment, as in the core's chunked form.
   """
   bsz, t, h, p = x.shape
   g, n = B.shape[2:]
@@ -78,11 +80,21 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
   cum = jnp.cumsum(dts * A.astype(dtype).reshape(g, h // g, 1), axis=-1)  # [Z,G,J,c]
   v = dts[..., None] * xs
   lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+  run = None
+  if resets is not None:
+    run = jnp.cumsum(rearrange(padded(resets), "b (m c) -> (m b) c", c=c).astype(jnp.int32), axis=-1)  # [Z,c]
+    lower = lower & (run[:, None, None, :, None] == run[:, None, None, None, :])
   decay = jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [Z,G,J,c,c]
   scores = jnp.einsum("zgtn,zgsn->zgts", cs, bs)
   y = jnp.einsum("zgjts,zgjsp->zgjtp", scores[:, :, None] * decay, v)
   end = cum[..., -1]
-  local = jnp.einsum("zgsn,zgjsp->zgjpn", bs, v * jnp.exp(end[..., None] - cum)[..., None])
+  tail = jnp.exp(end[..., None] - cum)  # [Z,G,J,c]
+  inflow = jnp.exp(cum)
+  if run is not None:
+    tail = tail * (run == run[:, -1:])[:, None, None]
+    inflow = inflow * (run == 0)[:, None, None]
+    end = jnp.where((run[:, -1] == 0)[:, None, None], end, -jnp.inf)  # a chunk with a start passes nothing on
+  local = jnp.einsum("zgsn,zgjsp->zgjpn", bs, v * tail[..., None])
   by_chunk = lambda u: u.reshape(-1, bsz, *u.shape[1:])
   local, end = by_chunk(local), by_chunk(end)
   if initial_state is not None:
@@ -96,15 +108,16 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state):
   if initial_state is None:
     states = jnp.concatenate([jnp.zeros_like(states[:1]), states])
   prev = states[:-1].reshape(-1, *states.shape[2:])
-  y = y + jnp.exp(cum)[..., None] * jnp.einsum("zgtn,zgjpn->zgjtp", cs, prev)
+  y = y + inflow[..., None] * jnp.einsum("zgtn,zgjpn->zgjtp", cs, prev)
   y = rearrange(y, "(m b) g j c p -> b (m c) (g j) p", b=bsz)[:, :t]
   return y, states[-1].reshape(bsz, h, p, n)
 
 
-def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False, impl="auto"):
+def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False, impl="auto", segment_ids=None):
   """The causal SSD without the skip term: (y `[B,T,H,P]` in float32 or wider, final state `[B,H,P,N]`).
 
-  `reverse` runs it from the last token to the first (y_t reads s >= t). "chunked" ("auto" on CPU) is the
+  `reverse` runs it from the last token to the first (y_t reads s >= t); `segment_ids` `[B,T]` restart it where a
+  packed segment starts. "chunked" ("auto" on CPU) is the
   grouped chunked form on a whole sequence; a sequence split across devices, and the other impls, go
   through the core with q = C, k = B, v = dt x, log-decay = dt A.
   """
@@ -116,7 +129,9 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
   grouped = impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu")
   if grouped and sequence.current_split() is None:
     flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
-    y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state)
+    resets = sequence.segment_starts(segment_ids, reverse)
+    y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state,
+                        resets=None if resets is None else flip(resets))
     return flip(y), state
   h = x.shape[2]
   dtype = shapes.compute_dtype(x, dt, B, C)
@@ -126,14 +141,22 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
   log_decay = dt * A.astype(dtype)
   s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
   y, state = sequence.recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0, reverse=reverse,
-                                 chunk_size=chunk_size, impl="chunked" if grouped else impl)
+                                 chunk_size=chunk_size, impl="chunked" if grouped else impl, segment_ids=segment_ids)
   return y, jnp.swapaxes(state, -1, -2)
 
 
-def _noncausal(x, dt, A, B, C):
-  """Two matmuls per group: S = sum_s (-A dt_s x_s) B_s^T, y_t = S C_t; groups are never broadcast to heads."""
+def _noncausal(x, dt, A, B, C, segment_ids=None, chunk_size=64):
+  """Two matmuls per group: S = sum_s (-A dt_s x_s) B_s^T, y_t = S C_t; groups are never broadcast to heads.
+  Packed (`segment_ids`): per segment, a causal pass plus an exclusive reversed pass without decay."""
   h, g = x.shape[2], B.shape[2]
   dtype = shapes.compute_dtype(x, dt, B, C)
+  if segment_ids is not None:
+    q, k = heads_from_groups(C, h).astype(dtype), heads_from_groups(B, h).astype(dtype)
+    v = (dt.astype(dtype) * -A.astype(dtype))[..., None] * x.astype(dtype)
+    kw = dict(scale=1.0, chunk_size=chunk_size, segment_ids=segment_ids, impl="chunked")
+    forward, _ = sequence.recurrence(q, k, v, **kw)
+    backward, _ = sequence.recurrence(q, k, v, exclusive=True, reverse=True, **kw)
+    return forward + backward
   w = (dt.astype(dtype) * -A.astype(dtype))[..., None] * x.astype(dtype)  # [B,T,H,P]
   w = w.reshape(*w.shape[:2], g, h // g, w.shape[-1])
   state = sequence.sum_over_time(jnp.einsum("btgn,btgjp->bgjpn", B.astype(dtype), w))
@@ -141,11 +164,11 @@ def _noncausal(x, dt, A, B, C):
   return y.reshape(x.shape)
 
 
-def ssd_matrix(dt, A, B, C, *, D=None, causal=True):
+def ssd_matrix(dt, A, B, C, *, D=None, causal=True, segment_ids=None):
   """The mixing matrix M `[B,H,T,T]` of `ssd` (y[:, t, h] = sum_s M[:, h, t, s] x[:, s, h]), D on its diagonal.
 
   Causal: M_ts = (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s for s <= t (a semiseparable matrix);
-  non-causal: M_ts = (C_t . B_s) (-A dt_s).
+  non-causal: M_ts = (C_t . B_s) (-A dt_s); with `segment_ids` `[B,T]`, zero between segments.
   """
   h = dt.shape[-1]
   dtype = shapes.compute_dtype(dt, B, C)
@@ -156,15 +179,17 @@ def ssd_matrix(dt, A, B, C, *, D=None, causal=True):
     m = m * jnp.moveaxis(dt, 1, 2)[:, :, None, :]
   else:
     m = jnp.einsum("bthn,bshn->bhts", q, k) * jnp.moveaxis(dt * -A.astype(dtype), 1, 2)[:, :, None, :]
+  if segment_ids is not None:
+    m = jnp.where(same_segment(segment_ids), m, 0)
   if D is not None:
     d = jnp.broadcast_to(D.astype(dtype), dt.shape)  # [B,T,H]
     m = m + jnp.moveaxis(d, 1, 2)[..., None] * jnp.eye(dt.shape[1], dtype=dtype)
   return m
 
 
-@sequence.splits_time("x", "dt", "B", "C", "D", batched=("initial_state",))
+@sequence.splits_time("x", "dt", "B", "C", "D", "segment_ids", batched=("initial_state",))
 def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=None, return_state=False,
-        impl="auto"):
+        impl="auto", segment_ids=None):
   """Mamba2 SSD (causal) or VSSD's non-causal SSD.
 
   Args:
@@ -180,6 +205,8 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
     impl: "auto" | "chunked" | "recurrent" | "reference" | "pallas": "chunked" is SSD's grouped chunked form
       ("auto" picks it on CPU); the others go to the recurrence core. For causal=False "reference"
       materialises the T x T matrix and every other choice runs the two matmuls.
+    segment_ids: None or ints `[B,T]` (packed sequences; a segment is a run of equal ids): each segment is
+      computed as its own sequence (initial_state reaches the first, the final state is the last one's).
 
   Returns:
     y `[B,T,H,P]` in x's dtype, or (y, final state) when `return_state`.
@@ -190,17 +217,21 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
   A, dt = checked_rates(A, dt)
   if initial_state is not None:
     checks.check_shape("initial_state", initial_state, (b, h, p, n), f"[B,H,P,N] = {(b, h, p, n)}")
+  segment_ids = checks.check_segment_ids(segment_ids, b, x.shape[1])
+  if segment_ids is not None and impl == "pallas":
+    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
   if not causal:
     if initial_state is not None or return_state:
       raise ValueError("initial_state and return_state need causal=True (the non-causal SSD has no running state)")
     if impl == "reference":
-      y = jnp.einsum("bhts,bshp->bthp", ssd_matrix(dt, A, B, C, causal=False),
+      y = jnp.einsum("bhts,bshp->bthp", ssd_matrix(dt, A, B, C, causal=False, segment_ids=segment_ids),
                      x.astype(shapes.compute_dtype(x, dt, B, C)))
     else:
-      y = _noncausal(x, dt, A, B, C)
+      y = _noncausal(x, dt, A, B, C, segment_ids, chunk_size)
     y = y.astype(x.dtype)
     return y if D is None else y + skip(x, D)
-  y, state = causal_scan(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, impl=impl)
+  y, state = causal_scan(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, impl=impl,
+                         segment_ids=segment_ids)
   y = y.astype(x.dtype)
   if D is not None:
     y = y + skip(x, D)

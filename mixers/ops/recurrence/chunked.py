@@ -5,6 +5,9 @@ The sequence is cut into N chunks of C tokens. With b the cumulative log-decay i
   inter:  o_t += scale * (q_t * exp(b_t))^T S_prev
   state:  S = diag(exp(b_C)) S_prev + sum_s (k_s * exp(b_C - b_s)) v_s^T
 Every exponent is a sum of log-decays over an interval, hence <= 0: nothing overflows whatever the gate.
+With `resets` (token t drops the state before it: a packed segment starts at t), r counts the resets inside the
+chunk up to t: intra pairs need r_t == r_s, the inter term needs r_t == 0, and the state keeps S_prev only when
+the chunk has no reset and the writes of its last segment only.
 Per-key-channel decays compute the intra-chunk scores in sub-chunks of 16: between sub-chunks through
 matmuls of q and k rescaled to the sub-chunk boundary, inside a sub-chunk through the masked [c, c, K] product.
 Cost O(T C (K + V) + T K V); memory O(T (K + V) + (T / C) K V).
@@ -57,8 +60,10 @@ def _scores_vector_decay(q, k, b, exclusive):
   return a + rearrange(a_off, "... n t s -> ... (n t) s")
 
 
-def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False, chunk_size=64):
-  """(o `[B,T,H,V]`, final state `[B,H,K,V]`); any T (padded inside to a multiple of chunk_size)."""
+def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False, chunk_size=64,
+               resets=None):
+  """(o `[B,T,H,V]`, final state `[B,H,K,V]`); any T (padded inside to a multiple of chunk_size); resets None or
+  bool `[B,T]`."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   dtype = shapes.compute_dtype(q, k, v)
@@ -85,6 +90,13 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
       scores = _scores_vector_decay(qc, kc, b, exclusive)
       q_in, k_out = qc * jnp.exp(b), kc * jnp.exp(b_end - b)
       chunk_decay = jnp.exp(b_end[..., 0, :])[..., None]  # [N,B,H,K,1]
+  if resets is not None:
+    run = jnp.cumsum(prep(resets[:, :, None].astype(jnp.int32)).astype(jnp.int32), axis=3)  # [N,B,1,C]
+    scores = jnp.where(run[..., :, None] == run[..., None, :], scores, 0)
+    q_in = q_in * (run == 0)[..., None]
+    k_out = k_out * (run == run[..., -1:])[..., None]
+    keep = (run[..., -1] == 0)[..., None, None].astype(dtype)  # [N,B,1,1,1]: no reset in the chunk
+    chunk_decay = keep if chunk_decay is None else chunk_decay * keep
   o = jnp.einsum("...ts,...sv->...tv", scores, vc)
   local = jnp.einsum("...sk,...sv->...kv", k_out, vc)  # each chunk's own contribution to the state
 

@@ -1,0 +1,214 @@
+"""Packed sequences: with `segment_ids`, every op equals each segment run alone (float64, values and gradients)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixers import ops
+from mixers.sharding import make_mesh, sequence_parallel
+from tests.conftest import assert_close
+
+B, H, K, V = 2, 2, 5, 3
+LENGTHS = ((7, 13, 1, 20), (10, 10, 21))  # row 0: a one-token segment, starts at 7 and 21 (chunk edges of 7)
+T = 41
+IDS = np.stack([np.repeat(np.arange(4), LENGTHS[0]), np.repeat([0, 1, 0], LENGTHS[1])]).astype(np.int32)
+DECAY_SHAPES = {"none": None, "head": (H,), "token": (B, T, H), "channel": (B, T, H, K)}
+
+
+def segments(row):
+  """[(start, end)] of the runs of equal ids in row `row` of IDS."""
+  edges = np.cumsum((0,) + LENGTHS[row])
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def separately(fn, timed, state=None):
+  """Runs fn(timed slices, state or None) -> (o, final) on every segment of every row alone (the initial state
+  reaches each row's first segment) and puts the outputs back in place: (o `[B,T,...]`, each row's last final)."""
+  rows, finals = [], []
+  for b in range(B):
+    outs = []
+    for i, (start, end) in enumerate(segments(b)):
+      cut = [None if x is None else x[b:b + 1, start:end] for x in timed]
+      o, final = fn(cut, None if state is None or i else jax.tree.map(lambda a: a[b:b + 1], state))
+      outs.append(o)
+    rows.append(jnp.concatenate(outs, axis=1))
+    finals.append(final)
+  return jnp.concatenate(rows), (None if finals[0] is None else jax.tree.map(lambda *a: jnp.concatenate(a), *finals))
+
+
+def linear_inputs(decay, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k = (ops.feature_maps.elu_plus_one(jax.random.normal(ks[i], (B, T, H, K), jnp.float64)) for i in range(2))
+  v = jax.random.normal(ks[2], (B, T, H, V), jnp.float64)
+  shape = DECAY_SHAPES[decay]
+  g = None if shape is None else -0.3 * jax.nn.softplus(jax.random.normal(ks[3], shape, jnp.float64))
+  s0 = jax.random.normal(ks[4], (B, H, K, V), jnp.float64)
+  return q, k, v, g, s0
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "normalize", "impl", "chunk"))
+def _linear_packed_and_alone(q, k, v, g, s0, cot, causal, normalize, impl, chunk):
+  kw = dict(causal=causal, normalize=normalize, impl=impl, chunk_size=chunk)
+  init = None if not causal else ((s0, jnp.abs(s0[..., 0])) if normalize else s0)
+
+  def packed(q, k, v, g):
+    return ops.linear_attention(q, k, v, log_decay=g, segment_ids=jnp.asarray(IDS), initial_state=init, **kw)
+
+  def alone(q, k, v, g):
+    per_head = g is not None and g.ndim == 1  # a [H] decay is not cut along time
+
+    def one(cut, state):
+      q, k, v, g_cut = cut
+      decay = g if per_head else g_cut
+      if not causal:
+        return ops.linear_attention(q, k, v, log_decay=decay, **kw), None
+      return ops.linear_attention(q, k, v, log_decay=decay, initial_state=state, return_state=True, **kw)
+    return separately(one, (q, k, v, None if per_head else g), init)[0]
+
+  (out, vjp), (out_ref, vjp_ref) = jax.vjp(packed, q, k, v, g), jax.vjp(alone, q, k, v, g)
+  return out, out_ref, vjp(cot), vjp_ref(cot)
+
+
+CASES = [  # (decay, causal, normalize, impl, chunk)
+    ("none", True, False, "chunked", 7),
+    ("head", True, True, "chunked", 7),
+    ("token", True, False, "chunked", 32),
+    ("channel", True, False, "chunked", 7),
+    ("channel", True, True, "chunked", 32),  # sub-chunks of 16: segment starts inside and across them
+    ("token", True, False, "recurrent", 7),
+    ("channel", True, False, "reference", 7),
+    ("none", False, False, "chunked", 7),
+    ("token", False, True, "chunked", 7),
+    ("channel", False, False, "chunked", 32),
+]
+
+
+@pytest.mark.parametrize("decay,causal,normalize,impl,chunk", CASES)
+def test_linear_attention_packed_equals_segments_alone(x64, decay, causal, normalize, impl, chunk):
+  """Outputs and random-cotangent VJPs (q, k, v, decay) of the packed call equal those of each segment alone, with
+  the initial state reaching only each row's first segment."""
+  q, k, v, g, s0 = linear_inputs(decay)
+  cot = jax.random.normal(jax.random.key(9), v.shape, jnp.float64)
+  out, ref, grads, grads_ref = _linear_packed_and_alone(q, k, v, g, s0, cot, causal, normalize, impl, chunk)
+  assert_close(out, ref, 1e-12, "output")
+  for name, a, b in zip("qkvg", grads, grads_ref):
+    if b is not None:
+      assert_close(a, b, 1e-11, f"d{name}")
+
+
+def test_linear_attention_final_state_is_the_last_segments(x64):
+  """The returned state of a packed causal call is each row's last segment's, and decoding from it continues that
+  segment: the step after it equals the forward of the segment one token longer."""
+  q, k, v, g, s0 = linear_inputs("token", seed=1)
+  _, state = ops.linear_attention(q[:, :-1], k[:, :-1], v[:, :-1], log_decay=g[:, :-1], initial_state=s0,
+                                  segment_ids=jnp.asarray(IDS[:, :-1]), return_state=True, chunk_size=7)
+  o_step, _ = ops.linear_attention_step(q[:, -1], k[:, -1], v[:, -1], state, log_decay=g[:, -1])
+  for b in range(B):
+    start = segments(b)[-1][0]
+    alone = ops.linear_attention(q[b:b + 1, start:], k[b:b + 1, start:], v[b:b + 1, start:],
+                                 log_decay=g[b:b + 1, start:], chunk_size=7)
+    assert_close(o_step[b], alone[0, -1], 1e-12, f"row {b}")
+
+
+def ssd_inputs(seed=0, groups=1, heads=2, p=3, n=4):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  x = jax.random.normal(ks[0], (B, T, heads, p), jnp.float64)
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (B, T, heads), jnp.float64))
+  a = -jnp.exp(jax.random.normal(ks[2], (heads,), jnp.float64))
+  bb, cc = (jax.random.normal(ks[i], (B, T, groups, n), jnp.float64) for i in (3, 4))
+  d = jax.random.normal(ks[5], (heads,), jnp.float64)
+  s0 = jax.random.normal(ks[6], (B, heads, p, n), jnp.float64)
+  return x, dt, a, bb, cc, d, s0
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "impl"))
+def _ssd_packed_and_alone(x, dt, a, bb, cc, d, s0, cot, causal, impl):
+  kw = dict(D=d, causal=causal, impl=impl, chunk_size=7)
+  init = s0 if causal else None
+  packed = lambda x, dt, bb, cc: ops.ssd(x, dt, a, bb, cc, segment_ids=jnp.asarray(IDS), initial_state=init, **kw)
+
+  def alone(x, dt, bb, cc):
+    def one(cut, state):
+      if not causal:
+        return ops.ssd(*cut[:2], a, *cut[2:], **kw), None
+      return ops.ssd(*cut[:2], a, *cut[2:], initial_state=state, return_state=True, **kw)
+    return separately(one, (x, dt, bb, cc), init)[0]
+
+  (out, vjp), (out_ref, vjp_ref) = jax.vjp(packed, x, dt, bb, cc), jax.vjp(alone, x, dt, bb, cc)
+  return out, out_ref, vjp(cot), vjp_ref(cot)
+
+
+@pytest.mark.parametrize("causal,impl,groups", [(True, "chunked", 2), (True, "recurrent", 1), (True, "reference", 1),
+                                                (False, "chunked", 2), (False, "reference", 1)])
+def test_ssd_packed_equals_segments_alone(x64, causal, impl, groups):
+  """Mamba2's grouped chunked form, the core's forms and VSSD's non-causal SSD, packed against each segment alone
+  (outputs and VJPs into x, dt, B, C)."""
+  x, dt, a, bb, cc, d, s0 = ssd_inputs(groups=groups, heads=4 if groups == 2 else 2)
+  cot = jax.random.normal(jax.random.key(3), x.shape, jnp.float64)
+  out, ref, grads, grads_ref = _ssd_packed_and_alone(x, dt, a, bb, cc, d, s0, cot, causal, impl)
+  assert_close(out, ref, 1e-12, "output")
+  for name, g1, g2 in zip(("x", "dt", "B", "C"), grads, grads_ref):
+    assert_close(g1, g2, 1e-11, f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_packed_equals_segments_alone(x64, causal):
+  """Softmax attention with grouped queries: a token sees only its own segment (the third run of row 1 reuses the
+  first run's id and still sees only itself)."""
+  q, k, v, _, _ = linear_inputs("none", seed=2)
+  k, v = k[:, :, :1], v[:, :, :1]
+  out = ops.attention(q, k, v, causal=causal, segment_ids=jnp.asarray(IDS))
+  ref, _ = separately(lambda cut, _: (ops.attention(*cut, causal=causal), None), (q, k, v))
+  assert_close(out, ref, 1e-6)  # jax.nn.dot_product_attention takes its softmax in float32
+
+
+def _packed_calls(la, sd, qs, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
+  """Linear attention (causal with decay and state, non-causal), SSD (causal with state, non-causal) and Hydra,
+  packed; `la`, `sd`, `qs` are the ops or their sequence-parallel versions."""
+  ids = jnp.asarray(IDS)
+  return (la(q, k, v, log_decay=g, initial_state=s0, return_state=True, segment_ids=ids, chunk_size=7),
+          la(q, k, v, causal=False, log_decay=g[..., 0], segment_ids=ids, chunk_size=7),
+          sd(x, dt, a, bb, cc, D=d, initial_state=s0_ssd, return_state=True, segment_ids=ids, chunk_size=7),
+          sd(x, dt, a, bb, cc, D=d, causal=False, segment_ids=ids, chunk_size=7),
+          qs(x, (dt, dt[:, ::-1]), a, (bb, cc), (cc, bb), D=d, segment_ids=ids, chunk_size=7))
+
+
+def test_sequence_parallel_packed_equals_one_device(x64):
+  """Split over data=2 x sequence=4 (T=41: padded inside) with segments crossing slice boundaries, the packed ops
+  equal the one-device packed calls (outputs and final states)."""
+  mesh = make_mesh({"data": 2, "sequence": 4})
+  split = [sequence_parallel(op, mesh) for op in (ops.linear_attention, ops.ssd, ops.quasiseparable)]
+  args = linear_inputs("channel", seed=3) + ssd_inputs(seed=4)
+  got = jax.jit(functools.partial(_packed_calls, *split))(*args)
+  want = jax.jit(functools.partial(_packed_calls, ops.linear_attention, ops.ssd, ops.quasiseparable))(*args)
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+    assert_close(a, b, 1e-12, f"leaf {i}")
+
+
+def test_segment_id_errors():
+  q = jnp.ones((B, T, H, K))
+  with pytest.raises(ValueError, match=r"segment_ids must be an int array \[B,T\]"):
+    ops.linear_attention(q, q, q, segment_ids=jnp.zeros((B, T - 1), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids must be an int array"):
+    ops.attention(q, q, q, segment_ids=jnp.zeros((B, T)))
+  with pytest.raises(ValueError, match="cannot be combined with prefix_len"):
+    ops.linear_attention(q, q, q, prefix_len=3, segment_ids=jnp.asarray(IDS))
+  with pytest.raises(ValueError, match="no packed-sequence"):
+    ops.linear_attention(q, q, q, segment_ids=jnp.asarray(IDS), impl="pallas")
+  with pytest.raises(ValueError, match="Tq == Tk"):
+    ops.attention(q, q[:, :5], q[:, :5], segment_ids=jnp.asarray(IDS))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_quasiseparable_packed_equals_segments_alone(x64, impl):
+  """Hydra: both directions restart at each boundary and neither shift crosses one (D per token)."""
+  x, dtf, a, bf, cf, _, _ = ssd_inputs(seed=5)
+  _, dtb, _, bb, cb, _, _ = ssd_inputs(seed=6)
+  d = jax.random.normal(jax.random.key(7), dtf.shape, jnp.float64)
+  kw = dict(chunk_size=7, impl=impl)
+  out = ops.quasiseparable(x, (dtf, dtb), a, (bf, bb), (cf, cb), D=d, segment_ids=jnp.asarray(IDS), **kw)
+  one = lambda cut, _: (ops.quasiseparable(cut[0], cut[1:3], a, cut[3:5], cut[5:7], D=cut[7], **kw), None)
+  ref, _ = separately(one, (x, dtf, dtb, bf, bb, cf, cb, d))
+  assert_close(out, ref, 1e-12)
