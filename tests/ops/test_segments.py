@@ -72,14 +72,10 @@ def _linear_packed_and_alone(q, k, v, g, s0, cot, causal, normalize, impl, chunk
 
 
 CASES = [  # (decay, causal, normalize, impl, chunk)
-    ("none", True, False, "chunked", 7),
-    ("head", True, True, "chunked", 7),
-    ("token", True, False, "chunked", 32),
-    ("channel", True, False, "chunked", 7),
-    ("channel", True, True, "chunked", 32),  # sub-chunks of 16: segment starts inside and across them
-    ("token", True, False, "recurrent", 7),
-    ("channel", True, False, "reference", 7),
-    ("none", False, False, "chunked", 7),
+    ("none", True, False, "chunked", 7),  # starts at 7 and 21: on chunk edges
+    ("head", True, True, "recurrent", 7),
+    ("token", True, False, "reference", 7),
+    ("channel", True, True, "chunked", 32),  # sub-chunks of 16: starts inside and across them
     ("token", False, True, "chunked", 7),
     ("channel", False, False, "chunked", 32),
 ]
@@ -98,18 +94,22 @@ def test_linear_attention_packed_equals_segments_alone(x64, decay, causal, norma
       assert_close(a, b, 1e-11, f"d{name}")
 
 
-def test_linear_attention_final_state_is_the_last_segments(x64):
-  """The returned state of a packed causal call is each row's last segment's, and decoding from it continues that
-  segment: the step after it equals the forward of the segment one token longer."""
-  q, k, v, g, s0 = linear_inputs("token", seed=1)
+@jax.jit
+def _step_after_packed_prefill(q, k, v, g, s0):
   _, state = ops.linear_attention(q[:, :-1], k[:, :-1], v[:, :-1], log_decay=g[:, :-1], initial_state=s0,
                                   segment_ids=jnp.asarray(IDS[:, :-1]), return_state=True, chunk_size=7)
   o_step, _ = ops.linear_attention_step(q[:, -1], k[:, -1], v[:, -1], state, log_decay=g[:, -1])
-  for b in range(B):
-    start = segments(b)[-1][0]
-    alone = ops.linear_attention(q[b:b + 1, start:], k[b:b + 1, start:], v[b:b + 1, start:],
-                                 log_decay=g[b:b + 1, start:], chunk_size=7)
-    assert_close(o_step[b], alone[0, -1], 1e-12, f"row {b}")
+  last = [segments(b)[-1][0] for b in range(B)]
+  alone = [ops.linear_attention(*(x[b:b + 1, start:] for x in (q, k, v)), log_decay=g[b:b + 1, start:],
+                                chunk_size=7)[0, -1] for b, start in enumerate(last)]
+  return o_step, jnp.stack(alone)
+
+
+def test_linear_attention_final_state_is_the_last_segments(x64):
+  """The returned state of a packed causal call is each row's last segment's: the decode step after it equals the
+  forward of that segment one token longer."""
+  o_step, alone = _step_after_packed_prefill(*linear_inputs("token", seed=1))
+  assert_close(o_step, alone, 1e-12)
 
 
 def ssd_inputs(seed=0, groups=1, heads=2, p=3, n=4):
@@ -140,8 +140,8 @@ def _ssd_packed_and_alone(x, dt, a, bb, cc, d, s0, cot, causal, impl):
   return out, out_ref, vjp(cot), vjp_ref(cot)
 
 
-@pytest.mark.parametrize("causal,impl,groups", [(True, "chunked", 2), (True, "recurrent", 1), (True, "reference", 1),
-                                                (False, "chunked", 2), (False, "reference", 1)])
+@pytest.mark.parametrize("causal,impl,groups", [(True, "chunked", 2), (True, "reference", 1), (False, "chunked", 2),
+                                                (False, "reference", 1)])
 def test_ssd_packed_equals_segments_alone(x64, causal, impl, groups):
   """Mamba2's grouped chunked form, the core's forms and VSSD's non-causal SSD, packed against each segment alone
   (outputs and VJPs into x, dt, B, C)."""
@@ -153,15 +153,21 @@ def test_ssd_packed_equals_segments_alone(x64, causal, impl, groups):
     assert_close(g1, g2, 1e-11, f"d{name}")
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_packed_equals_segments_alone(x64, causal):
-  """Softmax attention with grouped queries: a token sees only its own segment (the third run of row 1 reuses the
-  first run's id and still sees only itself)."""
+def test_attention_packed_equals_segments_alone(x64):
+  """Softmax attention with grouped queries, causal and not: a token sees only its own segment (the third run of
+  row 1 reuses the first run's id and still sees only itself)."""
   q, k, v, _, _ = linear_inputs("none", seed=2)
   k, v = k[:, :, :1], v[:, :, :1]
-  out = ops.attention(q, k, v, causal=causal, segment_ids=jnp.asarray(IDS))
-  ref, _ = separately(lambda cut, _: (ops.attention(*cut, causal=causal), None), (q, k, v))
-  assert_close(out, ref, 1e-6)  # jax.nn.dot_product_attention takes its softmax in float32
+
+  @jax.jit
+  def run(q, k, v):
+    packed = [ops.attention(q, k, v, causal=c, segment_ids=jnp.asarray(IDS)) for c in (True, False)]
+    alone = [separately(lambda cut, _, c=c: (ops.attention(*cut, causal=c), None), (q, k, v))[0]
+             for c in (True, False)]
+    return packed, alone
+
+  for got, want in zip(*run(q, k, v)):
+    assert_close(got, want, 1e-6)  # jax.nn.dot_product_attention takes its softmax in float32
 
 
 def _packed_calls(la, sd, qs, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
@@ -201,14 +207,22 @@ def test_segment_id_errors():
     ops.attention(q, q[:, :5], q[:, :5], segment_ids=jnp.asarray(IDS))
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
-def test_quasiseparable_packed_equals_segments_alone(x64, impl):
-  """Hydra: both directions restart at each boundary and neither shift crosses one (D per token)."""
+def test_quasiseparable_packed_equals_segments_alone(x64):
+  """Hydra, chunked and materialised: both directions restart at each boundary and neither shift crosses one
+  (D per token)."""
   x, dtf, a, bf, cf, _, _ = ssd_inputs(seed=5)
   _, dtb, _, bb, cb, _, _ = ssd_inputs(seed=6)
   d = jax.random.normal(jax.random.key(7), dtf.shape, jnp.float64)
-  kw = dict(chunk_size=7, impl=impl)
-  out = ops.quasiseparable(x, (dtf, dtb), a, (bf, bb), (cf, cb), D=d, segment_ids=jnp.asarray(IDS), **kw)
-  one = lambda cut, _: (ops.quasiseparable(cut[0], cut[1:3], a, cut[3:5], cut[5:7], D=cut[7], **kw), None)
-  ref, _ = separately(one, (x, dtf, dtb, bf, bb, cf, cb, d))
-  assert_close(out, ref, 1e-12)
+
+  @jax.jit
+  def run(x, dtf, dtb, bf, bb, cf, cb, d):
+    out = {}
+    for impl in ("chunked", "reference"):
+      kw = dict(chunk_size=7, impl=impl)
+      packed = ops.quasiseparable(x, (dtf, dtb), a, (bf, bb), (cf, cb), D=d, segment_ids=jnp.asarray(IDS), **kw)
+      one = lambda cut, _, kw=kw: (ops.quasiseparable(cut[0], cut[1:3], a, cut[3:5], cut[5:7], D=cut[7], **kw), None)
+      out[impl] = packed, separately(one, (x, dtf, dtb, bf, bb, cf, cb, d))[0]
+    return out
+
+  for impl, (got, want) in run(x, dtf, dtb, bf, bb, cf, cb, d).items():
+    assert_close(got, want, 1e-12, impl)
