@@ -11,7 +11,9 @@ so U = U0 - W S (the product of the chunk's (I - beta k k^T) factors, gates fold
 i.e. S' = A_n S + B_n with A_n = gamma_C I - K~^T W `[K,K]` and B_n = K~^T U0 `[K,V]`. The chunk states run
 through `sequence.affine_recurrence` (which also combines them across devices). Every exponent is a sum of
 log-decays over an interval (<= 0). Cost O(T C (K + V) + T C^2 + T K (K + V)); inputs of any float dtype are
-computed in float32 (float64 stays float64).
+computed in float32 (float64 stays float64). With `resets` (packed segments), r counting the segment starts in the
+chunk up to t: A and the scores keep pairs with r_t == r_s, only tokens with r_t == 0 see S (W's rows and the
+inter-chunk output), K~ keeps the last segment's tokens and gamma_C I is dropped from a chunk with a start.
 
 The solve is `jax.scipy.linalg.solve_triangular` on accelerators. On CPU that call goes to the BLAS bundled with
 SciPy, whose thread pool stalls for seconds (or indefinitely) when the cores are oversubscribed, so CPU runs
@@ -74,39 +76,55 @@ def solve(a, rhs):
   return jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
 
 
-def wy(k, v, beta, b):
-  """Per chunk (k `[...,C,K]`, v `[...,C,V]`, beta and b `[...,C]`): (W `[...,C,K]`, U0 `[...,C,V]`)."""
+def wy(k, v, beta, b, run=None):
+  """Per chunk (k `[...,C,K]`, v `[...,C,V]`, beta and b `[...,C]`, run None or the segment index inside the chunk
+  `[...,C]`): (W `[...,C,K]`, U0 `[...,C,V]`)."""
   a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * _decay_mask(b, strict=True)
-  rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
+  entering = jnp.exp(b)
+  if run is not None:
+    a = jnp.where(run[..., :, None] == run[..., None, :], a, 0)
+    entering = entering * (run == 0)
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * entering)[..., None] * k], axis=-1)
   solved = solve(a, rhs)
   return solved[..., v.shape[-1]:], solved[..., :v.shape[-1]]
 
 
-def _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype):
+def _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype, resets=None):
   """The chunked pieces shared by both output paths: (q, k, U chunked `[B,N,H,C,*]`, b `[B,N,H,C]`, the states
-  entering each chunk `[B,N,H,K,V]`, the final state)."""
+  entering each chunk `[B,N,H,K,V]`, the final state, the segment index inside each chunk `[B,N,1,C]` or None)."""
   qc, kc, vc = (_chunks(a, chunk, dtype) for a in (q, k, v))  # [B,N,H,C,*]
   betac = _chunks(beta, chunk, dtype)  # [B,N,H,C]
   b = jnp.zeros_like(betac) if log_decay is None else jnp.cumsum(_chunks(log_decay, chunk, dtype), axis=-1)
-  w, u0 = wy(kc, vc, betac, b)
-  k_end = kc * jnp.exp(b[..., -1:] - b)[..., None]
+  run = None if resets is None else jnp.cumsum(_chunks(resets[:, :, None], chunk, jnp.int32), axis=-1)
+  w, u0 = wy(kc, vc, betac, b, run)
+  tail = jnp.exp(b[..., -1:] - b)
+  gamma_end = jnp.exp(b[..., -1])
+  if run is not None:
+    tail = tail * (run == run[..., -1:])
+    gamma_end = gamma_end * (run[..., -1] == 0)
+  k_end = kc * tail[..., None]
   eye = jnp.eye(kc.shape[-1], dtype=dtype)
-  transitions = jnp.exp(b[..., -1])[..., None, None] * eye - jnp.einsum("...sk,...sj->...kj", k_end, w)
+  transitions = gamma_end[..., None, None] * eye - jnp.einsum("...sk,...sj->...kj", k_end, w)
   inputs = jnp.einsum("...sk,...sv->...kv", k_end, u0)
   entering, final = sequence.affine_recurrence(transitions, inputs, initial_state)  # [B,N,H,K,V]
   u = u0 - jnp.einsum("...sk,...kv->...sv", w, entering)
-  return qc, kc, u, b, entering, final
+  return qc, kc, u, b, entering, final, run
 
 
-def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64):
+def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64, resets=None):
   """(o `[B,T,H,V]` in the compute dtype, final state `[B,H,K,V]`); any T (zero-padded tokens with beta = 0
-  change nothing)."""
+  change nothing); resets None or bool `[B,T]` (segment starts)."""
   t = q.shape[1]
   dtype = shapes.compute_dtype(q, k, v, beta)
-  qc, kc, u, b, entering, final = _pseudo_values(q, k, v, beta, log_decay, initial_state, min(chunk_size, t), dtype)
+  qc, kc, u, b, entering, final, run = _pseudo_values(q, k, v, beta, log_decay, initial_state, min(chunk_size, t),
+                                                      dtype, resets)
   scores = jnp.einsum("...tk,...sk->...ts", qc, kc) * _decay_mask(b, strict=False)
-  o = jnp.einsum("...tk,...kv->...tv", qc * jnp.exp(b)[..., None], entering) + jnp.einsum("...ts,...sv->...tv",
-                                                                                          scores, u)
+  inflow = jnp.exp(b)
+  if run is not None:
+    scores = jnp.where(run[..., :, None] == run[..., None, :], scores, 0)
+    inflow = inflow * (run == 0)
+  o = jnp.einsum("...tk,...kv->...tv", qc * inflow[..., None], entering) + jnp.einsum("...ts,...sv->...tv",
+                                                                                      scores, u)
   o = rearrange(scale * o, "b n h c v -> b (n c) h v")[:, :t]
   return o, final
 
@@ -122,7 +140,7 @@ def delta_rule_kernel(q, k, v, beta, log_decay=None, *, scale, initial_state=Non
   t = q.shape[1]
   dtype = shapes.compute_dtype(q, k, v, beta)
   chunk = chunk_size
-  _, _, u, _, _, _ = _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype)
+  _, _, u, _, _, _, _ = _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype)
   u = rearrange(u, "b n h c v -> b (n c) h v").astype(q.dtype)
   pad = u.shape[1] - t
   pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))

@@ -43,15 +43,18 @@ def _step(q, k, v, beta, s, g, scale):
   return scale * jnp.einsum("bhk,bhkv->bhv", q, s), s
 
 
-def _scan_tokens(step, q, k, v, beta, log_decay, initial_state):
-  """Runs `step(q_t, k_t, v_t, beta_t, s, g_t) -> (o_t, s)` over time: (o `[B,T,H,V]`, final state)."""
-  b, _, h, dk = q.shape
+def _scan_tokens(step, q, k, v, beta, log_decay, initial_state, resets=None):
+  """Runs `step(q_t, k_t, v_t, beta_t, s, g_t) -> (o_t, s)` over time, s zeroed at a reset: (o `[B,T,H,V]`,
+  final state)."""
+  b, t, h, dk = q.shape
   dtype = shapes.compute_dtype(q, k, v, beta)
   s0 = jnp.zeros((b, h, dk, v.shape[-1]), dtype) if initial_state is None else initial_state.astype(dtype)
   g = jnp.zeros(beta.shape, dtype) if log_decay is None else log_decay
   xs = tuple(jnp.moveaxis(a.astype(dtype), 1, 0) for a in (q, k, v, beta, g))
+  xs += (jnp.moveaxis(jnp.zeros((b, t), bool) if resets is None else resets, 1, 0),)
 
   def body(s, x):
+    s = jnp.where(x[5][:, None, None, None], jnp.zeros_like(s), s)
     o, s = step(*x[:4], s, x[4])
     return s, o
 
@@ -59,12 +62,12 @@ def _scan_tokens(step, q, k, v, beta, log_decay, initial_state):
   return jnp.moveaxis(o, 0, 1), final
 
 
-def _recurrent(q, k, v, beta, log_decay, scale, initial_state):
+def _recurrent(q, k, v, beta, log_decay, scale, initial_state, resets=None):
   return _scan_tokens(lambda q, k, v, beta, s, g: _step(q, k, v, beta, s, g, scale), q, k, v, beta, log_decay,
-                      initial_state)
+                      initial_state, resets)
 
 
-def _reference(q, k, v, beta, log_decay, scale, initial_state):
+def _reference(q, k, v, beta, log_decay, scale, initial_state, resets=None):
   """The definition, token by token: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T."""
   def step(q, k, v, beta, s, g):
     eye = jnp.eye(k.shape[-1], dtype=k.dtype)
@@ -72,7 +75,7 @@ def _reference(q, k, v, beta, log_decay, scale, initial_state):
     s = jnp.einsum("bhij,bhjv->bhiv", transition, s) + beta[..., None, None] * k[..., :, None] * v[..., None, :]
     return scale * jnp.einsum("bhk,bhkv->bhv", q, s), s
 
-  return _scan_tokens(step, q, k, v, beta, log_decay, initial_state)
+  return _scan_tokens(step, q, k, v, beta, log_decay, initial_state, resets)
 
 
 def _kernel_supported(q, v, log_decay, chunk_size):
@@ -97,31 +100,38 @@ def _empty(q, v, beta, initial_state):
   return jnp.zeros(q.shape[:3] + v.shape[-1:], dtype), state
 
 
-@sequence.splits_time("q", "k", "v", "beta", "log_decay", batched=("initial_state",))
+@sequence.splits_time("q", "k", "v", "beta", "log_decay", "segment_ids", batched=("initial_state",))
 def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None, return_state=False,
-               chunk_size=64, impl="auto"):
+               chunk_size=64, impl="auto", segment_ids=None):
   """(Gated) DeltaNet. q, k `[B,T,H,K]`, v `[B,T,H,V]`, beta `[B,T,H]`, log_decay None | `[B,T,H]` (<= 0).
 
   Returns o `[B,T,H,V]` in the inputs' dtype, and with `return_state` the final state `[B,H,K,V]` (float32 or
-  wider). `scale` defaults to K**-0.5; any T; chunk_size in tokens (chunked form).
+  wider). `scale` defaults to K**-0.5; any T; chunk_size in tokens (chunked form). `segment_ids` `[B,T]` ints
+  (packed sequences): the state restarts from zeros where a segment (a run of equal ids) starts, so each segment
+  is computed as its own sequence (initial_state reaches the first; the final state is the last one's); not with
+  impl="pallas".
   """
   checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("chunk_size", chunk_size)
   log_decay = _check(q, k, v, beta, log_decay, initial_state)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  segment_ids = checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
+  if segment_ids is not None and impl == "pallas":
+    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
+  resets = sequence.segment_starts(segment_ids)
   if q.shape[0] == 0 or q.shape[1] == 0:
     o, final = _empty(q, v, beta, initial_state)
   elif impl == "reference" and sequence.current_split() is None:
-    o, final = _reference(q, k, v, beta, log_decay, scale, initial_state)
+    o, final = _reference(q, k, v, beta, log_decay, scale, initial_state, resets)
   elif impl == "recurrent" and sequence.current_split() is None:
-    o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state)
-  elif (impl == "pallas" and sequence.current_split() is None) or (
-      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size)):
+    o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state, resets)
+  elif resets is None and ((impl == "pallas" and sequence.current_split() is None) or (
+      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size))):
     o, final = delta_chunked.delta_rule_kernel(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                                                chunk_size=chunk_size)
   else:
     o, final = delta_chunked.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, resets=resets)
   o = o.astype(shapes.output_dtype(q, k, v))
   return (o, final) if return_state else o
 

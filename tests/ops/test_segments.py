@@ -153,6 +153,39 @@ def test_ssd_packed_equals_segments_alone(x64, causal, impl, groups):
     assert_close(g1, g2, 1e-11, f"d{name}")
 
 
+@functools.partial(jax.jit, static_argnames="impl")
+def _delta_packed_and_alone(q, k, v, beta, g, s0, cot, impl):
+  """(packed outputs, alone outputs, their VJPs; the token loop's without VJPs)."""
+  kw = dict(impl=impl, chunk_size=7)
+  packed = lambda q, k, v, beta, g: ops.delta_rule(q, k, v, beta, log_decay=g, initial_state=s0, return_state=True,
+                                                   segment_ids=jnp.asarray(IDS), **kw)
+
+  def alone(q, k, v, beta, g):
+    one = lambda cut, state: ops.delta_rule(*cut[:4], log_decay=cut[4], initial_state=state, return_state=True, **kw)
+    return separately(one, (q, k, v, beta, g), s0)
+
+  if impl == "recurrent":
+    return packed(q, k, v, beta, g), alone(q, k, v, beta, g), (), ()
+  (out, vjp), (out_ref, vjp_ref) = jax.vjp(packed, q, k, v, beta, g), jax.vjp(alone, q, k, v, beta, g)
+  cots = (cot, jnp.zeros_like(s0))
+  return out, out_ref, vjp(cots), vjp_ref(cots)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
+def test_delta_rule_packed_equals_segments_alone(x64, impl):
+  """Gated DeltaNet, WY chunked form (starts on and off chunk edges; with VJPs into q, k, v, beta, g) and token
+  loop: outputs and final states (the last segment's) equal each segment alone."""
+  q, k, v, g, s0 = linear_inputs("token", seed=8)
+  q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+  beta = jax.nn.sigmoid(jax.random.normal(jax.random.key(10), g.shape, jnp.float64))
+  cot = jax.random.normal(jax.random.key(11), v.shape, jnp.float64)
+  out, ref, grads, grads_ref = _delta_packed_and_alone(q, k, v, beta, g, s0, cot, impl)
+  for a, b, name in zip(out, ref, ("output", "final state")):
+    assert_close(a, b, 1e-12, name)
+  for name, a, b in zip(("q", "k", "v", "beta", "g"), grads, grads_ref):
+    assert_close(a, b, 1e-11, f"d{name}")
+
+
 def test_attention_packed_equals_segments_alone(x64):
   """Softmax attention with grouped queries, causal and not: a token sees only its own segment (the third run of
   row 1 reuses the first run's id and still sees only itself)."""
@@ -170,11 +203,14 @@ def test_attention_packed_equals_segments_alone(x64):
     assert_close(got, want, 1e-6)  # jax.nn.dot_product_attention takes its softmax in float32
 
 
-def _packed_calls(la, sd, qs, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
-  """Linear attention (causal with decay and state, non-causal), SSD (causal with state, non-causal) and Hydra,
-  packed; `la`, `sd`, `qs` are the ops or their sequence-parallel versions."""
+def _packed_calls(la, sd, qs, dr, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
+  """Linear attention (causal with decay and state, non-causal), SSD (causal with state, non-causal), Hydra and
+  the gated delta rule, packed; `la`, `sd`, `qs`, `dr` are the ops or their sequence-parallel versions."""
   ids = jnp.asarray(IDS)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   return (la(q, k, v, log_decay=g, initial_state=s0, return_state=True, segment_ids=ids, chunk_size=7),
+          dr(unit(q), unit(k), v, jax.nn.sigmoid(g[..., 0]), log_decay=g[..., 1], initial_state=s0, return_state=True,
+             segment_ids=ids, chunk_size=7),
           la(q, k, v, causal=False, log_decay=g[..., 0], segment_ids=ids, chunk_size=7),
           sd(x, dt, a, bb, cc, D=d, initial_state=s0_ssd, return_state=True, segment_ids=ids, chunk_size=7),
           sd(x, dt, a, bb, cc, D=d, causal=False, segment_ids=ids, chunk_size=7),
@@ -185,10 +221,10 @@ def test_sequence_parallel_packed_equals_one_device(x64):
   """Split over data=2 x sequence=4 (T=41: padded inside) with segments crossing slice boundaries, the packed ops
   equal the one-device packed calls (outputs and final states)."""
   mesh = make_mesh({"data": 2, "sequence": 4})
-  split = [sequence_parallel(op, mesh) for op in (ops.linear_attention, ops.ssd, ops.quasiseparable)]
+  plain = (ops.linear_attention, ops.ssd, ops.quasiseparable, ops.delta_rule)
   args = linear_inputs("channel", seed=3) + ssd_inputs(seed=4)
-  got = jax.jit(functools.partial(_packed_calls, *split))(*args)
-  want = jax.jit(functools.partial(_packed_calls, ops.linear_attention, ops.ssd, ops.quasiseparable))(*args)
+  got = jax.jit(functools.partial(_packed_calls, *(sequence_parallel(op, mesh) for op in plain)))(*args)
+  want = jax.jit(functools.partial(_packed_calls, *plain))(*args)
   for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
     assert_close(a, b, 1e-12, f"leaf {i}")
 
