@@ -193,7 +193,7 @@ def test_every_mixer_runs_sharded_on_a_mesh(kind):
   assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # (vocab, embed)
   with sharding.use_mesh(mesh):
     out = jax.jit(model.apply)(variables, tokens)
-  assert_close(out, model.apply(jax.device_get(variables), tokens), 1e-5)
+  assert_close(out, jax.jit(model.apply)(jax.device_get(variables), tokens), 1e-5)
 
 
 def test_lightnet_block_configs():
