@@ -1,4 +1,6 @@
 """ssd (Mamba2 and non-causal VSSD) against a float64 token loop and a dense form written from the definition."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,34 +64,41 @@ def dense_ssd(x, dt, a, b, c, d, s0):
   return y + d[:, None] * x
 
 
-@pytest.mark.parametrize("impl", ["chunked", "recurrent", "reference", "auto"])
+@functools.partial(jax.jit, static_argnames=("impls",))
+def _causal_forms(x, dt, a, b, c, d, s0, impls):
+  """(y, final state) of each impl, all in one program."""
+  return [ssd(x, dt, a, b, c, D=d, initial_state=s0, return_state=True, chunk_size=CHUNK, impl=impl)
+          for impl in impls]
+
+
 @pytest.mark.parametrize("groups,use_d,use_state", [(1, False, False), (2, True, True), (HEADS, True, False)])
-def test_causal_forms_match_loop_float64(x64, impl, groups, use_d, use_state):
+def test_causal_forms_match_loop_float64(x64, groups, use_d, use_state):
   x, dt, a, b, c, d, s0 = make_inputs(0, groups)
   d, s0 = (d if use_d else None), (s0 if use_state else None)
-  y, state = ssd(x, dt, a, b, c, D=d, initial_state=s0, return_state=True, chunk_size=CHUNK, impl=impl)
   y_ref, state_ref = loop_ssd(x, dt, a, b, c, d, s0)
-  assert y.dtype == jnp.float64 and state.shape == (BATCH, HEADS, HEAD_DIM, STATE)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
-  np.testing.assert_allclose(state, state_ref, rtol=1e-9, atol=1e-9)
+  impls = ("chunked", "recurrent", "reference", "auto")
+  for impl, (y, state) in zip(impls, _causal_forms(x, dt, a, b, c, d, s0, impls)):
+    assert y.dtype == jnp.float64 and state.shape == (BATCH, HEADS, HEAD_DIM, STATE), impl
+    np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9, err_msg=impl)
+    np.testing.assert_allclose(state, state_ref, rtol=1e-9, atol=1e-9, err_msg=impl)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
-def test_causal_float32_matches_float64_loop(impl):
+def test_causal_float32_matches_float64_loop():
   x, dt, a, b, c, d, s0 = make_inputs(1, 2, dtype=np.float32)
-  y, state = ssd(x, dt, a, b, c, D=d, initial_state=s0, return_state=True, chunk_size=CHUNK, impl=impl)
   y_ref, state_ref = loop_ssd(*(v.astype(np.float64) for v in (x, dt, a, b, c, d, s0)))
-  assert y.dtype == jnp.float32 and state.dtype == jnp.float32
-  np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4)
-  np.testing.assert_allclose(state, state_ref, rtol=2e-4, atol=2e-4)
+  impls = ("chunked", "recurrent")
+  for impl, (y, state) in zip(impls, _causal_forms(x, dt, a, b, c, d, s0, impls)):
+    assert y.dtype == jnp.float32 and state.dtype == jnp.float32, impl
+    np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4, err_msg=impl)
+    np.testing.assert_allclose(state, state_ref, rtol=2e-4, atol=2e-4, err_msg=impl)
 
 
 def test_matrix_view_is_the_dense_semiseparable_form(x64):
   x, dt, a, b, c, d, s0 = make_inputs(2, 2)
-  m = ssd_matrix(dt, a, b, c, D=d)
+  m, dense = jax.jit(lambda *args: (ssd_matrix(*args[1:5], D=args[5]), dense_ssd(*args)))(x, dt, a, b, c, d, 0 * s0)
   assert m.shape == (BATCH, HEADS, LENGTH, LENGTH)
   np.testing.assert_allclose(np.triu(m, 1), 0.0)
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, x), dense_ssd(x, dt, a, b, c, d, 0 * s0), rtol=1e-10)
+  np.testing.assert_allclose(np.einsum("bhts,bshp->bthp", m, x), dense, rtol=1e-10)
 
 
 def test_gradients_match_dense_form(x64):
@@ -97,25 +106,30 @@ def test_gradients_match_dense_form(x64):
   x, dt, a, b, c, d, s0 = make_inputs(3, 2)
   fn = lambda *args: ssd(*args[:5], D=args[5], initial_state=args[6], chunk_size=CHUNK, impl="chunked")
   cot = np.random.default_rng(4).standard_normal(x.shape)
-  with_vjp = lambda f: jax.jit(lambda *args: (lambda out: (out[0], out[1](cot)))(jax.vjp(f, *args)))
-  y, grads = with_vjp(fn)(x, dt, a, b, c, d, s0)
-  y_ref, grads_ref = with_vjp(dense_ssd)(x, dt, a, b, c, d, s0)
+  with_vjp = lambda f, args: (lambda out: (out[0], out[1](cot)))(jax.vjp(f, *args))
+  both = jax.jit(lambda *args: (with_vjp(fn, args), with_vjp(dense_ssd, args)))  # one program
+  (y, grads), (y_ref, grads_ref) = both(x, dt, a, b, c, d, s0)
   np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
   for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-8, err_msg=name)
 
 
-_grad_f32 = jax.jit(jax.grad(lambda *args: jnp.sum(ssd(*args, chunk_size=CHUNK, impl="chunked") ** 2),
-                             argnums=(0, 1, 2, 3, 4)))
+def _sum_sq(*args):
+  y = ssd(*args, chunk_size=CHUNK, impl="chunked")
+  return jnp.sum(y ** 2), y
+
+
+# output and gradients in one program, shared by the three step ranges (same shapes: one compile)
+_value_and_grad_f32 = jax.jit(jax.value_and_grad(_sum_sq, argnums=(0, 1, 2, 3, 4), has_aux=True))
 
 
 @pytest.mark.parametrize("dt_range", [(1e-4, 2e-4), (5.0, 10.0), (1e-4, 10.0)], ids=["tiny", "huge", "mixed"])
 def test_extreme_steps_stay_finite_and_accurate(dt_range):
   x, dt, a, b, c, _, _ = make_inputs(5, 1, dt_range=dt_range, dtype=np.float32)
-  y = ssd(x, dt, a, b, c, chunk_size=CHUNK, impl="chunked")
+  (_, y), grads = _value_and_grad_f32(x, dt, a, b, c)
   y_ref, _ = loop_ssd(*(v.astype(np.float64) for v in (x, dt, a, b, c)))
   np.testing.assert_allclose(y, y_ref, rtol=1e-3, atol=1e-3 * np.abs(y_ref).max())
-  for g in _grad_f32(x, dt, a, b, c):
+  for g in grads:
     assert np.all(np.isfinite(g))
 
 
@@ -134,7 +148,8 @@ def test_decode_steps_reproduce_the_sequence(x64):
   for t in range(x.shape[1]):
     y_t, state = step(x[:, t], dt[:, t], a, b[:, t], c[:, t], state, D=d)
     ys.append(y_t)
-  y, final = ssd(x, dt, a, b, c, D=d, initial_state=s0, return_state=True, chunk_size=4)
+  y, final = jax.jit(lambda *args: ssd(*args[:5], D=args[5], initial_state=args[6], return_state=True,
+                                       chunk_size=4))(x, dt, a, b, c, d, s0)
   np.testing.assert_allclose(np.stack(ys, 1), y, rtol=1e-10)
   np.testing.assert_allclose(state, final, rtol=1e-10)
 
@@ -154,21 +169,33 @@ def loop_noncausal(x, dt, a, b, c, d):
 def test_noncausal_matches_definition(x64, groups):
   x, dt, a, b, c, d, _ = make_inputs(8, groups, t=11)
   y_ref = loop_noncausal(x, dt, a, b, c, d)
-  np.testing.assert_allclose(ssd(x, dt, a, b, c, D=d, causal=False), y_ref, rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(ssd(x, dt, a, b, c, D=d, causal=False, impl="reference"), y_ref, rtol=1e-10, atol=1e-10)
-  m = ssd_matrix(dt, a, b, c, D=d, causal=False)
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, x), y_ref, rtol=1e-10, atol=1e-10)
+
+  @jax.jit
+  def forms(x, dt, a, b, c, d):
+    return (ssd(x, dt, a, b, c, D=d, causal=False), ssd(x, dt, a, b, c, D=d, causal=False, impl="reference"),
+            ssd_matrix(dt, a, b, c, D=d, causal=False))
+
+  y_auto, y_reference, m = forms(x, dt, a, b, c, d)
+  np.testing.assert_allclose(y_auto, y_ref, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(y_reference, y_ref, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(np.einsum("bhts,bshp->bthp", m, x), y_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_noncausal_every_output_depends_on_every_input_and_commutes_with_reversal():
   x, dt, a, b, c, d, _ = make_inputs(9, 2, t=10, dtype=np.float32)
   f = lambda x, dt, b, c: ssd(x, dt, a, b, c, D=d, causal=False)
-  jac = np.asarray(jax.jit(jax.jacobian(f))(x, dt, b, c))
-  assert np.all(np.abs(jac).sum(axis=(0, 2, 3, 4, 6, 7)) > 0)  # [t, s] all nonzero
-  flip = lambda v: np.flip(v, 1)
-  np.testing.assert_allclose(f(flip(x), flip(dt), flip(b), flip(c)), flip(f(x, dt, b, c)), rtol=1e-5, atol=1e-5)
   cot = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-  grads = jax.vjp(f, x, dt, b, c)[1](cot)
+  flip = lambda v: jnp.flip(v, 1)
+
+  @jax.jit
+  def everything(x, dt, b, c):  # one program: Jacobian, the flipped run, the output and the VJP
+    y, vjp = jax.vjp(f, x, dt, b, c)
+    return jax.jacobian(f)(x, dt, b, c), f(flip(x), flip(dt), flip(b), flip(c)), y, vjp(cot)
+
+  jac, y_flipped, y, grads = everything(x, dt, b, c)
+  jac = np.asarray(jac)
+  assert np.all(np.abs(jac).sum(axis=(0, 2, 3, 4, 6, 7)) > 0)  # [t, s] all nonzero
+  np.testing.assert_allclose(y_flipped, np.flip(y, 1), rtol=1e-5, atol=1e-5)
   assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
 
 
