@@ -93,13 +93,16 @@ def test_bfloat16_parameters_and_computation():
     assert leaf.dtype == want, f"{keys}: {leaf.dtype}"
   all_b16 = jax.eval_shape(EveryMixer({"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16}).init, jax.random.key(1),
                            X)
-  params = nn.unbox(jax.jit(f32.init)(jax.random.key(1), X))
-  rounded = jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox(all_b16))
-  y32 = jax.jit(f32.apply)(params, X)
-  y_params = jax.jit(b16.apply)(jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox(
-      {"params": abstract})), X)
-  y_both = jax.jit(EveryMixer({"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16}).apply)(rounded,
-                                                                                             X.astype(jnp.bfloat16))
+  both = EveryMixer({"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16})
+
+  @jax.jit
+  def outputs(key):  # one program: float32, bfloat16 parameters, bfloat16 parameters and computation
+    params = nn.unbox(f32.init(key, X))
+    rounded = jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox(all_b16))
+    params_b16 = jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox({"params": abstract}))
+    return f32.apply(params, X), b16.apply(params_b16, X), both.apply(rounded, X.astype(jnp.bfloat16))
+
+  y32, y_params, y_both = outputs(jax.random.key(1))
   errors = {}
   for name in NAMES:
     assert y_params[name].dtype == jnp.float32 and y_both[name].dtype == jnp.bfloat16, name
@@ -122,11 +125,14 @@ def test_nnx_wrap_jit_and_grad():
   import mixers.nnx  # pylint: disable=import-outside-toplevel,redefined-outer-name
   for name in ("gla", "mamba2"):
     layer = mixers.nnx.build_mixer(name, rngs=nnx.Rngs(0), sample_input=X, **SMALL[name])
-    y = nnx.jit(lambda m, x: m(x))(layer, X)
+    def loss(m):
+      y = m(X)
+      return jnp.sum(y ** 2), y
+
+    (_, y), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(layer)
     linen = build(name)
     params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-    np.testing.assert_allclose(y, linen.apply({"params": params}, X), rtol=1e-5, atol=1e-5)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(layer)
+    np.testing.assert_allclose(y, jax.jit(linen.apply)({"params": params}, X), rtol=1e-5, atol=1e-5)
     leaves = jax.tree.leaves(nnx.state(grads))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
 
