@@ -1,4 +1,7 @@
-"""The gated linear-recurrence core: materialised matrix == token loop == chunked, gradients, causality."""
+"""The gated linear-recurrence core: materialised matrix == token loop == chunked, gradients, causality.
+
+Every test runs its computation as one jitted program (eager dispatch of the chunked and token-loop forms
+costs far more than compiling them once)."""
 import functools
 
 import jax
@@ -29,13 +32,19 @@ def run(impl, q, k, v, g, s0, chunk=16, exclusive=False):
                                  chunk_size=chunk, impl=impl)
 
 
+@functools.partial(jax.jit, static_argnames=("forms",))
+def run_forms(q, k, v, g, s0, forms):
+  """(output, state) of each (impl, chunk, exclusive) in `forms`, all in one program."""
+  return [run(impl, q, k, v, g, s0, chunk, exclusive) for impl, chunk, exclusive in forms]
+
+
 @pytest.mark.parametrize("t", [1, 37, 100])
 @pytest.mark.parametrize("decay", DECAYS)
 def test_forms_agree_float64(x64, t, decay):
   q, k, v, g, s0 = make_inputs(t, decay, jnp.float64)
-  o_ref, s_ref = run("reference", q, k, v, g, s0)
-  for impl, chunk in (("recurrent", 16), ("chunked", 16), ("chunked", 64)):
-    o, s = run(impl, q, k, v, g, s0, chunk)
+  forms = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 16, False), ("chunked", 64, False))
+  (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, forms)
+  for (impl, chunk, _), (o, s) in zip(forms[1:], rest):
     assert o.dtype == jnp.float64 and s.dtype == jnp.float64
     assert_close(o, o_ref, 1e-12, f"{impl}/{chunk} output")
     assert_close(s, s_ref, 1e-12, f"{impl}/{chunk} state")
@@ -44,11 +53,10 @@ def test_forms_agree_float64(x64, t, decay):
 @pytest.mark.parametrize("decay", DECAYS)
 def test_exclusive_reads_state_before_own_write(x64, decay):
   q, k, v, g, s0 = make_inputs(37, decay, jnp.float64)
-  o_incl, _ = run("reference", q, k, v, g, s0)
-  o_excl, s_excl = run("chunked", q, k, v, g, s0, exclusive=True)
-  own = 0.3 * jnp.einsum("bthk,bthk->bth", q, k)[..., None] * v
+  forms = (("reference", 16, False), ("chunked", 16, True), ("recurrent", 16, True))
+  (o_incl, _), (o_excl, s_excl), (o_rec, s_rec) = run_forms(q, k, v, g, s0, forms)
+  own = 0.3 * np.einsum("bthk,bthk->bth", q, k)[..., None] * np.asarray(v)
   assert_close(o_excl, o_incl - own, 1e-12, "exclusive = inclusive - own token")
-  o_rec, s_rec = run("recurrent", q, k, v, g, s0, exclusive=True)
   assert_close(o_rec, o_excl, 1e-12)
   assert_close(s_rec, s_excl, 1e-12)
 
@@ -56,9 +64,9 @@ def test_exclusive_reads_state_before_own_write(x64, decay):
 @pytest.mark.parametrize("decay", DECAYS)
 def test_forms_agree_float32(decay):
   q, k, v, g, s0 = make_inputs(100, decay)
-  o_ref, s_ref = run("reference", q, k, v, g, s0)
-  for impl, chunk in (("recurrent", 16), ("chunked", 64)):
-    o, s = run(impl, q, k, v, g, s0, chunk)
+  forms = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 64, False))
+  (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, forms)
+  for (impl, _, _), (o, s) in zip(forms[1:], rest):
     assert o.dtype == jnp.float32
     assert_close(o, o_ref, 2e-6, impl)
     assert_close(s, s_ref, 2e-6, impl)
@@ -66,7 +74,7 @@ def test_forms_agree_float32(decay):
 
 def test_mixing_matrix_against_explicit_loop(x64):
   q, k, _, g, _ = make_inputs(9, "channel", jnp.float64)
-  m = mixing_matrix(q, k, g, scale=0.5)
+  m = jax.jit(functools.partial(mixing_matrix, scale=0.5))(q, k, g)
   qn, kn, gn = (np.asarray(a) for a in (q, k, g))
   expected = np.zeros((B, H, 9, 9))
   for t in range(9):
@@ -76,22 +84,21 @@ def test_mixing_matrix_against_explicit_loop(x64):
   assert_close(m, expected, 1e-13)
 
 
+@functools.partial(jax.jit, static_argnames=("impls",))
+def _vjps(args, cot, impls):
+  """The VJP of each impl at `args` against one cotangent, in one program."""
+  return [jax.vjp(functools.partial(run, impl), *args)[1](cot) for impl in impls]
+
+
 @pytest.mark.parametrize("decay", DECAYS)
 def test_gradients_match_reference(x64, decay):
   """Random-cotangent VJPs into q, k, v, log_decay and the initial state."""
   q, k, v, g, s0 = make_inputs(37, decay, jnp.float64, seed=1)
   args = (q, k, v, g, s0)
   argnums = tuple(i for i, a in enumerate(args) if a is not None and a.ndim > 1)
-
-  def f(impl, *a):
-    return run(impl, *a)
-
-  out_ref, vjp_ref = jax.vjp(functools.partial(f, "reference"), *args)
-  cot = random_like(jax.random.key(7), out_ref)
-  grads_ref = vjp_ref(cot)
-  for impl in ("recurrent", "chunked"):
-    _, vjp = jax.vjp(functools.partial(f, impl), *args)
-    grads = vjp(cot)
+  cot = random_like(jax.random.key(7), jax.eval_shape(functools.partial(run, "reference"), *args))
+  grads_ref, *rest = _vjps(args, cot, ("reference", "recurrent", "chunked"))
+  for impl, grads in zip(("recurrent", "chunked"), rest):
     for i in argnums:
       assert_close(grads[i], grads_ref[i], 1e-11, f"{impl} grad of arg {i}")
   if decay == "head":  # a per-head [H] decay gets the sum over batch and time
@@ -110,8 +117,8 @@ def test_causality(decay):
   t = 23
   q2, k2, v2 = (a.at[:, t + 1:].set(a[:, t + 1:] * 3 + 1) for a in (q, k, v))
   g2 = None if g is None else g.at[:, t + 1:].set(-5.0)
-  o1, _ = run("chunked", q, k, v, g, s0)
-  o2, _ = run("chunked", q2, k2, v2, g2, s0)
+  both = jax.jit(lambda a1, a2: (run("chunked", *a1, s0)[0], run("chunked", *a2, s0)[0]))
+  o1, o2 = both((q, k, v, g), (q2, k2, v2, g2))
   np.testing.assert_array_equal(o1[:, :t + 1], o2[:, :t + 1])
   assert not np.allclose(o1[:, t + 1:], o2[:, t + 1:])
 
@@ -119,11 +126,17 @@ def test_causality(decay):
 @pytest.mark.parametrize("decay", ["token", "channel"])
 def test_state_split_and_resume(x64, decay):
   q, k, v, g, s0 = make_inputs(37, decay, jnp.float64)
-  o, s = run("chunked", q, k, v, g, s0)
   t1 = 20
-  o1, s1 = run("chunked", q[:, :t1], k[:, :t1], v[:, :t1], g[:, :t1], s0)
-  o2, s2 = run("chunked", q[:, t1:], k[:, t1:], v[:, t1:], g[:, t1:], s1)
-  assert_close(jnp.concatenate([o1, o2], axis=1), o, 1e-12)
+
+  @jax.jit
+  def whole_and_split(q, k, v, g, s0):
+    o, s = run("chunked", q, k, v, g, s0)
+    o1, s1 = run("chunked", q[:, :t1], k[:, :t1], v[:, :t1], g[:, :t1], s0)
+    o2, s2 = run("chunked", q[:, t1:], k[:, t1:], v[:, t1:], g[:, t1:], s1)
+    return o, s, jnp.concatenate([o1, o2], axis=1), s2
+
+  o, s, o_split, s2 = whole_and_split(q, k, v, g, s0)
+  assert_close(o_split, o, 1e-12)
   assert_close(s2, s, 1e-12)
 
 
@@ -132,24 +145,32 @@ def test_bf16_long_sequence_with_strong_gates():
   t = 4096
   q, k, v, _, _ = (a[:1, :, :1] if a is not None else a for a in make_inputs(t, "none"))
   g = jnp.full(q.shape, -20.0).at[:, ::7].set(-1e-3)
-  f = jax.jit(lambda q, k, v, g: gated_linear_recurrence(q, k, v, g, scale=0.3, chunk_size=64))
-  o32, s32 = f(q, k, v, g)
-  o16, s16 = f(*(a.astype(jnp.bfloat16) for a in (q, k, v)), g)
+  f = lambda q, k, v, g: gated_linear_recurrence(q, k, v, g, scale=0.3, chunk_size=64)
+
+  @jax.jit
+  def both(q, k, v, g):
+    out32 = f(q, k, v, g)
+    out16 = f(*(a.astype(jnp.bfloat16) for a in (q, k, v)), g)
+    grads = jax.grad(lambda g: jnp.sum(f(q, k, v, g)[0]))(g)
+    return out32, out16, grads
+
+  (o32, s32), (o16, s16), grads = both(q, k, v, g)
   assert o16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(o16.astype(jnp.float32)))) and bool(jnp.all(jnp.isfinite(s16)))
   assert_close(o16, o32, 2e-2, "bf16 vs fp32 output")
   assert_close(s16, s32, 2e-2, "bf16 vs fp32 state")
-  grads = jax.jit(jax.grad(lambda g: jnp.sum(f(q, k, v, g)[0])))(g)
   assert bool(jnp.all(jnp.isfinite(grads)))
 
 
-@pytest.mark.parametrize("chunk", [16, 128, 256])
-def test_chunk_sizes(chunk):
+def test_chunk_sizes():
+  """Chunks smaller than T (not dividing it), and one and two whole chunks larger than T, in one program."""
   q, k, v, g, s0 = make_inputs(100, "channel")
-  o_ref, s_ref = run("reference", q, k, v, g, s0)
-  o, s = run("chunked", q, k, v, g, s0, chunk)
-  assert_close(o, o_ref, 2e-6)
-  assert_close(s, s_ref, 2e-6)
+  chunks = (16, 128, 256)
+  (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, (("reference", 16, False),)
+                                    + tuple(("chunked", c, False) for c in chunks))
+  for chunk, (o, s) in zip(chunks, rest):
+    assert_close(o, o_ref, 2e-6, f"chunk {chunk}")
+    assert_close(s, s_ref, 2e-6, f"chunk {chunk}")
 
 
 @pytest.mark.parametrize("bad, match", [
