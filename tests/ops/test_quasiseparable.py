@@ -65,10 +65,17 @@ def test_matches_two_ssds_and_dense_matrix(x64, groups, per_token_d):
   x, dt, a, b, c, d = make_inputs(0, groups, per_token_d=per_token_d)
   m_ref = dense_loop(dt, a, b, c, d)
   y_ref = np.einsum("bhts,bshp->bthp", m_ref, x)
-  np.testing.assert_allclose(from_two_ssds(x, dt, a, b, c, d), y_ref, rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(quasiseparable_matrix(dt, a, b, c, D=d), m_ref, rtol=1e-10, atol=1e-12)
-  for impl in ("chunked", "recurrent", "reference"):
-    y = quasiseparable(x, dt, a, b, c, D=d, chunk_size=CHUNK, impl=impl)
+  impls = ("chunked", "recurrent", "reference")
+
+  @jax.jit
+  def forms(x, dt, a, b, c, d):  # one program for the two-SSD form, the matrix and every impl
+    return (from_two_ssds(x, dt, a, b, c, d), quasiseparable_matrix(dt, a, b, c, D=d),
+            [quasiseparable(x, dt, a, b, c, D=d, chunk_size=CHUNK, impl=impl) for impl in impls])
+
+  y_two, m, ys = forms(x, dt, a, b, c, d)
+  np.testing.assert_allclose(y_two, y_ref, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(m, m_ref, rtol=1e-10, atol=1e-12)
+  for impl, y in zip(impls, ys):
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10, err_msg=impl)
 
 
@@ -96,21 +103,32 @@ def test_padded_batch_equals_sequences_run_one_by_one(x64):
   xp = garbage(x, k4)
   dtp = tuple(garbage(v, keep[..., None]) for v in dt)
   bp, cp = (tuple(garbage(u, k4) for u in v) for v in (b, c))
-  y = quasiseparable(xp, dtp, a, bp, cp, D=d, lengths=lengths, chunk_size=CHUNK, impl="chunked")
-  y_mask = quasiseparable(xp, dtp, a, bp, cp, D=d, mask=keep, chunk_size=CHUNK, impl="chunked")
-  np.testing.assert_allclose(y_mask, y, rtol=1e-12)
-  for i, n in enumerate(lengths):
-    one = lambda v: jax.tree.map(lambda u: u[i:i + 1, :n], v)
-    y_one = quasiseparable(*one((x, dt)), a, *one((b, c)), D=one(d), chunk_size=CHUNK, impl="chunked")
-    np.testing.assert_allclose(y[i:i + 1, :n], y_one, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(y[i, n:], 0.0)
   # Left padding: the second sequence's real tokens sit at the end.
   shift = LENGTH - lengths[1]
   roll = lambda v: jax.tree.map(lambda u: np.concatenate([u[:1], np.roll(u[1:], shift, axis=1)]), v)
   keep_left = np.stack([keep[0], np.roll(keep[1], shift)])
-  y_left = quasiseparable(*roll((xp, dtp)), a, *roll((bp, cp)), D=roll(d), mask=keep_left, chunk_size=CHUNK)
+
+  @jax.jit
+  def everything(x, dt, a, b, c, d, xp, dtp, bp, cp, lengths, keep, left, keep_left):  # one program
+    y = quasiseparable(xp, dtp, a, bp, cp, D=d, lengths=lengths, chunk_size=CHUNK, impl="chunked")
+    y_mask = quasiseparable(xp, dtp, a, bp, cp, D=d, mask=keep, chunk_size=CHUNK, impl="chunked")
+    y_ones = []
+    for i, n in enumerate(LENGTHS):
+      one = lambda v: jax.tree.map(lambda u: u[i:i + 1, :n], v)  # pylint: disable=cell-var-from-loop
+      y_ones.append(quasiseparable(*one((x, dt)), a, *one((b, c)), D=one(d), chunk_size=CHUNK, impl="chunked"))
+    xl, dtl, bl, cl, dl = left
+    y_left = quasiseparable(xl, dtl, a, bl, cl, D=dl, mask=keep_left, chunk_size=CHUNK)
+    m = quasiseparable_matrix(dtp, a, bp, cp, D=d, lengths=lengths)
+    return y, y_mask, y_ones, y_left, m
+
+  LENGTHS = tuple(int(n) for n in lengths)  # static: the one-by-one runs slice by them
+  y, y_mask, y_ones, y_left, m = everything(x, dt, a, b, c, d, xp, dtp, bp, cp, lengths, keep,
+                                                roll((xp, dtp, bp, cp, d)), keep_left)
+  np.testing.assert_allclose(y_mask, y, rtol=1e-12)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(y[i:i + 1, :n], y_ones[i], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y[i, n:], 0.0)
   np.testing.assert_allclose(y_left[1, shift:], y[1, :lengths[1]], rtol=1e-10, atol=1e-10)
-  m = quasiseparable_matrix(dtp, a, bp, cp, D=d, lengths=lengths)
   np.testing.assert_allclose(np.einsum("bhts,bshp->bthp", m, np.where(k4, xp, 0)), y, rtol=1e-10, atol=1e-10)
 
 
@@ -121,10 +139,12 @@ def test_every_output_depends_on_every_input_and_reversal_swaps_directions():
   x, dt, a, b, c, d = make_inputs(4, t=12, dtype=np.float32)
   jac = np.asarray(_jac(x, dt, a, b, c, d))
   assert np.all(np.abs(jac).sum(axis=(0, 2, 3, 4, 6, 7)) > 0)  # [t, s] all nonzero
-  flip = lambda v: jax.tree.map(lambda u: np.flip(u, 1), v)
+  flip = lambda v: jax.tree.map(lambda u: jnp.flip(u, 1), v)
   swap = lambda v: (v[1], v[0])
-  y = quasiseparable(x, dt, a, b, c, D=d, chunk_size=CHUNK)
-  y_rev = quasiseparable(flip(x), swap(flip(dt)), a, swap(flip(b)), swap(flip(c)), D=flip(d), chunk_size=CHUNK)
+  y, y_rev = jax.jit(lambda x, dt, a, b, c, d: (
+      quasiseparable(x, dt, a, b, c, D=d, chunk_size=CHUNK),
+      quasiseparable(flip(x), swap(flip(dt)), a, swap(flip(b)), swap(flip(c)), D=flip(d), chunk_size=CHUNK)))(
+          x, dt, a, b, c, d)
   np.testing.assert_allclose(y_rev, flip(y), rtol=1e-5, atol=1e-5)
 
 
