@@ -153,7 +153,7 @@ def test_no_method_shadows_a_submodule():
 def test_decoding_past_the_cache_raises_or_is_nan(name, kwargs, what):
   layer = mixers.build_mixer(name, causal=True, **{**SMALL[name], **kwargs})
   x = jnp.concatenate([X, X[:, :1]], axis=1)  # T + 1 tokens
-  variables = layer.init(jax.random.key(1), X)
+  variables = jax.jit(layer.init)(jax.random.key(1), X)
   cache = layer.init(jax.random.key(1), X, decode=True)["cache"]  # holds T positions (attention: X's length)
   decode = lambda c, xt: layer.apply({**variables, "cache": c}, xt, decode=True, mutable=["cache"])
   y, state = decode(cache, x[:, :T])

@@ -91,7 +91,7 @@ def _train_step(model, params, opt_state, tokens):
 @functools.lru_cache(maxsize=None)
 def _single_device_result():
   model = TinyLM()
-  params = nn.unbox(model.init(jax.random.key(0), _batch()[:, :-1]))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), _batch()[:, :-1]))["params"]
   return params, jax.jit(functools.partial(_train_step, model))(params, TX.init(params), _batch())
 
 

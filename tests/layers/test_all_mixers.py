@@ -40,7 +40,7 @@ def inputs(seed=0):
 @functools.lru_cache(maxsize=None)
 def init(name, causal):
   layer = build(name, causal)
-  return layer, layer.init(jax.random.key(1), inputs())
+  return layer, jax.jit(layer.init)(jax.random.key(1), inputs())
 
 
 def test_every_registered_mixer_has_a_small_config():
@@ -81,7 +81,7 @@ def test_decode_equals_forward(name):
   layer, variables = init(name, True)
   x = inputs()
   y = layer.apply(variables, x)
-  cache = layer.init(jax.random.key(1), x, decode=True)["cache"]
+  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x)["cache"]
   step = jax.jit(lambda c, xt: layer.apply({**variables, "cache": c}, xt, decode=True, mutable=["cache"]))
   out, state = step(cache, x[:, :5])
   outs = [out]

@@ -12,7 +12,7 @@ from mixers.registry import build_mixer
 B, T, D = 2, 11, 8
 LAYER = Hydra(head_dim=4, state_dim=6, num_groups=2, chunk_size=4)
 X = jax.random.normal(jax.random.key(0), (B, T, D))
-PARAMS = {"params": LAYER.init(jax.random.key(1), X)["params"]}
+PARAMS = {"params": jax.jit(LAYER.init)(jax.random.key(1), X)["params"]}
 _apply = jax.jit(lambda p, x, mask=None: LAYER.apply(p, x, mask=mask))
 
 

@@ -14,7 +14,7 @@ from mixers.registry import build_mixer
 B, T, D = 2, 13, 8
 LAYER = Mamba2(head_dim=4, state_dim=6, num_groups=2, chunk_size=4)  # H = 4 heads, G = 2
 X = jax.random.normal(jax.random.key(0), (B, T, D))
-VARS = LAYER.init(jax.random.key(1), X)
+VARS = jax.jit(LAYER.init)(jax.random.key(1), X)
 PARAMS = {"params": VARS["params"]}
 _apply = jax.jit(lambda p, x: LAYER.apply(p, x))
 
@@ -88,6 +88,6 @@ def test_bad_shapes_raise_clear_errors():
 
 def test_noncausal_variant_mixes_both_ways():
   layer = Mamba2(head_dim=4, state_dim=6, causal=False)
-  params = layer.init(jax.random.key(3), X)
+  params = jax.jit(layer.init)(jax.random.key(3), X)
   jac = jax.jit(jax.jacobian(lambda x: layer.apply(params, x)))(X[:1])
   assert np.all(np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 5)) > 0)

@@ -122,7 +122,7 @@ def _filter_steps(sin_freq, steps=4, lr=1e-2, t=32, d=16):
   layer = MonarchMixer(causal=True, max_len=t, sin_freq=sin_freq)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, t, d))
   target = jax.random.normal(jax.random.PRNGKey(1), (4, t, d))
-  params = layer.init(jax.random.PRNGKey(2), x)["params"]
+  params = jax.jit(layer.init)(jax.random.PRNGKey(2), x)["params"]
   implicit = ImplicitFilter(features=d, order=layer.filter_order, emb_dim=layer.emb_dim, length_scale=t,
                             sin_freq=sin_freq)
   filt = lambda p: implicit.apply({"params": p["filter"]}, jnp.arange(t))

@@ -11,7 +11,7 @@ from mixers.registry import build_mixer
 B, H, W, D = 2, 3, 4, 8
 LAYER = VSSD(head_dim=4, state_dim=6, num_groups=2)
 X = jax.random.normal(jax.random.key(0), (B, H, W, D))
-PARAMS = {"params": LAYER.init(jax.random.key(1), X)["params"]}
+PARAMS = {"params": jax.jit(LAYER.init)(jax.random.key(1), X)["params"]}
 _apply = jax.jit(lambda p, x: LAYER.apply(p, x))
 
 
@@ -37,7 +37,7 @@ def test_masked_tokens_do_not_leak():
   """A 1-D VSSD: padded tokens (junk values) change nothing on the real tokens."""
   layer = VSSD(head_dim=4, state_dim=6)
   x = X.reshape(B, H * W, D)
-  params = layer.init(jax.random.key(3), x)
+  params = jax.jit(layer.init)(jax.random.key(3), x)
   pad = 3
   xp = jnp.concatenate([x, 100.0 * jax.random.normal(jax.random.key(4), (B, pad, D))], 1)
   mask = jnp.arange(H * W + pad)[None, :] < H * W

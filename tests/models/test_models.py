@@ -24,7 +24,7 @@ def lm_config(mixer="gla,attention", **overrides):
 def hybrid_lm():
   model = models.build_model(lm_config())
   tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 50)
-  return model, model.init(jax.random.key(1), tokens), tokens
+  return model, jax.jit(model.init)(jax.random.key(1), tokens), tokens
 
 
 def test_hybrid_lm_layers_and_logical_axes(hybrid_lm):
@@ -41,10 +41,11 @@ def test_hybrid_lm_layers_and_logical_axes(hybrid_lm):
 
 def test_lm_causal_and_decodes(hybrid_lm):
   model, variables, tokens = hybrid_lm
-  logits = model.apply(variables, tokens)
-  changed = model.apply(variables, tokens.at[:, 6:].set(7))
+  apply = jax.jit(model.apply)
+  logits = apply(variables, tokens)
+  changed = apply(variables, tokens.at[:, 6:].set(7))
   np.testing.assert_allclose(logits[:, :6], changed[:, :6], atol=1e-5)
-  cache = model.init(jax.random.key(1), tokens, decode=True)["cache"]
+  cache = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(1), tokens)["cache"]
   step = jax.jit(lambda c, t: model.apply({**variables, "cache": c}, t, decode=True, mutable=["cache"]))
   outs = []
   for t in range(tokens.shape[1]):
@@ -66,7 +67,7 @@ def test_lm_prefix_len_reads_the_prompt_both_ways_then_decodes(hybrid_lm):
   assert not np.allclose(logits[:, 0], changed[:, 0], atol=1e-5)
   later = apply(variables, tokens.at[:, p + 1:].set(7), p)
   np.testing.assert_allclose(logits[:, :p + 1], later[:, :p + 1], atol=1e-5)
-  cache = model.init(jax.random.key(1), tokens, decode=True)["cache"]
+  cache = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(1), tokens)["cache"]
   run = lambda c, t, **kw: model.apply({**variables, "cache": c}, t, decode=True, mutable=["cache"], **kw)
   out, mut = jax.jit(functools.partial(run, prefix_len=p))(cache, tokens[:, :p])
   outs, cache, step = [out], mut["cache"], jax.jit(run)
@@ -100,7 +101,7 @@ def test_image_classifier_trains():
   model = models.build_model(c)
   images = jax.random.randint(jax.random.key(0), (8, 16, 16, 3), 0, 256).astype(jnp.uint8)
   labels = jnp.arange(8) % 4
-  params = model.init(jax.random.key(1), images)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), images)["params"]
   opt = optax.adam(3e-3)
   state = opt.init(params)
 
@@ -126,10 +127,10 @@ def test_token_classifier_masks_padding(pool):
   c.mixer_kwargs.num_heads = 2
   model = models.build_model(c)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 1, 20)
-  variables = model.init(jax.random.key(3), tokens)
+  variables = jax.jit(model.init)(jax.random.key(3), tokens)
   mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
-  padded = model.apply(variables, tokens.at[1, 6:].set(0), mask=mask)
-  alone = model.apply(variables, tokens[1:, :6])
+  padded, alone = jax.jit(lambda v: (model.apply(v, tokens.at[1, 6:].set(0), mask=mask),
+                                     model.apply(v, tokens[1:, :6])))(variables)
   assert padded.shape == (2, 3)
   assert_close(padded[1], alone[0], 1e-5)
 
@@ -144,7 +145,7 @@ def test_nnx_bridge():
   logits = bridged(tokens)
   assert logits.shape == (1, 5, 50)
   params = nnx.to_pure_dict(nnx.state(bridged, nnx.Param))
-  assert_close(logits, model.apply({"params": params}, tokens), 1e-6)
+  assert_close(logits, jax.jit(model.apply)({"params": params}, tokens), 1e-6)
 
 
 @pytest.mark.parametrize("update, match", [
