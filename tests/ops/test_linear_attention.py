@@ -39,24 +39,33 @@ def explicit(q, k, v, g, *, causal, normalize, scale, eps=1e-6):
   return o
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("normalize", [False, True])
+@jax.jit
+def _all_variants(q, k, v, g):
+  """Causal and not, normalised and not: the four forms in one program."""
+  return {(causal, normalize): ops.linear_attention(q, k, v, causal=causal, log_decay=g, normalize=normalize,
+                                                    chunk_size=16)
+          for causal in (True, False) for normalize in (False, True)}
+
+
 @pytest.mark.parametrize("decay", ["none", "head", "channel"])
-def test_against_explicit_formula(x64, causal, normalize, decay):
+def test_against_explicit_formula(x64, decay):
   q, k, v, g = inputs(decay=decay)
-  o = ops.linear_attention(q, k, v, causal=causal, log_decay=g, normalize=normalize, chunk_size=16)
-  assert_close(o, explicit(q, k, v, g, causal=causal, normalize=normalize, scale=K ** -0.5), 1e-12)
+  for (causal, normalize), o in _all_variants(q, k, v, g).items():
+    assert_close(o, explicit(q, k, v, g, causal=causal, normalize=normalize, scale=K ** -0.5), 1e-12,
+                 f"causal={causal} normalize={normalize}")
 
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_step_equals_full_sequence(x64, normalize):
   q, k, v, g = inputs(decay="token")
-  o, state = ops.linear_attention(q, k, v, log_decay=g, normalize=normalize, return_state=True, chunk_size=16)
+  o, state = jax.jit(lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, normalize=normalize,
+                                                             return_state=True, chunk_size=16))(q, k, v, g)
   s = jnp.zeros((B, H, K, V))
   s = (s, jnp.zeros((B, H, K))) if normalize else s
+  step = jax.jit(lambda q, k, v, s, g: ops.linear_attention_step(q, k, v, s, log_decay=g, normalize=normalize))
   outs = []
   for t in range(T):
-    ot, s = ops.linear_attention_step(q[:, t], k[:, t], v[:, t], s, log_decay=g[:, t], normalize=normalize)
+    ot, s = step(q[:, t], k[:, t], v[:, t], s, g[:, t])
     outs.append(ot)
   assert_close(jnp.stack(outs, axis=1), o, 1e-12)
   for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(state)):
@@ -65,13 +74,19 @@ def test_step_equals_full_sequence(x64, normalize):
 
 def test_normalized_resume_from_pair_state(x64):
   q, k, v, g = inputs(decay="channel")
-  o = ops.linear_attention(q, k, v, log_decay=g, normalize=True, chunk_size=16)
   t1 = 15
-  o1, st = ops.linear_attention(q[:, :t1], k[:, :t1], v[:, :t1], log_decay=g[:, :t1], normalize=True,
-                                return_state=True)
+
+  @jax.jit
+  def whole_and_split(q, k, v, g):
+    o = ops.linear_attention(q, k, v, log_decay=g, normalize=True, chunk_size=16)
+    o1, st = ops.linear_attention(q[:, :t1], k[:, :t1], v[:, :t1], log_decay=g[:, :t1], normalize=True,
+                                  return_state=True)
+    o2 = ops.linear_attention(q[:, t1:], k[:, t1:], v[:, t1:], log_decay=g[:, t1:], normalize=True,
+                              initial_state=st)
+    return o, o1, st, o2
+
+  o, o1, st, o2 = whole_and_split(q, k, v, g)
   assert isinstance(st, tuple) and st[0].shape == (B, H, K, V) and st[1].shape == (B, H, K)
-  o2 = ops.linear_attention(q[:, t1:], k[:, t1:], v[:, t1:], log_decay=g[:, t1:], normalize=True,
-                            initial_state=st)
   assert_close(jnp.concatenate([o1, o2], axis=1), o, 1e-12)
 
 
@@ -88,11 +103,17 @@ def test_normalized_key_gradient(x64, causal):
     return jnp.einsum("bhts,bshv->bthv", m, v) / (jnp.einsum("bhts->bth", m)[..., None] + 1e-6)
 
   f = lambda q, k, v: ops.linear_attention(q, k, v, causal=causal, normalize=True, chunk_size=16)
-  out, vjp = jax.vjp(f, q, k, v)
-  out_ref, vjp_ref = jax.vjp(direct, q, k, v)
+  cot = random_like(jax.random.key(5), jax.eval_shape(direct, q, k, v))
+
+  @jax.jit
+  def both(q, k, v):  # outputs and VJPs of the op and of the direct form, one program
+    out, vjp = jax.vjp(f, q, k, v)
+    out_ref, vjp_ref = jax.vjp(direct, q, k, v)
+    return out, out_ref, vjp(cot), vjp_ref(cot)
+
+  out, out_ref, grads, grads_ref = both(q, k, v)
   assert_close(out, out_ref, 1e-12)
-  cot = random_like(jax.random.key(5), out)
-  for name, a, b in zip("qkv", vjp(cot), vjp_ref(cot)):
+  for name, a, b in zip("qkv", grads, grads_ref):
     assert_close(a, b, 1e-11, f"d{name}")
 
 
@@ -100,8 +121,8 @@ def test_causality_normalized_with_decay():
   q, k, v, g = inputs(jnp.float32, decay="channel")
   t = 11
   f = lambda q, k, v: ops.linear_attention(q, k, v, log_decay=g, normalize=True, chunk_size=16)
-  o1 = f(q, k, v)
-  o2 = f(q.at[:, t + 1:].add(1.0), k.at[:, t + 1:].add(1.0), v.at[:, t + 1:].add(1.0))
+  o1, o2 = jax.jit(lambda q, k, v: (f(q, k, v), f(q.at[:, t + 1:].add(1.0), k.at[:, t + 1:].add(1.0),
+                                                    v.at[:, t + 1:].add(1.0))))(q, k, v)
   np.testing.assert_array_equal(o1[:, :t + 1], o2[:, :t + 1])
 
 
