@@ -54,10 +54,11 @@ APPROX = dict(min_seq_len=5, block_size=4, sample_size=5, lsh_num_projs=3)
 def test_exact_regimes_equal_softmax_attention(x64, causal):
   q, k, v = inputs()
   mask = jnp.ones((B, T), bool).at[1, 20:].set(False).at[0, 3:30:4].set(False)  # key 0 always visible
-  want, want_lse = jax.jit(dense, static_argnums=3)(q, k, v, causal, mask)
-  every = jax.jit(lambda *a: {what: ops.hyper_attention(*a[:3], causal=causal, mask=a[3], return_lse=True, **settings)
-                              for what, settings in EXACT.items()})
-  for what, (o, lse) in every(q, k, v, mask).items():
+  every = jax.jit(lambda *a: (dense(*a[:3], causal, a[3]),  # the reference and every regime in one program
+                              {what: ops.hyper_attention(*a[:3], causal=causal, mask=a[3], return_lse=True,
+                                                         **settings) for what, settings in EXACT.items()}))
+  (want, want_lse), outs = every(q, k, v, mask)
+  for what, (o, lse) in outs.items():
     assert o.shape == (B, T, H, DV) and o.dtype == jnp.float64
     assert_close(o, want, 1e-12, what)
     assert_close(lse, want_lse, 1e-12, f"{what} lse")
@@ -68,8 +69,9 @@ def test_gradient_in_the_exact_regime_equals_softmax_attention(x64):
   q, k, v = inputs(1)
   ct = jax.random.normal(jax.random.key(5), (B, T, H, DV), jnp.float64)
   hyper = functools.partial(ops.hyper_attention, causal=True, **EXACT["block covers the keys"])
-  vjp = jax.jit(lambda f, *a: jax.vjp(f, *a)[1](ct), static_argnums=0)
-  for name, got, want in zip("qkv", vjp(hyper, q, k, v), vjp(lambda *a: dense(*a, True)[0], q, k, v)):
+  vjp = lambda f, a: jax.vjp(f, *a)[1](ct)
+  both = jax.jit(lambda *a: (vjp(hyper, a), vjp(lambda *a: dense(*a, True)[0], a)))  # one program
+  for name, got, want in zip("qkv", *both(q, k, v)):
     assert_close(got, want, 1e-11, f"d{name}")
 
 
@@ -79,17 +81,23 @@ def test_error_shrinks_as_the_sample_budget_grows(x64, causal, budget):
   recursion's largest approximate part has T/2 keys, so T/4 samples there are what T/2 are to the non-causal form.)"""
   t = 48
   q, k, v = inputs(2, t=t, structured=True)
-  want = dense(q, k, v, causal)[0]
   keys = jax.random.split(jax.random.key(7), 4)
+  budgets = (4, budget)
+
+  @jax.jit
+  def estimates(keys):  # the dense reference and both budgets over the 4 keys, one program
+    runs = [jax.vmap(lambda key, samples=samples: ops.hyper_attention(
+        q, k, v, causal=causal, min_seq_len=6, block_size=4, sample_size=samples, lsh_num_projs=3, key=key))(keys)
+            for samples in budgets]
+    return dense(q, k, v, causal)[0], runs
+
+  want, runs = estimates(keys)
+  _, again = estimates(keys)
   errors = {}
-  for samples in (4, budget):
-    hyper = functools.partial(ops.hyper_attention, q, k, v, causal=causal, min_seq_len=6, block_size=4,
-                              sample_size=samples, lsh_num_projs=3)
-    f = jax.jit(jax.vmap(lambda key, hyper=hyper: hyper(key=key)))
-    outs = f(keys)
+  for samples, outs, outs_again in zip(budgets, runs, again):
     errors[samples] = np.mean([rel_rms(o, want) for o in outs])
     assert rel_rms(outs[0], outs[1]) > 1e-3, "different keys should give different estimates"
-    np.testing.assert_array_equal(f(keys), outs)
+    np.testing.assert_array_equal(outs_again, outs)
   assert errors[budget] < 0.7 * errors[4], errors
 
 
@@ -99,17 +107,19 @@ def test_causal_recursion_is_causal_and_its_gradients_finite(x64):
   q, k, v = inputs(3)
   ct = jax.random.normal(jax.random.key(5), (B, T, H, DV), jnp.float64)
 
-  @jax.jit
-  def outputs_and_grads(q, k, v):
-    y, vjp = jax.vjp(functools.partial(ops.hyper_attention, causal=True, **APPROX), q, k, v)
-    return y, vjp(ct)
-
   t = 21
   later = lambda a, seed: a.at[:, t + 1:].set(jax.random.normal(jax.random.key(seed), a[:, t + 1:].shape, a.dtype))
-  (y1, grads), (y2, _) = outputs_and_grads(q, k, v), outputs_and_grads(later(q, 10), later(k, 11), later(v, 12))
+
+  @jax.jit
+  def outputs_and_grads(q, k, v):  # both inputs, the gradients and the dense reference in one program
+    y, vjp = jax.vjp(functools.partial(ops.hyper_attention, causal=True, **APPROX), q, k, v)
+    y2 = ops.hyper_attention(later(q, 10), later(k, 11), later(v, 12), causal=True, **APPROX)
+    return y, vjp(ct), y2, dense(q, k, v, True)[0]
+
+  y1, grads, y2, want = outputs_and_grads(q, k, v)
   np.testing.assert_allclose(y1[:, :t + 1], y2[:, :t + 1], rtol=1e-13, atol=1e-13)
   assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
-  assert rel_rms(y1, jax.jit(dense, static_argnums=3)(q, k, v, True)[0]) > 1e-3, "the setting should be approximate"
+  assert rel_rms(y1, want) > 1e-3, "the setting should be approximate"
   for name, g in zip("qkv", grads):
     assert bool(jnp.all(jnp.isfinite(g))), f"d{name} not finite"
     first = 1 if name == "q" else 0  # the first output is v_0 whatever q_0 is
@@ -120,9 +130,10 @@ def test_noncausal_cross_attention_in_float32():
   """Tq != Tk in float32, through the blocks (capacity from Tq) and samples covering the keys: softmax attention."""
   q = inputs(4, t=19, dtype=jnp.float32)[0]
   _, k, v = inputs(5, t=T, dtype=jnp.float32)
-  o = jax.jit(functools.partial(ops.hyper_attention, **EXACT["samples cover the keys"]))(q, k, v)
+  o, want = jax.jit(lambda q, k, v: (ops.hyper_attention(q, k, v, **EXACT["samples cover the keys"]),
+                                     dense(q, k, v, False)[0]))(q, k, v)
   assert o.shape == (B, 19, H, DV) and o.dtype == jnp.float32
-  assert_close(o, jax.jit(dense, static_argnums=3)(q, k, v, False)[0], 1e-5)
+  assert_close(o, want, 1e-5)
 
 
 def test_lsh_buckets_number_cells_in_gray_order():
