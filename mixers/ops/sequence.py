@@ -239,11 +239,22 @@ def logsumexp_over_time(x):
   return jax.scipy.special.logsumexp(jax.lax.all_gather(local, split.axis, to="invarying"), axis=0)
 
 
-def logcumsumexp_over_time(x, start):
+def _restarting_logaddexp(first, second):
+  """Combines (running log-sum, restarted) of two consecutive spans: the second's sum alone if it restarted."""
+  (z1, r1), (z2, r2) = first, second
+  return jnp.where(r2, z2, jnp.logaddexp(z1, z2)), r1 | r2
+
+
+def logcumsumexp_over_time(x, start, resets=None, reverse=False):
   """Running log-sums z_t = log(exp(start) + sum_{s<=t} exp(x_s)) over axis 1 of x `[B,T,...]`, start `[B,...]`.
 
-  Returns (z `[B,T,...]`, the value entering this slice `[B,...]` (start on one device), the total `[B,...]`).
+  With `resets` (bool `[B,T]`, segment starts) the sum restarts at each start: z_t sums t's segment up to t (and
+  `start` only in the first segment). Returns (z `[B,T,...]`, the value entering this slice `[B,...]` (start on
+  one device), the total `[B,...]` (the last segment's)). `reverse` (with resets: the reversed pass's segment
+  starts, `segment_starts(ids, reverse=True)`) sums from the last token backwards: z_t over s >= t.
   """
+  if resets is not None or reverse:
+    return _restarting_logcumsumexp(x, start, jnp.zeros(x.shape[:2], bool) if resets is None else resets, reverse)
   split = current_split()
   entering = start
   if split is not None:
@@ -255,6 +266,31 @@ def logcumsumexp_over_time(x, start):
   if split is not None:
     return z, entering, total
   return z, entering, (z[:, -1] if x.shape[1] else start.astype(x.dtype))
+
+
+def _restarting_logcumsumexp(x, start, resets, reverse):
+  if reverse:
+    x, resets = _flip(x), _flip(resets)
+  r = jnp.broadcast_to(resets.reshape(resets.shape + (1,) * (x.ndim - 2)), x.shape)
+  local, restarted = jax.lax.associative_scan(_restarting_logaddexp, (x, r), axis=1)  # from nothing, per slice
+  entering = start.astype(x.dtype)
+  split = current_split()
+  if split is not None:
+    sums = jax.lax.all_gather(local[:, -1], split.axis, to="invarying")  # [P,B,...]
+    starts = jax.lax.all_gather(restarted[:, -1], split.axis, to="invarying")
+    index = jax.lax.axis_index(split.axis)
+    if reverse:
+      sums, starts, index = jnp.flip(sums, 0), jnp.flip(starts, 0), sums.shape[0] - 1 - index
+
+    def step(z, slice_):
+      return _restarting_logaddexp((z, False), slice_)[0], z
+
+    total, entering_each = jax.lax.scan(step, _varying_like(entering, sums, starts), (sums, starts))
+    entering = entering_each[index]
+  z = jnp.where(restarted, local, jnp.logaddexp(entering[:, None], local))
+  if split is None:
+    total = z[:, -1] if x.shape[1] else entering
+  return (_flip(z) if reverse else z), entering, total
 
 
 def shift(x, offset):

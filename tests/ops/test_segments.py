@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mixers import ops
+from mixers.ops.lightnet import lightnet_reference
 from mixers.sharding import make_mesh, sequence_parallel
 from tests.conftest import assert_close
 
@@ -203,9 +204,10 @@ def test_attention_packed_equals_segments_alone(x64):
     assert_close(got, want, 1e-6)  # jax.nn.dot_product_attention takes its softmax in float32
 
 
-def _packed_calls(la, sd, qs, dr, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
-  """Linear attention (causal with decay and state, non-causal), SSD (causal with state, non-causal), Hydra and
-  the gated delta rule, packed; `la`, `sd`, `qs`, `dr` are the ops or their sequence-parallel versions."""
+def _packed_calls(la, sd, qs, dr, ln, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
+  """Linear attention (causal with decay and state, non-causal), SSD (causal with state, non-causal), Hydra, the
+  gated delta rule and LightNet (causal with state, non-causal), packed; `la`, `sd`, `qs`, `dr`, `ln` are the ops or
+  their sequence-parallel versions."""
   ids = jnp.asarray(IDS)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   return (la(q, k, v, log_decay=g, initial_state=s0, return_state=True, segment_ids=ids, chunk_size=7),
@@ -214,14 +216,16 @@ def _packed_calls(la, sd, qs, dr, q, k, v, g, s0, x, dt, a, bb, cc, d, s0_ssd):
           la(q, k, v, causal=False, log_decay=g[..., 0], segment_ids=ids, chunk_size=7),
           sd(x, dt, a, bb, cc, D=d, initial_state=s0_ssd, return_state=True, segment_ids=ids, chunk_size=7),
           sd(x, dt, a, bb, cc, D=d, causal=False, segment_ids=ids, chunk_size=7),
-          qs(x, (dt, dt[:, ::-1]), a, (bb, cc), (cc, bb), D=d, segment_ids=ids, chunk_size=7))
+          qs(x, (dt, dt[:, ::-1]), a, (bb, cc), (cc, bb), D=d, segment_ids=ids, chunk_size=7),
+          ln(q, 3 * k, v, initial_state=(s0, g[:, 0]), return_state=True, segment_ids=ids, chunk_size=7),
+          ln(q, 3 * k, v, causal=False, segment_ids=ids, chunk_size=7))
 
 
 def test_sequence_parallel_packed_equals_one_device(x64):
   """Split over data=2 x sequence=4 (T=41: padded inside) with segments crossing slice boundaries, the packed ops
   equal the one-device packed calls (outputs and final states)."""
   mesh = make_mesh({"data": 2, "sequence": 4})
-  plain = (ops.linear_attention, ops.ssd, ops.quasiseparable, ops.delta_rule)
+  plain = (ops.linear_attention, ops.ssd, ops.quasiseparable, ops.delta_rule, ops.lightnet)
   args = linear_inputs("channel", seed=3) + ssd_inputs(seed=4)
   got = jax.jit(functools.partial(_packed_calls, *(sequence_parallel(op, mesh) for op in plain)))(*args)
   want = jax.jit(functools.partial(_packed_calls, *plain))(*args)
@@ -262,3 +266,31 @@ def test_quasiseparable_packed_equals_segments_alone(x64):
 
   for impl, (got, want) in run(x, dtf, dtb, bf, bb, cf, cb, d).items():
     assert_close(got, want, 1e-12, impl)
+
+
+def test_lightnet_packed_equals_segments_alone(x64):
+  """LightNet, causal (with state, MD-LRPE phases) and non-causal: the normalisers and sums restart per segment;
+  against each segment alone and the materialised formula with the segment mask."""
+  q, k, v, _, _ = linear_inputs("none", seed=12)
+  k = 3.0 * k  # keys far apart: the normaliser matters
+  phases = jax.random.uniform(jax.random.key(13), q.shape, jnp.float64, 0, 3)
+  s0 = (jax.random.normal(jax.random.key(14), (B, H, 2 * K, V), jnp.float64),
+        jax.random.normal(jax.random.key(15), (B, H, K), jnp.float64))
+  ids = jnp.asarray(IDS)
+
+  @jax.jit
+  def run(q, k, v, phases):
+    kw = dict(chunk_size=7)
+    causal = ops.lightnet(q, k, v, phases=phases, initial_state=s0, return_state=True, segment_ids=ids, **kw)
+    one = lambda cut, state: ops.lightnet(*cut[:3], phases=cut[3], initial_state=state, return_state=True, **kw)
+    alone = separately(one, (q, k, v, phases), s0)
+    noncausal = ops.lightnet(q, k, v, causal=False, segment_ids=ids, **kw)
+    nc_alone = separately(lambda cut, _: (ops.lightnet(*cut, causal=False), None), (q, k, v))[0]
+    dense = lightnet_reference(q, k, v, causal=False, segment_ids=ids)
+    return causal, alone, noncausal, nc_alone, dense
+
+  causal, alone, noncausal, nc_alone, dense = run(q, k, v, phases)
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(causal), jax.tree.leaves(alone))):
+    assert_close(a, b, 1e-12, f"causal leaf {i}")
+  assert_close(noncausal, nc_alone, 1e-12, "non-causal")
+  assert_close(noncausal, dense, 1e-12, "non-causal vs formula")
