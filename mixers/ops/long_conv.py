@@ -4,9 +4,13 @@
 Both sides fit in one circular convolution of length n >= 2T with the kernel
 `[k_0 .. k_{T-1}, 0 .. 0, k_rev_{T-1} .. k_rev_0]` and u zero-padded, so nothing wraps around.
 `impl="fft"` uses `jnp.fft`; `impl="monarch"` uses the Monarch-factored DFT (GEMMs only), which is
-what maps onto matrix units.
+what maps onto matrix units. Packed rows (`segment_ids`) are laid out one segment per row of a
+`[B, max_segments, T, D]` array (token t at its position inside its segment), convolved, and gathered back:
+exact, at max_segments times the cost.
 """
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixers.ops import checks
 from mixers.ops import monarch_fft
@@ -31,11 +35,45 @@ def circular_kernel(k, k_rev, n):
   return jnp.concatenate([k, tail], 0)
 
 
-def long_conv(u, k, *, k_rev=None, impl="fft", max_block=64, precision=monarch_fft.HIGHEST):
+def segment_positions(segment_ids):
+  """(segment index `[B,T]` (0, 1, ... along each row), position inside the segment `[B,T]`) of packed rows."""
+  t = segment_ids.shape[1]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  index = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+  first = jax.lax.cummax(jnp.where(starts, jnp.arange(t), 0), axis=1)
+  return index, jnp.arange(t) - first
+
+
+def _packed(u, k, k_rev, segment_ids, max_segments, **kw):
+  """long_conv of each segment alone: scatter to `[B, max_segments, T, D]`, convolve, gather."""
+  b, t, d = u.shape
+  index, position = segment_positions(segment_ids)
+  if checks.is_concrete(index):
+    count = int(np.max(np.asarray(index))) + 1
+    if max_segments is None:
+      max_segments = count
+    elif count > max_segments:
+      raise ValueError(f"segment_ids hold {count} segments in a row, more than max_segments={max_segments}")
+  elif max_segments is None:
+    raise ValueError("max_segments (the most segments in a row) is needed when segment_ids are traced (under jit)")
+  checks.check_positive_int("max_segments", max_segments)
+  rows = jnp.arange(b)[:, None]
+  laid = jnp.zeros((b, max_segments, t, d), u.dtype).at[rows, index, position].set(u, mode="drop")
+  y = long_conv(laid.reshape(b * max_segments, t, d), k, k_rev=k_rev, **kw).reshape(b, max_segments, t, d)
+  y = y[rows, jnp.minimum(index, max_segments - 1), position]
+  overflow = jnp.any(index >= max_segments, axis=1)  # a row with too many segments: NaN (under jit)
+  return jnp.where(overflow[:, None, None], jnp.nan, y)
+
+
+def long_conv(u, k, *, k_rev=None, impl="fft", max_block=64, precision=monarch_fft.HIGHEST, segment_ids=None,
+              max_segments=None):
   """Long convolution of u `[B,T,D]` with k (and k_rev) `[T,D]` -> `[B,T,D]` in u's dtype.
 
   impl: "fft" (jnp.fft, length 2T) or "monarch" (Monarch DFT of length `fast_len(2T)`, blocks of
-  at most max_block). Accumulates in float32 (float64 for float64 inputs).
+  at most max_block). Accumulates in float32 (float64 for float64 inputs). segment_ids `[B,T]` ints
+  (packed rows; a segment is a run of equal ids): each segment is convolved as its own sequence, at
+  `max_segments` (the most segments in a row: counted when the ids are concrete, required under jit; rows
+  with more give NaN there) times the cost.
   """
   checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("max_block", max_block)
@@ -43,6 +81,9 @@ def long_conv(u, k, *, k_rev=None, impl="fft", max_block=64, precision=monarch_f
   B, T, D = u.shape
   if T == 0 or B == 0:
     return jnp.zeros(u.shape, u.dtype)
+  if segment_ids is not None:
+    segment_ids = checks.check_segment_ids(segment_ids, B, T)
+    return _packed(u, k, k_rev, segment_ids, max_segments, impl=impl, max_block=max_block, precision=precision)
   ftype = jnp.float64 if u.dtype == jnp.float64 else jnp.float32
   uf, kf = u.astype(ftype), k.astype(ftype)
   krf = None if k_rev is None else k_rev.astype(ftype)

@@ -294,3 +294,39 @@ def test_lightnet_packed_equals_segments_alone(x64):
     assert_close(a, b, 1e-12, f"causal leaf {i}")
   assert_close(noncausal, nc_alone, 1e-12, "non-causal")
   assert_close(noncausal, dense, 1e-12, "non-causal vs formula")
+
+
+def test_long_conv_packed_equals_segments_alone(x64):
+  """Causal and bidirectional long convolutions (FFT and Monarch DFT) restart per segment (values, and VJPs into u
+  and k); under jit the segment bound is required, and a row with more segments than it gives NaN, a concrete one a ValueError."""
+  u = jax.random.normal(jax.random.key(16), (B, T, 3), jnp.float64)
+  k, k_rev = (jax.random.normal(jax.random.key(i), (T, 3), jnp.float64) for i in (17, 18))
+  ids = jnp.asarray(IDS)
+
+  @jax.jit
+  def run(u, k, k_rev):
+    out = {}
+    for name, kw in {"causal": {}, "bidirectional fft": dict(k_rev=k_rev),
+                     "bidirectional monarch": dict(k_rev=k_rev, impl="monarch")}.items():
+      one = lambda cut, _, kw=kw: (ops.long_conv(cut[0], k[:cut[0].shape[1]], **{
+          **kw, "k_rev": None if "k_rev" not in kw else k_rev[:cut[0].shape[1]]}), None)
+      out[name] = ops.long_conv(u, k, segment_ids=ids, max_segments=4, **kw), separately(one, (u,))[0]
+    out["overflow"] = ops.long_conv(u, k, segment_ids=ids, max_segments=3)
+    cot = jax.random.normal(jax.random.key(19), u.shape, jnp.float64)
+    packed = lambda u, k: ops.long_conv(u, k, k_rev=k_rev, segment_ids=ids, max_segments=4)
+    alone = lambda u, k: separately(lambda cut, _: (ops.long_conv(cut[0], k[:cut[0].shape[1]],
+                                                                  k_rev=k_rev[:cut[0].shape[1]]), None), (u,))[0]
+    out["vjp"] = jax.vjp(packed, u, k)[1](cot), jax.vjp(alone, u, k)[1](cot)
+    return out
+
+  out = run(u, k, k_rev)
+  for name in ("causal", "bidirectional fft", "bidirectional monarch"):
+    assert_close(*out[name], 1e-12, name)
+  for name, a, b in zip(("du", "dk"), *out["vjp"]):
+    assert_close(a, b, 1e-12, name)
+  assert bool(jnp.all(jnp.isnan(out["overflow"][0]))) and not bool(jnp.any(jnp.isnan(out["overflow"][1])))
+  assert_close(ops.long_conv(u, k, segment_ids=ids), out["causal"][1], 1e-12, "concrete ids count the segments")
+  with pytest.raises(ValueError, match="more than max_segments=3"):
+    ops.long_conv(u, k, segment_ids=ids, max_segments=3)
+  with pytest.raises(ValueError, match="max_segments"):
+    jax.jit(lambda u, ids: ops.long_conv(u, k, segment_ids=ids))(u, ids)
