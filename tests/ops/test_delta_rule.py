@@ -35,15 +35,21 @@ def _fn(impl, chunk, gated, with_state):
 
 
 FORMS = [("recurrent", 64), ("chunked", 16), ("chunked", 64)]
+CONFIGS = [(True, True), (False, False)]  # (gated, with_state)
+
+
+@jax.jit
+def _all_forms(*args):
+  """{(gated, with_state): (reference, [each of FORMS])}: every form and configuration in one program."""
+  return {cfg: (_fn("reference", 64, *cfg)(*args), [_fn(impl, chunk, *cfg)(*args) for impl, chunk in FORMS])
+          for cfg in CONFIGS}
 
 
 @pytest.mark.parametrize("t", [1, 37, 100])
 def test_forms_equal_the_token_loop_in_float64(x64, t):
   args = _inputs(t)
-  for gated, with_state in [(True, True), (False, False)]:
-    want = _fn("reference", 64, gated, with_state)(*args)
-    for impl, chunk in FORMS:
-      o, s = _fn(impl, chunk, gated, with_state)(*args)
+  for (gated, with_state), (want, outs) in _all_forms(*args).items():
+    for (impl, chunk), (o, s) in zip(FORMS, outs):
       what = f"{impl}/{chunk} gated={gated} state={with_state}"
       assert o.shape == (B, t, H, V) and s.shape == (B, H, K, V), what
       assert_close(o, want[0], 1e-12, what + " o")
@@ -52,8 +58,8 @@ def test_forms_equal_the_token_loop_in_float64(x64, t):
 
 def test_float32_chunked_within_1e5_of_float64(x64):
   args = _inputs(100, seed=1)
-  want = _fn("reference", 64, True, True)(*args)
-  got = _fn("chunked", 64, True, True)(*(a.astype(jnp.float32) for a in args))
+  both = jax.jit(lambda a64, a32: (_fn("reference", 64, True, True)(*a64), _fn("chunked", 64, True, True)(*a32)))
+  want, got = both(args, tuple(a.astype(jnp.float32) for a in args))
   assert got[0].dtype == jnp.float32 and got[1].dtype == jnp.float32
   assert_close(got[0], want[0], 1e-5, "o")
   assert_close(got[1], want[1], 1e-5, "state")
@@ -65,13 +71,14 @@ def test_gradients_match_the_token_loop(x64):
   r = np.random.RandomState(3)
   cot_o, cot_s = jnp.asarray(r.randn(B, 37, H, V)), jnp.asarray(r.randn(B, H, K, V))
 
-  def grads(impl, chunk):
+  def grads(impl, chunk, args):
     loss = lambda *a: (lambda o, s: jnp.sum(o * cot_o) + jnp.sum(s * cot_s))(*_fn(impl, chunk, True, True)(*a))
-    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+    return jax.grad(loss, argnums=tuple(range(6)))(*args)
 
-  want = grads("reference", 64)
-  for impl, chunk in [("recurrent", 64), ("chunked", 16)]:
-    for name, got, ref in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), grads(impl, chunk), want):
+  forms = [("reference", 64), ("recurrent", 64), ("chunked", 16)]
+  want, *rest = jax.jit(lambda *a: [grads(impl, chunk, a) for impl, chunk in forms])(*args)  # one program
+  for (impl, _), got_grads in zip(forms[1:], rest):
+    for name, got, ref in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), got_grads, want):
       assert got.shape == ref.shape
       assert_close(got, ref, 1e-10, f"{impl} d{name}")
 
@@ -104,9 +111,9 @@ def test_bfloat16_long_sequence_with_beta_near_one():
   """T = 2048, no gate (nothing forgets), beta in (0.95, 1): bf16 inputs stay finite and within 1e-2 (relative
   RMS; measured 4.5e-3 for o, 3.5e-3 for the state) of float32 on the unrounded inputs; the state is float32."""
   q, k, v, beta, _, _ = _inputs(2048, seed=7, dtype=np.float32, beta_range=(0.95, 1.0))
-  f = jax.jit(lambda *a: ops.delta_rule(*a, return_state=True))
-  o, s = f(*(a.astype(jnp.bfloat16) for a in (q, k, v, beta)))
-  want_o, want_s = f(q, k, v, beta)
+  f = lambda *a: ops.delta_rule(*a, return_state=True)
+  both = jax.jit(lambda *a: (f(*(u.astype(jnp.bfloat16) for u in a)), f(*a)))  # one program
+  (o, s), (want_o, want_s) = both(q, k, v, beta)
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(o.astype(jnp.float32)))) and bool(jnp.all(jnp.isfinite(s)))
   assert_close(o.astype(jnp.float32), want_o, 1e-2, "bf16 o")
@@ -148,6 +155,8 @@ def test_substitution_solve_equals_solve_triangular_with_gradients(x64):
   a, rhs, cot = (jnp.asarray(s * r.randn(2, 3, 9, w)) for s, w in ((0.5, 9), (1.0, 5), (1.0, 5)))
   lapack = lambda a, rhs: jax.scipy.linalg.solve_triangular(jnp.tril(a, -1) + jnp.eye(9), rhs, lower=True,
                                                             unit_diagonal=True)
-  run = lambda solve: jax.tree.leaves(jax.value_and_grad(lambda *z: jnp.sum(solve(*z) * cot), argnums=(0, 1))(a, rhs))
-  for got, want in zip(run(unit_lower_solve), run(lapack)):
+  run = lambda solve, a, rhs: jax.tree.leaves(jax.value_and_grad(lambda *z: jnp.sum(solve(*z) * cot),
+                                                                argnums=(0, 1))(a, rhs))
+  got, want = jax.jit(lambda a, rhs: (run(unit_lower_solve, a, rhs), run(lapack, a, rhs)))(a, rhs)
+  for got, want in zip(got, want):
     assert_close(got, want, 1e-12, "solve")
