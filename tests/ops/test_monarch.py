@@ -45,9 +45,10 @@ def test_monarch_matches_dense_forms(shapes, x64):
   R, L = _rand(rng, *shapes[0]), _rand(rng, *shapes[1])
   x = _rand(rng, 2, 3, R.shape[0] * R.shape[2])
   dense = _dense_from_definition(L, R)
-  np.testing.assert_allclose(mo.monarch_matrix(L, R), dense, rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(mo.monarch(x, L, R), x @ dense.T, rtol=1e-12, atol=1e-12)
-  check_grads(lambda x, L, R: mo.monarch(x, L, R), (x, L, R), order=1, modes=["rev"])
+  m, y = jax.jit(lambda x, L, R: (mo.monarch_matrix(L, R), mo.monarch(x, L, R)))(x, L, R)
+  np.testing.assert_allclose(m, dense, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(y, x @ dense.T, rtol=1e-12, atol=1e-12)
+  check_grads(jax.jit(lambda x, L, R: mo.monarch(x, L, R)), (x, L, R), order=1, modes=["rev"])
 
 
 def test_monarch_contract_square(x64):
@@ -73,37 +74,38 @@ def test_monarch_p_matches_dense_and_kron(b, p, x64):
   n = b ** p
   factors = [_rand(rng, n // b, b, b) for _ in range(p)]
   x = _rand(rng, 4, n)
-  M = mo.monarch_p_matrix(factors)
-  np.testing.assert_allclose(mo.monarch_p(x, factors), x @ np.asarray(M).T, rtol=1e-10, atol=1e-10)
+  blocks = [_rand(rng, b, b) for _ in range(p)]
+  tiled = [np.broadcast_to(a, (n // b, b, b)) for a in blocks]
+  M, y, M_tiled = jax.jit(lambda x, factors, tiled: (mo.monarch_p_matrix(factors), mo.monarch_p(x, factors),
+                                                      mo.monarch_p_matrix(tiled)))(x, factors, tiled)
+  np.testing.assert_allclose(y, x @ np.asarray(M).T, rtol=1e-10, atol=1e-10)
   if p == 2:
     np.testing.assert_allclose(M, _dense_from_definition(factors[1], factors[0]), rtol=1e-12)
   # Constant blocks A_j per factor make the Kronecker product A_{p-1} x ... x A_0.
-  blocks = [_rand(rng, b, b) for _ in range(p)]
-  tiled = [np.broadcast_to(a, (n // b, b, b)) for a in blocks]
   kron = blocks[-1]
   for a in reversed(blocks[:-1]):
     kron = np.kron(kron, a)
-  np.testing.assert_allclose(mo.monarch_p_matrix(tiled), kron, rtol=1e-10, atol=1e-10)
-  check_grads(lambda x, *f: mo.monarch_p(x, list(f)), (x, *factors), order=1, modes=["rev"])
+  np.testing.assert_allclose(M_tiled, kron, rtol=1e-10, atol=1e-10)
+  check_grads(jax.jit(lambda x, *f: mo.monarch_p(x, list(f))), (x, *factors), order=1, modes=["rev"])
 
 
 def test_random_monarch_is_full_rank(x64):
   rng = np.random.default_rng(3)
   b = 6
-  M = mo.monarch_matrix(_rand(rng, b, b, b), _rand(rng, b, b, b))
+  M, M3 = jax.jit(lambda L, R, fs: (mo.monarch_matrix(L, R), mo.monarch_p_matrix(fs)))(
+      _rand(rng, b, b, b), _rand(rng, b, b, b), [_rand(rng, 9, 3, 3) for _ in range(3)])
   assert np.linalg.matrix_rank(np.asarray(M)) == b * b
-  M3 = mo.monarch_p_matrix([_rand(rng, 9, 3, 3) for _ in range(3)])
   assert np.linalg.matrix_rank(np.asarray(M3)) == 27
 
 
 @pytest.mark.parametrize("b1,b2", [(4, 4), (3, 5), (8, 2)])
 def test_dft_factors_make_the_dft_matrix(b1, b2, x64):
-  L, R = mf.dft_factors(b1, b2, dtype=jnp.complex128)
+  m, mi = jax.jit(lambda: (mo.monarch_matrix(*mf.dft_factors(b1, b2, dtype=jnp.complex128)),
+                           mo.monarch_matrix(*mf.dft_factors(b1, b2, inverse=True, dtype=jnp.complex128))))()
   n = b1 * b2
   dft = np.fft.fft(np.eye(n), axis=0)
-  np.testing.assert_allclose(np.asarray(mo.monarch_matrix(L, R)) @ _transpose_perm(b1, b2), dft, atol=1e-12)
-  Li, Ri = mf.dft_factors(b1, b2, inverse=True, dtype=jnp.complex128)
-  np.testing.assert_allclose(np.asarray(mo.monarch_matrix(Li, Ri)) @ _transpose_perm(b1, b2) / n,
+  np.testing.assert_allclose(np.asarray(m) @ _transpose_perm(b1, b2), dft, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(mi) @ _transpose_perm(b1, b2) / n,
                              np.fft.ifft(np.eye(n), axis=0), atol=1e-12)
 
 
@@ -114,12 +116,12 @@ def test_monarch_fft_matches_jnp_fft(sizes):
   x = jnp.asarray(_rand(rng, 3, n) + 1j * _rand(rng, 3, n), jnp.complex64)
   ref = np.fft.fft(np.asarray(x, np.complex128))
   scale = np.abs(ref).max()
-  np.testing.assert_allclose(mf.fft(x, sizes=sizes), ref, atol=5e-6 * scale)
-  np.testing.assert_allclose(mf.fft(x, sizes=sizes, inverse=True), np.fft.ifft(np.asarray(x, np.complex128)),
-                             atol=5e-6 * scale / n)
   xr = jnp.asarray(_rand(rng, 2, n), jnp.float32)
-  np.testing.assert_allclose(mf.fft(xr, sizes=sizes), np.fft.fft(np.asarray(xr, np.float64)),
-                             atol=5e-6 * np.sqrt(n) * 4)
+  fwd, inv, real = jax.jit(lambda x, xr: (mf.fft(x, sizes=sizes), mf.fft(x, sizes=sizes, inverse=True),
+                                          mf.fft(xr, sizes=sizes)))(x, xr)  # one program
+  np.testing.assert_allclose(fwd, ref, atol=5e-6 * scale)
+  np.testing.assert_allclose(inv, np.fft.ifft(np.asarray(x, np.complex128)), atol=5e-6 * scale / n)
+  np.testing.assert_allclose(real, np.fft.fft(np.asarray(xr, np.float64)), atol=5e-6 * np.sqrt(n) * 4)
 
 
 def test_fft_sizes_and_fast_len():
