@@ -34,14 +34,16 @@ def _calls(b, t, dtype=jnp.float32):
 
 @pytest.mark.parametrize("b,t", [(0, 8), (2, 0)])
 def test_empty_batch_and_empty_sequence_give_empty_outputs(b, t):
-  for name, (call, shape) in _calls(b, t).items():
-    out = call()
+  calls = _calls(b, t)
+  outs = jax.jit(lambda: {name: call() for name, (call, _) in calls.items()})()  # every op in one program
+  for name, (_, shape) in calls.items():
+    out = outs[name]
     o = out[0] if isinstance(out, tuple) else out
     assert o.shape == shape and o.dtype == jnp.float32, name
   if t == 0:  # nothing read: the state is the initial one
-    _, state = _calls(b, t)["linear_attention"][0]()
+    _, state = outs["linear_attention"]
     np.testing.assert_array_equal(state, jnp.full((b, H, K, V), 0.5))
-    _, (s, z) = _calls(b, t)["lightnet"][0]()
+    _, (s, z) = outs["lightnet"]
     assert float(jnp.abs(s).max()) == 0.0 and bool(jnp.all(jnp.isneginf(z)))
 
 
@@ -69,15 +71,22 @@ def test_invalid_decays_and_rates_raise_eagerly_and_give_nan_under_jit():
     ops.ssd(x, dt, jnp.ones(4), bc, bc)
   with pytest.raises(ValueError, match="dt must be >= 0"):
     ops.ssd(x, -dt, -jnp.ones(4), bc, bc)
-  la = jax.jit(lambda g: ops.linear_attention(q, q, q, log_decay=g))
-  assert bool(jnp.all(jnp.isfinite(la(-jnp.ones(H)))))
-  assert bool(jnp.all(jnp.isnan(la(jnp.asarray([0.5, -1.0]))[:, :, 0])))
-  ssd = jax.jit(lambda a, d: ops.ssd(x, d, a, bc, bc))
-  assert bool(jnp.all(jnp.isfinite(ssd(-jnp.ones(4), dt))))
-  assert bool(jnp.all(jnp.isnan(ssd(jnp.ones(4), dt))))
-  assert bool(jnp.all(jnp.isnan(ssd(-jnp.ones(4), -dt))))
-  qs = jax.jit(lambda a: ops.quasiseparable(x, (dt, dt), a, (bc, bc), (bc, bc)))
-  assert bool(jnp.isnan(qs(jnp.ones(4))).any())
+
+  @jax.jit
+  def under_jit(g_ok, g_bad, a_ok, a_bad, d_ok, d_bad):  # every case in one program, values traced
+    la = lambda g: ops.linear_attention(q, q, q, log_decay=g)
+    ssd = lambda a, d: ops.ssd(x, d, a, bc, bc)
+    return (la(g_ok), la(g_bad), ssd(a_ok, d_ok), ssd(a_bad, d_ok), ssd(a_ok, d_bad),
+            ops.quasiseparable(x, (d_ok, d_ok), a_bad, (bc, bc), (bc, bc)))
+
+  la_ok, la_bad, ssd_ok, ssd_bad_a, ssd_bad_dt, qs_bad = under_jit(-jnp.ones(H), jnp.asarray([0.5, -1.0]),
+                                                                   -jnp.ones(4), jnp.ones(4), dt, -dt)
+  assert bool(jnp.all(jnp.isfinite(la_ok)))
+  assert bool(jnp.all(jnp.isnan(la_bad[:, :, 0])))
+  assert bool(jnp.all(jnp.isfinite(ssd_ok)))
+  assert bool(jnp.all(jnp.isnan(ssd_bad_a)))
+  assert bool(jnp.all(jnp.isnan(ssd_bad_dt)))
+  assert bool(jnp.isnan(qs_bad).any())
 
 
 def test_bad_static_arguments_name_themselves():
