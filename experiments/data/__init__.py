@@ -153,7 +153,7 @@ def _source(c, split):
     return source, lambda ex: _image_classification(ex["image"], ex["label"], c.as_tokens)
   if c.name == "bytes":
     return text.byte_source(split, seq_len=c.seq_len, corpus=c.corpus, corpus_glob=c.corpus_glob,
-                            validation_fraction=c.validation_fraction), None
+                            validation_fraction=c.validation_fraction, packing=c.packing), None
   name, kind, keys = _catalog_entry(c)
   source = catalog.data_source(name, c.data_dir, split)
   if kind == "lm":

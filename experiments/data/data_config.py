@@ -9,7 +9,8 @@ state_tracking:  seed, num_train, num_validation, num_test, group (parity | s3 |
 pathfinder:      seed, num_train, num_validation, num_test, resolution (32 or 64 as in LRA, any >= 16),
                  num_distractors, as_tokens (image -> flattened pixel tokens)
 bytes:           seq_len, corpus ('' = the Python standard library; a file or directory),
-                 corpus_glob (files of a directory matching it, recursively), validation_fraction
+                 corpus_glob (files of a directory matching it, recursively), validation_fraction,
+                 packing (each file a document, packed into rows with segment ids)
 catalog names:   seq_len (bytes kept per text), as_tokens (images), and for `tfds:NAME` also kind
                  (lm | text_classification | image_classification), text_key, label_key, image_key
 
@@ -56,7 +57,7 @@ def defaults(name):
   elif name == "pathfinder":
     fields = dict(**_sizes(20_000, 2_000, 2_000), resolution=32, num_distractors=2, as_tokens=False)
   elif name == "bytes":
-    fields = dict(seq_len=256, corpus="", corpus_glob="*.py", validation_fraction=0.05)
+    fields = dict(seq_len=256, corpus="", corpus_glob="*.py", validation_fraction=0.05, packing=False)
   elif name in catalog.KNOWN:
     fields = dict(seq_len=512, as_tokens=False)
   elif name.startswith("tfds:") and len(name) > 5:

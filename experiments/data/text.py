@@ -4,12 +4,18 @@ The corpus is the concatenation, in sorted path order, of the matching files und
 (or one file), each followed by a newline; its last `validation_fraction` of bytes is the
 validation split. Example i is the window `corpus[i*T : i*T + T + 1]`: inputs its first T
 bytes, targets its last T. Vocabulary: the 256 byte values.
+
+With `packing`, each file is a document: the files whose bytes start before the validation cut are
+the train split, the others validation, and each split's documents are packed into rows with
+segment ids (`experiments.data.packing`), so no window crosses from one file into another.
 """
 import functools
 import pathlib
 import sysconfig
 
 import numpy as np
+
+from experiments.data import packing as packing_lib
 
 VOCAB_SIZE = 256
 
@@ -61,10 +67,31 @@ class ByteWindows:
     return {"inputs": window[:-1], "targets": window[1:], "mask": np.ones(self.seq_len, bool)}
 
 
-def byte_source(split, *, seq_len, corpus="", corpus_glob="*.py", validation_fraction=0.05):
-  """ByteWindows over the train or validation part of the corpus."""
+@functools.lru_cache(maxsize=4)
+def packed_documents(path, pattern, seq_len, validation_fraction, split):
+  """The files of the corpus as documents (each followed by a newline), split at the file that holds the
+  validation cut, packed into rows of seq_len + 1 bytes."""
+  docs = [np.frombuffer(f.read_bytes() + b"\n", np.uint8) for f in corpus_files(path, pattern)]
+  starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+  cut = int(sum(len(d) for d in docs) * (1 - validation_fraction))
+  train = [d for d, s in zip(docs, starts) if s < cut]
+  chosen = train if split == "train" else docs[len(train):]
+  if not chosen:
+    raise ValueError(f"validation_fraction={validation_fraction} leaves no document for the {split} split")
+  packed = packing_lib.pack(chosen, seq_len)
+  print(f"packed {len(chosen)} documents ({split}) into {len(packed)} rows of {seq_len + 1} bytes: "
+        f"{100 * packed.efficiency:.1f}% real tokens")
+  return packed
+
+
+def byte_source(split, *, seq_len, corpus="", corpus_glob="*.py", validation_fraction=0.05, packing=False):
+  """ByteWindows over the train or validation part of the corpus; with `packing`, its files packed as documents."""
   if not 0 < validation_fraction < 1:
     raise ValueError(f"validation_fraction={validation_fraction}: expected a number in (0, 1)")
+  if split not in ("train", "validation"):
+    raise ValueError(f"split={split!r}: the byte corpus has splits ['train', 'validation']")
+  if packing:
+    return packed_documents(corpus or default_corpus(), corpus_glob, seq_len, validation_fraction, split)
   data = read_corpus(corpus or default_corpus(), corpus_glob)
   cut = int(len(data) * (1 - validation_fraction))
   if split == "train":

@@ -16,10 +16,14 @@ TASKS = ("lm", "classification")
 
 
 def model_inputs(batch):
-  """(positional input, kwargs) of the model for a batch: tokens with their mask, or an image."""
+  """(positional input, kwargs) of the model for a batch: tokens with their mask (and segment ids when packed),
+  or an image."""
   if "image" in batch:
     return batch["image"], {}
-  return batch["inputs"], {"mask": batch["mask"]}
+  kwargs = {"mask": batch["mask"]}
+  if "segment_ids" in batch:
+    kwargs["segment_ids"] = batch["segment_ids"]
+  return batch["inputs"], kwargs
 
 
 def lm_metrics(logits, targets):
