@@ -38,13 +38,23 @@ def run_forms(q, k, v, g, s0, forms):
   return [run(impl, q, k, v, g, s0, chunk, exclusive) for impl, chunk, exclusive in forms]
 
 
+FORMS64 = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 16, False), ("chunked", 64, False))
+EXCLUSIVE = (("chunked", 16, True), ("recurrent", 16, True))
+FORMS32 = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 64, False))
+CHUNKS = (16, 128, 256)
+# At T=37 (float64) the exclusive forms join the program, and for per-channel decay at T=100 (float32) the chunk
+# sizes do: the exclusive and chunk-size tests then reuse those compiled programs.
+FORMS64_37 = FORMS64 + EXCLUSIVE
+FORMS32_CHANNEL = FORMS32 + tuple(("chunked", c, False) for c in CHUNKS)
+
+
 @pytest.mark.parametrize("t", [1, 37, 100])
 @pytest.mark.parametrize("decay", DECAYS)
 def test_forms_agree_float64(x64, t, decay):
   q, k, v, g, s0 = make_inputs(t, decay, jnp.float64)
-  forms = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 16, False), ("chunked", 64, False))
+  forms = FORMS64_37 if t == 37 else FORMS64
   (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, forms)
-  for (impl, chunk, _), (o, s) in zip(forms[1:], rest):
+  for (impl, chunk, _), (o, s) in zip(FORMS64[1:], rest):
     assert o.dtype == jnp.float64 and s.dtype == jnp.float64
     assert_close(o, o_ref, 1e-12, f"{impl}/{chunk} output")
     assert_close(s, s_ref, 1e-12, f"{impl}/{chunk} state")
@@ -53,8 +63,9 @@ def test_forms_agree_float64(x64, t, decay):
 @pytest.mark.parametrize("decay", DECAYS)
 def test_exclusive_reads_state_before_own_write(x64, decay):
   q, k, v, g, s0 = make_inputs(37, decay, jnp.float64)
-  forms = (("reference", 16, False), ("chunked", 16, True), ("recurrent", 16, True))
-  (o_incl, _), (o_excl, s_excl), (o_rec, s_rec) = run_forms(q, k, v, g, s0, forms)
+  outs = dict(zip(FORMS64_37, run_forms(q, k, v, g, s0, FORMS64_37)))
+  o_incl, _ = outs[("reference", 16, False)]
+  (o_excl, s_excl), (o_rec, s_rec) = (outs[f] for f in EXCLUSIVE)
   own = 0.3 * np.einsum("bthk,bthk->bth", q, k)[..., None] * np.asarray(v)
   assert_close(o_excl, o_incl - own, 1e-12, "exclusive = inclusive - own token")
   assert_close(o_rec, o_excl, 1e-12)
@@ -64,9 +75,9 @@ def test_exclusive_reads_state_before_own_write(x64, decay):
 @pytest.mark.parametrize("decay", DECAYS)
 def test_forms_agree_float32(decay):
   q, k, v, g, s0 = make_inputs(100, decay)
-  forms = (("reference", 16, False), ("recurrent", 16, False), ("chunked", 64, False))
+  forms = FORMS32_CHANNEL if decay == "channel" else FORMS32
   (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, forms)
-  for (impl, _, _), (o, s) in zip(forms[1:], rest):
+  for (impl, _, _), (o, s) in zip(FORMS32[1:], rest):
     assert o.dtype == jnp.float32
     assert_close(o, o_ref, 2e-6, impl)
     assert_close(s, s_ref, 2e-6, impl)
@@ -163,12 +174,13 @@ def test_bf16_long_sequence_with_strong_gates():
 
 
 def test_chunk_sizes():
-  """Chunks smaller than T (not dividing it), and one and two whole chunks larger than T, in one program."""
+  """Chunks smaller than T (not dividing it) and larger than T (128, 256) against the reference form, float32
+  (the program of test_forms_agree_float32[channel])."""
   q, k, v, g, s0 = make_inputs(100, "channel")
-  chunks = (16, 128, 256)
-  (o_ref, s_ref), *rest = run_forms(q, k, v, g, s0, (("reference", 16, False),)
-                                    + tuple(("chunked", c, False) for c in chunks))
-  for chunk, (o, s) in zip(chunks, rest):
+  outs = dict(zip(FORMS32_CHANNEL, run_forms(q, k, v, g, s0, FORMS32_CHANNEL)))
+  o_ref, s_ref = outs[("reference", 16, False)]
+  for chunk in CHUNKS:
+    o, s = outs[("chunked", chunk, False)]
     assert_close(o, o_ref, 2e-6, f"chunk {chunk}")
     assert_close(s, s_ref, 2e-6, f"chunk {chunk}")
 
