@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from mixers import ops
 from mixers.layers import common
 from mixers.layers.decode_cache import (block_aligned, cached_recurrence, check_decode, decode_positions, poison,
-                                       within_capacity)
+                                       segment_positions, within_capacity)
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -37,7 +37,8 @@ class Attention(nn.Module):
   aliases = {"rope_theta": "rotary_base"}
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None,
+               segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded keys are never attended to), or None. With a context the keys
@@ -53,21 +54,28 @@ class Attention(nn.Module):
       context chunk that matches each x chunk into the KV cache. Non-causal cross attention has no decode mode
       (ValueError): target t reads only x_t and the whole context, so calling the layer on each new x chunk with the
       whole context gives the full forward's outputs. context_mask: `[B,Tk]` bool, True at real context tokens.
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): a token attends only
+      within its segment, and rotary positions count from the segment's first token. Decoding, the chunk's first
+      segment continues the cache; the cache keeps each row's last-segment start, so later chunks read only that
+      segment's keys. Not with prefix_len, block_size or context.
     """
     common.check_x(self, x)
     common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    segment_ids = common.check_segment_ids(self, segment_ids, x.shape, prefix_len=prefix_len,
+                                           block_size=self.block_size, context=context)
     source, key_mask = common.check_context(self, x, context, context_mask, mask)
-    q, k, v, pos = project_heads(self, x, source, context=context, decode=decode)
-    patterns = {key: val for key, val in (("prefix_len", prefix_len), ("block_size", self.block_size))
-                if val is not None}
+    pos, first = segment_positions(self, segment_ids, x.shape[0], x.shape[1], decode=decode)
+    q, k, v, pos = project_heads(self, x, source, context=context, decode=decode, positions=(pos, pos - first))
+    patterns = {key: val for key, val in (("prefix_len", prefix_len), ("block_size", self.block_size),
+                                          ("segment_ids", segment_ids)) if val is not None}
     aligned = None if self.block_size is None else (lambda start: block_aligned(self, start, self.block_size))
     o = attend_through_cache(self, q, k, v, pos,
                              lambda: ops.attention(q, k, v, causal=self.causal, mask=key_mask, **patterns),
                              decode=decode, last_visible=lambda pos: self._last_visible(pos, x.shape[1], prefix_len),
-                             aligned=aligned)
+                             aligned=aligned, first_visible=first)
     return common.projection(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="out", dtype=self.dtype,
                              param_dtype=self.param_dtype)(o)
 
@@ -82,11 +90,12 @@ class Attention(nn.Module):
     return jnp.where(pos - start < p, start + p - 1, pos)
 
 
-def project_heads(module, x, source, *, context, decode):
+def project_heads(module, x, source, *, context, decode, positions=None):
   """(q `[B,T,H,D]` from x, k and v `[B,Tk,Hkv,D]` from `source`, positions `[B,T]`) through the projections named
   query, key and value, with rotary positions on q and k for self and causal cross attention (non-causal cross
   attention has none: the positions of two sequences are not comparable). Reads the module's num_heads, head_dim,
-  num_kv_heads, causal, rotary, rotary_base, dtype and param_dtype."""
+  num_kv_heads, causal, rotary, rotary_base, dtype and param_dtype. positions: None (`decode_positions`) or the pair
+  (positions `[B,T]` returned, positions `[B,T]` that rotary reads)."""
   b, t, d_model = x.shape
   head_dim = common.head_width(module.num_heads, module.head_dim, d_model)
   kv_heads = module.num_kv_heads or module.num_heads
@@ -99,17 +108,19 @@ def project_heads(module, x, source, *, context, decode):
   proj = lambda heads, name: common.projection((heads, head_dim), ("embed", "heads", "kv"), name=name,
                                                dtype=module.dtype, param_dtype=module.param_dtype)
   q, k, v = proj(module.num_heads, "query")(x), proj(kv_heads, "key")(source), proj(kv_heads, "value")(source)
-  pos = decode_positions(module, b, t, decode=decode)
+  pos, rotary_pos = (decode_positions(module, b, t, decode=decode),) * 2 if positions is None else positions
   if rotary:
-    q, k = apply_rotary(q, pos, module.rotary_base), apply_rotary(k, pos, module.rotary_base)
+    q, k = apply_rotary(q, rotary_pos, module.rotary_base), apply_rotary(k, rotary_pos, module.rotary_base)
   return q, k, v, pos
 
 
-def attend_through_cache(module, q, k, v, pos, forward, *, decode, last_visible=None, aligned=None):
+def attend_through_cache(module, q, k, v, pos, forward, *, decode, last_visible=None, aligned=None,
+                         first_visible=None):
   """o `[B,T,H,Dv]`: `forward()` when there is no cache to read; decoding, k and v are written into the KV cache at
   positions `pos` `[B,T]` and q attends exactly over it, each query up to `last_visible(pos)` `[B,T]` (default: its
-  own position). The cache's capacity is the length given to `init(..., decode=True)`; past it, or where
-  `aligned(start)` is False, the output is NaN (a concrete violation raises)."""
+  own position) and from `first_visible` `[B,T]` (default: 0; packed sequences: its segment's first position).
+  The cache's capacity is the length given to `init(..., decode=True)`; past it, or where `aligned(start)` is
+  False, the output is NaN (a concrete violation raises)."""
   t = q.shape[1]
   what = "the length of the input given to init(..., decode=True)"
 
@@ -126,6 +137,8 @@ def attend_through_cache(module, q, k, v, pos, forward, *, decode, last_visible=
                     for c, a in zip(kv_cache, (k, v)))
     last = pos if last_visible is None else last_visible(pos)
     visible = jnp.arange(keys.shape[1])[None, None, None, :] <= last[:, None, :, None]  # [B,1,T,L]
+    if first_visible is not None:
+      visible = visible & (jnp.arange(keys.shape[1])[None, None, None, :] >= first_visible[:, None, :, None])
     return poison(ops.attention(q, keys, values, causal=False, mask=visible), ok), (keys, values)
 
   empty_cache = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))

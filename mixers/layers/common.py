@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixers.layers.decode_cache import cached_recurrence, check_decode
+from mixers.layers.decode_cache import cached_recurrence, check_decode, segment_index
 from mixers.ops import checks
 
 Dtype = Any
@@ -188,8 +188,9 @@ class ShortConv(nn.Module):
   """Depthwise convolution over time, y_t = act(sum_j w_j x_{t+j-offset} + b), x and y `[B,T,C]`.
 
   Causal: offset = width-1 (only past inputs); otherwise centred ('same' padding). Padded positions
-  (mask False) are zeroed first so they leak into no real token. In decode mode the last width-1 inputs
-  are kept in the `cache` collection.
+  (mask False) are zeroed first so they leak into no real token. With segment_ids (packed sequences) no tap reads
+  a token of another segment. In decode mode the last width-1 inputs are kept in the `cache` collection (only
+  the last segment's: zeros before it).
   """
   width: int = 4
   causal: bool = True
@@ -202,11 +203,17 @@ class ShortConv(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
-    """x `[B,T,C]` -> y `[B,T,C]`; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache."""
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
+    """x `[B,T,C]` -> y `[B,T,C]`; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache.
+
+    segment_ids: `[B,T]` ints (packed sequences, a segment is a run of equal ids) or None: each segment is
+      convolved as its own sequence; decoding, the chunk's first segment continues the cached inputs.
+    """
     if x.ndim != 3:
       raise ValueError(f"x must be [B,T,C], got shape {x.shape}")
     b, t, c = x.shape
+    segment_ids = checks.check_segment_ids(segment_ids, b, t)
+    seg = None if segment_ids is None else segment_index(segment_ids)
     w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("conv", self.channel_axis)),
                    (self.width, c), self.param_dtype)
     bias = (self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)), (c,),
@@ -218,15 +225,25 @@ class ShortConv(nn.Module):
     if self.causal:
       zeros = lambda: jnp.zeros((b, window, c), x.dtype)
 
+      # the cached inputs before the chunk belong to its first segment (index 0)
+      segp = None if seg is None else jnp.pad(seg, ((0, 0), (window, 0)))
+
       def preceded(past):  # x after the last width-1 inputs (zeros at the start), and the new last ones
         xp = jnp.concatenate([zeros() if past is None else past, x], axis=1)
-        return xp, xp[:, xp.shape[1] - window:]
+        last = xp[:, xp.shape[1] - window:]
+        if segp is not None:  # only the last segment's inputs are carried on
+          last = last * (segp[:, segp.shape[1] - window:] == seg[:, -1:])[..., None].astype(x.dtype)
+        return xp, last
 
       xp = cached_recurrence(self, preceded, zeros, decode=decode, name="conv_window")
     else:
       check_decode(self, decode)
       xp = jnp.pad(x, ((0, 0), (window // 2, window - window // 2), (0, 0)))
-    y = sum(xp[:, j:j + t] * w[j].astype(x.dtype) for j in range(self.width))
+      segp = None if seg is None else jnp.pad(seg, ((0, 0), (window // 2, window - window // 2)), constant_values=-1)
+    tap = lambda j: xp[:, j:j + t]  # the inputs tap j reads; packed: zero where they are in another segment
+    if seg is not None:
+      tap = lambda j: xp[:, j:j + t] * (segp[:, j:j + t] == seg)[..., None].astype(x.dtype)
+    y = sum(tap(j) * w[j].astype(x.dtype) for j in range(self.width))
     if bias is not None:
       y = y + bias.astype(x.dtype)
     return self.activation(y) if self.activation is not None else y
@@ -288,3 +305,25 @@ def check_context(module, x, context, context_mask, mask, *, aligned=False):
 def prefix_lengths(prefix_len, batch, length):
   """prefix_len (int or `[B]`) -> int32 `[B]`; concrete values outside [0, length] raise ValueError."""
   return jnp.broadcast_to(jnp.asarray(checks.check_prefix_len(prefix_len, batch, length), jnp.int32), (batch,))
+
+
+def check_segment_ids(module, segment_ids, shape, *, prefix_len=None, block_size=None, context=None, grid=None):
+  """segment_ids `[B,T]` ints (packed sequences) for an input of `shape` `[B,T,d]`, as a jnp array, or None.
+
+  ValueError naming segment_ids for another shape or dtype, and with prefix_len, block_size, a context (cross
+  attention) or a grid of more than one axis, which packed sequences do not combine with.
+  """
+  if segment_ids is None:
+    return None
+  name = type(module).__name__
+  b, t = shape[0], math.prod(shape[1:-1])
+  try:
+    ids = checks.check_segment_ids(segment_ids, b, t)
+  except ValueError as e:
+    raise ValueError(f"{name}: {e} (x {tuple(shape)})") from None
+  clashes = [what for what, given in (("prefix_len", prefix_len is not None), ("block_size", block_size is not None),
+                                      ("a context (cross attention)", context is not None),
+                                      (f"a {len(grid or ())}-D grid", grid is not None and len(grid) > 1)) if given]
+  if clashes:
+    raise ValueError(f"{name}: segment_ids (packed sequences) cannot be combined with {', '.join(clashes)}")
+  return ids

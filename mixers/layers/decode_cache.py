@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixers.ops.sequence import segment_starts
+
 
 def check_decode(module: nn.Module, decode: bool):
   """ValueError when decoding is asked of a non-causal module."""
@@ -62,6 +64,38 @@ def decode_positions(module: nn.Module, batch: int, length: int, *, decode: bool
     return steps + start, start + length
 
   return cached_recurrence(module, advance, lambda: jnp.zeros((), jnp.int32), decode=decode, name="position")
+
+
+def segment_index(segment_ids):
+  """int32 `[B,T]`: which segment of `segment_ids` `[B,T]` (a run of equal ids) each token is in, 0 for the first
+  one of each row."""
+  return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+
+
+def segment_positions(module: nn.Module, segment_ids, batch: int, length: int, *, decode: bool):
+  """(positions `[B,T]` as `decode_positions`, first `[B,T]`: the position of the first token of each token's
+  segment); `positions - first` counts from each segment's first token.
+
+  segment_ids `[B,T]` ints (packed sequences) or None (one segment). When decoding, the chunk's first segment
+  continues the cache's last one and `cache['segment_start']` `[B]` keeps the start of each row's last segment, so
+  later chunks continue it.
+  """
+  pos = decode_positions(module, batch, length, decode=decode)
+  if segment_ids is None:
+    local, continues = jnp.zeros((batch, length), jnp.int32), jnp.ones((batch, length), bool)
+  else:
+    starts = segment_starts(segment_ids)
+    local = jax.lax.cummax(jnp.where(starts, jnp.arange(length, dtype=jnp.int32), 0), axis=1)
+    continues = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 0
+
+  def advance(previous):
+    previous = jnp.zeros((batch,), jnp.int32) if previous is None else previous
+    first = jnp.where(continues, previous[:, None], pos[:, :1] + local)
+    return first, first[:, -1]
+
+  first = cached_recurrence(module, advance, lambda: jnp.zeros((batch,), jnp.int32), decode=decode,
+                            name="segment_start")
+  return pos, first
 
 
 def within_capacity(module: nn.Module, end, capacity: int, *, decode: bool, what: str):

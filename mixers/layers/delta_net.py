@@ -18,15 +18,19 @@ def l2_normalize(x, eps=1e-6):
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def delta(module, q, k, v, beta, log_decay, *, causal, decode, chunk_size, impl):
+def delta(module, q, k, v, beta, log_decay, *, causal, decode, chunk_size, impl, segment_ids=None):
   """`ops.delta_rule` over q, k `[B,T,H,K]`, v `[B,T,H,V]`, beta and log_decay `[B,T,H]`; causal layers keep the
   state `[B,H,K,V]` in the cache. Non-causal: the rule run both ways (the second pass over the reversed
-  sequence), outputs summed."""
+  sequence), outputs summed. segment_ids `[B,T]` (packed sequences) or None: both passes restart at every
+  segment; decoding, the chunk's first segment continues the cached state and the last segment's is kept."""
   kw = dict(log_decay=log_decay, chunk_size=chunk_size, impl=impl)
+  if segment_ids is not None:
+    kw["segment_ids"] = segment_ids
   if not causal:
     flip = lambda a: None if a is None else jnp.flip(a, axis=1)
     forward = ops.delta_rule(q, k, v, beta, **kw)
-    backward = ops.delta_rule(*(flip(a) for a in (q, k, v, beta)), **{**kw, "log_decay": flip(log_decay)})
+    along_time = {key: flip(val) if key in ("log_decay", "segment_ids") else val for key, val in kw.items()}
+    backward = ops.delta_rule(*(flip(a) for a in (q, k, v, beta)), **along_time)
     return forward + flip(backward)
 
   def zero_state():
@@ -62,21 +66,25 @@ class DeltaRuleLayer(nn.Module):
     return None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
     decode: causal only; continue from the `cache` collection (see `mixers.layers.decode_cache`); O(1) state.
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (state and short convs restart); decoding, the chunk's first segment continues the cache and
+      later chunks continue the last segment.
     """
     common.check_x(self, x)
     check_decode(self, decode)
     mask = common.check_mask(mask, x.shape)
+    segment_ids = common.check_segment_ids(self, segment_ids, x.shape)
     dk, dv = linear_family.head_widths(x.shape[-1], self.num_heads, self.expand_k, self.expand_v)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, **kw)
     if self.short_conv:  # ShortConv applies the SiLU
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          decode=decode, **kw)
+                                          decode=decode, segment_ids=segment_ids, **kw)
     else:
       q, k, v = (jax.nn.silu(a) for a in (q, k, v))
     q, k = l2_normalize(q).astype(v.dtype), l2_normalize(k).astype(v.dtype)
@@ -85,7 +93,7 @@ class DeltaRuleLayer(nn.Module):
     log_decay = self.log_decay(x, kw)
     k, v, beta, log_decay = linear_family.mask_tokens(mask, k, v, beta, log_decay)
     o = delta(self, q, k, v, beta, log_decay, causal=self.causal, decode=decode, chunk_size=self.chunk_size,
-              impl=self.impl)
+              impl=self.impl, segment_ids=segment_ids)
     return linear_family.OutputPath(norm=True, gate=self.output_gate, norm_eps=self.norm_eps, name="output", **kw)(
         o, x)
 

@@ -39,7 +39,8 @@ class GLA(nn.Module):
   aliases = {**linear_family.FLA_ALIASES, "gate_low_rank_dim": "gate_rank"}
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None,
+               segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
@@ -51,19 +52,24 @@ class GLA(nn.Module):
       belong to the key channels); the output gate from x. The decays pair target t with source t, so Tk == T
       (causal: target t reads sources s <= t; non-causal: the decayed weights across both directions).
       context_mask: `[B,Tk]` bool, True at real context tokens.
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (state and short convs restart); decoding, the chunk's first segment continues the cache
+      and later chunks continue the last segment. Not with prefix_len, block_size or context.
     """
     common.check_x(self, x)
     common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    segment_ids = common.check_segment_ids(self, segment_ids, x.shape, prefix_len=prefix_len,
+                                           block_size=self.block_size, context=context)
     source, source_mask = common.check_context(self, x, context, context_mask, mask, aligned=True)
     dk, dv = linear_family.head_widths(x.shape[-1], self.num_heads, self.expand_k, self.expand_v)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = linear_family.qkv_projections(x, self.num_heads, dk, dv, context=context, **kw)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          kv_mask=source_mask, decode=decode, **kw)
+                                          kv_mask=source_mask, decode=decode, segment_ids=segment_ids, **kw)
     low = common.projection(self.gate_rank, ("embed", None), name="gate_down", **kw)(source)
     logits = common.projection((self.num_heads, dk), (None, "heads", "kv"), use_bias=True, name="gate_up", **kw)(low)
     log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / self.gate_logit_normalizer
@@ -73,5 +79,5 @@ class GLA(nn.Module):
       start = decode_positions(self, x.shape[0], x.shape[1], decode=decode)[0, 0]
     o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
                              prefix_len=prefix_len, block_size=self.block_size, start=start,
-                             chunk_size=self.chunk_size, impl=self.impl)
+                             segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=True, gate=True, norm_eps=self.norm_eps, name="output", **kw)(o, x)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import GatedRMSNorm, check_mask, check_x, projection
+from mixers.layers.common import GatedRMSNorm, check_mask, check_segment_ids, check_x, projection
 from mixers.layers.ssm_family import SSMLayer
 from mixers.registry import register
 
@@ -31,33 +31,40 @@ class Hydra(SSMLayer):
   supports_causal = False
 
   @nn.compact
-  def operands(self, x, *, mask=None, decode=False):
+  def operands(self, x, *, mask=None, decode=False, segment_ids=None):
     """The quasiseparable op's operands for x `[B,T,d]`: (dict x `[B,T,H,P]`, dt, B, C as (forward, backward)
-    pairs, A `[H]`, D `[B,T,H]`, mask `[B,T]`; gate z `[B,T,inner]`)."""
+    pairs, A `[H]`, D `[B,T,H]`, mask `[B,T]`; gate z `[B,T,inner]`); segment_ids `[B,T]` or None: the conv stays
+    within each segment."""
     check_x(self, x)
     self.check_modes(decode)
     mask = check_mask(mask, x.shape)
-    z, xs, [(bf, cf, dtf), (bb, cb, dtb)] = self.project(x, mask, directions=2)
+    segment_ids = check_segment_ids(self, segment_ids, x.shape)
+    z, xs, [(bf, cf, dtf), (bb, cb, dtb)] = self.project(x, mask, directions=2, segment_ids=segment_ids)
     b, t, h, p = xs.shape
     ssm = self.ssm_params(h)
     d_tok = projection(h, ("mlp", "heads"), name="fc_D", **self.kw())(xs.reshape(b, t, h * p))
     return dict(x=xs, dt=(ssm.steps(dtf, mask), ssm.steps(dtb, mask)), A=ssm.A(), B=(bf, bb), C=(cf, cb),
                 D=d_tok.astype(jnp.float32) + ssm.D, mask=mask), z
 
-  def mixing_matrix(self, x, *, mask=None):
+  def mixing_matrix(self, x, *, mask=None, segment_ids=None):
     """The quasiseparable mixing matrix `[B,H,T,T]` (D_t on the diagonal), as in `Mamba2.mixing_matrix`."""
-    o, _ = self.operands(x, mask=mask)
-    return ops.quasiseparable_matrix(o["dt"], o["A"], o["B"], o["C"], D=o["D"], mask=o["mask"])
+    o, _ = self.operands(x, mask=mask, segment_ids=segment_ids)
+    return ops.quasiseparable_matrix(o["dt"], o["A"], o["B"], o["C"], D=o["D"], mask=o["mask"],
+                                     segment_ids=segment_ids)
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]` (bidirectional).
 
     mask: `[B,T]` bool, True at real tokens (padded tokens leak into no real token), or None.
     decode: must be False (Hydra is non-causal).
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (the conv, both scans and their shifts stay within it).
     """
-    operands, z = self.operands(x, mask=mask, decode=decode)
-    y = ops.quasiseparable(**operands, chunk_size=self.chunk_size, impl=self.impl)
+    operands, z = self.operands(x, mask=mask, decode=decode, segment_ids=segment_ids)
+    segment_ids = check_segment_ids(self, segment_ids, x.shape)
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+    y = ops.quasiseparable(**operands, chunk_size=self.chunk_size, impl=self.impl, **packed)
     return self.output(y, z, x.shape[-1])
 
   def gate(self, y, z):

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixers.layers import common, linear_family
-from mixers.layers.decode_cache import check_decode, decode_positions, poison, within_capacity
+from mixers.layers.decode_cache import check_decode, poison, segment_positions, within_capacity
 from mixers.ops import feature_maps
 from mixers.registry import register
 
@@ -60,7 +60,8 @@ class LinearAttention(nn.Module):
     return feature_maps.get(self.feature_map)(x)
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None,
+               segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens add nothing to the state), or None.
@@ -72,6 +73,9 @@ class LinearAttention(nn.Module):
       the same projections (and short convs, run over the context). Non-causal: any Tk without decay-like
       position weights (cosformer needs Tk == T); causal (target t reads sources s <= t): Tk == T, and decoding
       takes the context chunk that matches each x chunk. context_mask: `[B,Tk]` bool, True at real context tokens.
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (state, short convs and cosformer's positions restart); decoding, the chunk's first segment
+      continues the cache and later chunks continue the last segment. Not with prefix_len, block_size or context.
     """
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map {self.feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
@@ -80,6 +84,8 @@ class LinearAttention(nn.Module):
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    segment_ids = common.check_segment_ids(self, segment_ids, x.shape, prefix_len=prefix_len,
+                                           block_size=self.block_size, context=context)
     source, source_mask = common.check_context(self, x, context, context_mask, mask,
                                                aligned=self.feature_map == "cosformer")
     b, t, d_model = x.shape
@@ -89,22 +95,23 @@ class LinearAttention(nn.Module):
                                             **kw)
     if self.short_conv:
       q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
-                                          kv_mask=source_mask, decode=decode, **kw)
-    pos = decode_positions(self, b, t, decode=decode)
+                                          kv_mask=source_mask, decode=decode, segment_ids=segment_ids, **kw)
+    pos, first = segment_positions(self, segment_ids, b, t, decode=decode)
     ok = None
     if self.feature_map == "cosformer":  # its reweighting holds for positions up to max_len only
       if t > self.max_len:
         raise ValueError(f"feature_map='cosformer' with max_len={self.max_len} reads at most {self.max_len} "
                          f"tokens, got x {tuple(x.shape)}")
       if decode:
-        ok = within_capacity(self, pos[0, -1] + 1, self.max_len, decode=True, what=f"max_len={self.max_len}")
-    q, k = self._phi(q, pos, "hedgehog_q"), self._phi(k, pos, "hedgehog_k")
+        ok = within_capacity(self, jnp.max(pos - first) + 1, self.max_len, decode=True,
+                             what=f"max_len={self.max_len}")
+    q, k = self._phi(q, pos - first, "hedgehog_q"), self._phi(k, pos - first, "hedgehog_k")
     k, v = linear_family.mask_tokens(source_mask, k, v)
     phi_dim = q.shape[-1]
     scale = 1.0 if self.normalize else phi_dim ** -0.5
     o = linear_family.attend(self, q, k, v, decode=decode, normalize=self.normalize, causal=self.causal,
                              prefix_len=prefix_len, block_size=self.block_size, start=pos[0, 0], scale=scale,
-                             eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
+                             segment_ids=segment_ids, eps=self.eps, chunk_size=self.chunk_size, impl=self.impl)
     if ok is not None:
       o = poison(o, ok)
     return linear_family.OutputPath(norm=self.output_norm, gate=self.output_gate, norm_eps=self.norm_eps,

@@ -37,40 +37,45 @@ def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jn
   return q, k, heads_projection(num_heads, value_dim, "value", dtype, param_dtype)(source)
 
 
-def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32):
-  """Short depthwise conv over time on a `[B,T,H,D]` tensor (channels = H*D)."""
+def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, segment_ids=None):
+  """Short depthwise conv over time on a `[B,T,H,D]` tensor (channels = H*D); segment_ids `[B,T]` (packed
+  sequences) or None: no tap reads another segment."""
   b, t, h, d = x.shape
   y = common.ShortConv(width=width, causal=causal, channel_axis="heads", dtype=dtype, param_dtype=param_dtype,
-                       name=name)(x.reshape(b, t, h * d), mask=mask, decode=decode)
+                       name=name)(x.reshape(b, t, h * d), mask=mask, decode=decode, segment_ids=segment_ids)
   return y.reshape(b, t, h, d)
 
 
 _SAME = object()
 
 
-def short_convs(q, k, v, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, kv_mask=_SAME):
+def short_convs(q, k, v, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, kv_mask=_SAME,
+                segment_ids=None):
   """Separate short convs over q, k and v (named conv_q, conv_k, conv_v), as in fla's layers.
 
   mask `[B,T]` is q's; kv_mask `[B,Tk]` is k's and v's (cross attention: the context's; default: mask). The convs
-  run along their own sequence: q's over x, k's and v's over the context.
+  run along their own sequence: q's over x, k's and v's over the context. segment_ids `[B,T]` (packed sequences,
+  self attention only) or None: no tap reads another segment.
   """
   conv = lambda a, n, m: conv_heads(a, n, causal=causal, width=width, mask=m, decode=decode, dtype=dtype,
-                                    param_dtype=param_dtype)
+                                    param_dtype=param_dtype, segment_ids=segment_ids)
   kv_mask = mask if kv_mask is _SAME else kv_mask
   return conv(q, "conv_q", mask), conv(k, "conv_k", kv_mask), conv(v, "conv_v", kv_mask)
 
 
 def attend(module, q, k, v, *, causal, decode, normalize=False, prefix_len=None, block_size=None, start=None,
-           **kwargs):
+           segment_ids=None, **kwargs):
   """`ops.linear_attention` over q `[B,T,H,K]`, k `[B,Tk,H,K]`, v `[B,Tk,H,V]`; causal layers keep (S[, z]) in the
   cache.
 
   prefix_len (int or `[B]`, Prefix-LM) and block_size (block-causal) go to the op, causal only. When decoding,
   prefix_len counts from the chunk's first token (the chunk's first prefix_len tokens read each other and the
   cache), and with block_size each chunk must start at a block boundary: `start`, the chunk's first position, is
-  checked (`decode_cache.block_aligned`).
+  checked (`decode_cache.block_aligned`). segment_ids `[B,T]` (packed sequences) or None: each segment is its own
+  sequence; decoding, the chunk's first segment continues the cached state and the state kept is the last
+  segment's.
   """
-  patterns = {}
+  patterns = {} if segment_ids is None else {"segment_ids": segment_ids}
   if prefix_len is not None:
     patterns["prefix_len"] = prefix_len
   if block_size is not None:
@@ -78,7 +83,7 @@ def attend(module, q, k, v, *, causal, decode, normalize=False, prefix_len=None,
 
   def run(state):
     if not causal:
-      return ops.linear_attention(q, k, v, causal=False, normalize=normalize, **kwargs), None
+      return ops.linear_attention(q, k, v, causal=False, normalize=normalize, **patterns, **kwargs), None
     return ops.linear_attention(q, k, v, normalize=normalize, initial_state=state, return_state=True, **patterns,
                                 **kwargs)
 

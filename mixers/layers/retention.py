@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixers.layers import common, linear_family
-from mixers.layers.decode_cache import check_decode, decode_positions
+from mixers.layers.decode_cache import check_decode, segment_positions
 from mixers.layers.rotary import apply_rotary
 from mixers.registry import register
 
@@ -37,7 +37,8 @@ class Retention(nn.Module):
   param_dtype: common.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None,
+               segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens neither write nor decay the state), or None.
@@ -48,12 +49,17 @@ class Retention(nn.Module):
     context: `[B,Tk,d_model]` or None: cross attention, q from x, k and v from the context, rotary at the same
       positions on both. The decays gamma_h^|t-s| pair target t with source t, so Tk == T (causal: sources
       s <= t). context_mask: `[B,Tk]` bool, True at real context tokens (padded ones neither write nor decay).
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (state and rotary positions restart); decoding, the chunk's first segment continues the
+      cache and later chunks continue the last segment. Not with prefix_len, block_size or context.
     """
     common.check_x(self, x)
     common.check_cross_decode(self, decode, context)
     check_decode(self, decode)
     common.check_patterns(self, prefix_len=prefix_len, block_size=self.block_size)
     mask = common.check_mask(mask, x.shape)
+    segment_ids = common.check_segment_ids(self, segment_ids, x.shape, prefix_len=prefix_len,
+                                           block_size=self.block_size, context=context)
     _, source_mask = common.check_context(self, x, context, context_mask, mask, aligned=True)
     b, t, d_model = x.shape
     head_dim = common.head_width(self.num_heads, self.head_dim, d_model)
@@ -62,14 +68,14 @@ class Retention(nn.Module):
                        f"num_heads={self.num_heads})")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, context=context, **kw)
-    pos = decode_positions(self, b, t, decode=decode)
+    pos, first = segment_positions(self, segment_ids, b, t, decode=decode)
     if self.rotary:
-      q, k = apply_rotary(q, pos), apply_rotary(k, pos)
+      q, k = apply_rotary(q, pos - first), apply_rotary(k, pos - first)
     k, v = linear_family.mask_tokens(source_mask, k, v)
     log_decay = jnp.asarray(retnet_log_decays(self.num_heads))
     if source_mask is not None:  # padded tokens neither write nor decay the state
       log_decay = log_decay * source_mask[..., None].astype(jnp.float32)
     o = linear_family.attend(self, q, k, v, decode=decode, causal=self.causal, log_decay=log_decay,
                              prefix_len=prefix_len, block_size=self.block_size, start=pos[0, 0],
-                             chunk_size=self.chunk_size, impl=self.impl)
+                             segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     return linear_family.OutputPath(norm=True, gate=True, norm_eps=self.norm_eps, name="output", **kw)(o, x)

@@ -133,10 +133,11 @@ class SSMLayer(nn.Module):
       raise ValueError(f"{type(self).__name__} is non-causal: causal must be False")
     check_decode(self, decode)
 
-  def project(self, x, mask, *, decode=False, grid=None, directions=1):
+  def project(self, x, mask, *, decode=False, grid=None, directions=1, segment_ids=None):
     """x `[B,T,d]` -> z `[B,T,inner]`, x `[B,T,H,P]` and per direction (B `[B,T,G,N]`, C `[B,T,G,N]`, raw dt `[B,T,H]`).
 
     [z, xBC, dt] = x W_in;  xBC = conv(xBC) (`self.short_conv` on the token `grid`);  [x, (B, C) per direction] = xBC.
+    segment_ids `[B,T]` (packed sequences) or None: the conv reads no token of another segment.
     """
     check_x(self, x)
     b, t, d = x.shape
@@ -145,28 +146,30 @@ class SSMLayer(nn.Module):
     zxbcdt = projection(2 * inner + 2 * directions * gn + directions * h, ("embed", "mlp"), use_bias=self.use_bias,
                         name="in_proj", **self.kw())(x)
     z, xbc, dt_raw = jnp.split(zxbcdt, [inner, 2 * inner + 2 * directions * gn], axis=-1)
-    xbc = self.short_conv(xbc, mask=mask, decode=decode, grid=grid or (t,))
+    xbc = self.short_conv(xbc, mask=mask, decode=decode, grid=grid or (t,), segment_ids=segment_ids)
     xs, *bc = jnp.split(xbc, [inner + i * gn for i in range(2 * directions)], axis=-1)
     groups = lambda a: a.reshape(b, t, self.num_groups, self.state_dim)
     dts = jnp.split(dt_raw, directions, axis=-1)
     return z, xs.reshape(b, t, h, p), [(groups(bc[2 * i]), groups(bc[2 * i + 1]), dts[i]) for i in range(directions)]
 
-  def short_conv(self, xbc, *, mask, decode, grid):
-    """silu(depthwise conv over time) of xBC `[B,T,C]`, causal or centred; a 1-D `grid` only."""
+  def short_conv(self, xbc, *, mask, decode, grid, segment_ids=None):
+    """silu(depthwise conv over time) of xBC `[B,T,C]`, causal or centred, within each segment of `segment_ids`
+    `[B,T]` (or None); a 1-D `grid` only."""
     if len(grid) != 1:
       raise ValueError(f"{type(self).__name__} reads a 1-D sequence, got grid {grid}")
     return ShortConv(self.conv_width, causal=self.causal, use_bias=self.conv_bias, channel_axis="mlp",
                      kernel_init=torch_conv_init(self.conv_width), bias_init=torch_conv_init(self.conv_width),
-                     name="conv", **self.kw())(xbc, mask=mask, decode=decode)
+                     name="conv", **self.kw())(xbc, mask=mask, decode=decode, segment_ids=segment_ids)
 
   def ssm_params(self, num_heads):
     """The SSM's parameters (dt_bias, A_log, D), submodule `ssm`."""
     return SSMParams(num_heads, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_limit, self.a_init_range,
                      param_dtype=self.param_dtype, name="ssm")
 
-  def ssd_operands(self, x, mask, *, decode=False, grid=None):
-    """(x, dt, A, B, C, D of `ops.ssd` as a dict, gate z) for x `[B,T,d]` (one direction)."""
-    z, xs, [(bs, cs, dt_raw)] = self.project(x, mask, decode=decode, grid=grid)
+  def ssd_operands(self, x, mask, *, decode=False, grid=None, segment_ids=None):
+    """(x, dt, A, B, C, D of `ops.ssd` as a dict, gate z) for x `[B,T,d]` (one direction); segment_ids `[B,T]` or
+    None reach the conv."""
+    z, xs, [(bs, cs, dt_raw)] = self.project(x, mask, decode=decode, grid=grid, segment_ids=segment_ids)
     dt, a, d_skip = self.ssm_params(xs.shape[2])(dt_raw, mask)
     return dict(x=xs, dt=dt, A=a, B=bs, C=cs, D=d_skip), z
 

@@ -50,6 +50,22 @@ def check_prefix_len(mixers, prefix_len):
                      f"do: {', '.join(able)}")
 
 
+def takes_segment_ids(name):
+  """Whether the sequence mixer `name` reads `segment_ids` (packed sequences) at call time."""
+  return "segment_ids" in inspect.signature(registry.get(name, "sequence").__call__).parameters
+
+
+def check_segment_ids(mixers, segment_ids):
+  """ValueError when segment_ids are given to a model with a mixer that cannot read them, listing those that can."""
+  if segment_ids is None:
+    return
+  bad = sorted({n for n in mixers if not takes_segment_ids(n)})
+  if bad:
+    able = [n for n in registry.names("sequence") if takes_segment_ids(n)]
+    raise ValueError(f"segment_ids (packed sequences) reach every layer, but mixer(s) {bad} do not take them; mixers "
+                     f"that do: {', '.join(able)}")
+
+
 def remat_policy(name):
   """The `jax.checkpoint` policy called `name` (None or "" saves nothing); ValueError lists the valid names."""
   if not name:
@@ -72,12 +88,13 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, decode=False, prefix_len=None):
-    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode, prefix_len: see the mixers."""
+  def __call__(self, x, mask=None, decode=False, prefix_len=None, segment_ids=None):
+    """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode, prefix_len, segment_ids
+    (`[B,T]` ints, packed sequences): see the mixers."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mixer_kw = mixer_kwargs(self.mixer, self.mixer_kwargs, **kw)
     mixer = registry.get(self.mixer, "sequence")(name="mixer", **mixer_kw)
-    patterns = {} if prefix_len is None else {"prefix_len": prefix_len}
+    patterns = {key: val for key, val in (("prefix_len", prefix_len), ("segment_ids", segment_ids)) if val is not None}
     x = constrain(x + mixer(RMSNorm(name="mixer_norm", **kw)(x), mask=mask, decode=decode, **patterns))
     if self.channel_mixer:
       channel_kw = mixer_kwargs(self.channel_mixer, self.channel_kwargs, **kw)
@@ -97,10 +114,10 @@ class BlockGroup(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, prefix_len):
+  def __call__(self, x, mask, prefix_len, segment_ids):
     for j, (name, kwargs) in enumerate(zip(self.mixers, self.mixer_kwargs)):
       x = Block(name, kwargs, self.channel_mixer, self.channel_kwargs, self.dtype, self.param_dtype,
-                name=f"block_{j}")(x, mask, self.decode, prefix_len)
+                name=f"block_{j}")(x, mask, self.decode, prefix_len, segment_ids)
     return x, None
 
 
@@ -133,36 +150,45 @@ class SequenceModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False, prefix_len=None):
+  def __call__(self, x, *, mask=None, decode=False, prefix_len=None, segment_ids=None):
     """x `[B,T,d_model]` -> same; mask `[B,T]` (True at real tokens) or None; decode: continue from the cache.
 
     prefix_len: None, int or `[B]` ints (Prefix-LM): passed to every layer's mixer, which must take it
     (`takes_prefix_len`); decoding, a prompt read with it fills the caches and later chunks go on causally.
+    segment_ids: None or `[B,T]` ints (packed sequences; a segment is a run of equal ids): passed to every layer's
+    mixer, which must take them (`takes_segment_ids`); each segment is computed as its own sequence. Decoding, give
+    them to the chunk that reads the packed prompt: each row then continues its last segment.
     """
     if len(self.mixers) != len(self.mixer_kwargs):
       raise ValueError(f"{len(self.mixers)} mixers but {len(self.mixer_kwargs)} mixer_kwargs")
     check_prefix_len(self.mixers, prefix_len)
+    check_segment_ids(self.mixers, segment_ids)
+    if segment_ids is not None:
+      segment_ids = jnp.asarray(segment_ids)
+      if (x.ndim != 3 or segment_ids.shape != x.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be an int array [B,T] = {tuple(x.shape[:2])} for x {tuple(x.shape)}, "
+                         f"got {segment_ids.dtype} of shape {tuple(segment_ids.shape)}")
     policy = remat_policy(self.remat_policy)
     channel_kwargs = dict(self.channel_kwargs or {})
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
-      x = self._scanned(x, mask, decode, prefix_len, policy, channel_kwargs, kw)
+      x = self._scanned(x, mask, decode, prefix_len, segment_ids, policy, channel_kwargs, kw)
     else:
       block = nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat else Block
       for i, (name, kwargs) in enumerate(zip(self.mixers, self.mixer_kwargs)):
         x = block(name, kwargs, self.channel_mixer, channel_kwargs, name=f"block_{i}", **kw)(x, mask, decode,
-                                                                                              prefix_len)
+                                                                                              prefix_len, segment_ids)
     return RMSNorm(name="final_norm", **kw)(x)
 
-  def _scanned(self, x, mask, decode, prefix_len, policy, channel_kwargs, kw):
+  def _scanned(self, x, mask, decode, prefix_len, segment_ids, policy, channel_kwargs, kw):
     period = layer_period(self.mixers, self.mixer_kwargs)
     body = nn.remat(BlockGroup, policy=policy, prevent_cse=False) if self.remat else BlockGroup
     scan = nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast), length=len(self.mixers) // period,
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=len(self.mixers) // period,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     group = scan(tuple(self.mixers[:period]), tuple(self.mixer_kwargs[:period]), self.channel_mixer, channel_kwargs,
                  decode, name="layers", **kw)
-    return group(x, mask, prefix_len)[0]
+    return group(x, mask, prefix_len, segment_ids)[0]
 
 
 def stack_layers(params, num_layers, period=1):
