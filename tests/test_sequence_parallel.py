@@ -55,19 +55,28 @@ def _oracle(q, k, v, g, s0=None, *, causal=True, normalize=False, eps=1e-6):
     g = None if g is None else np.asarray(g, np.float64)
     if g is not None and g.ndim == 1:
       g = np.broadcast_to(g, q.shape[:3])
-    m = mixing_matrix(jnp.asarray(q), jnp.asarray(k), None if g is None else jnp.asarray(g),
-                      scale=K ** -0.5, causal=causal)
+    m = np.asarray(jax.jit(functools.partial(mixing_matrix, scale=K ** -0.5, causal=causal))(
+        jnp.asarray(q), jnp.asarray(k), None if g is None else jnp.asarray(g)))
     vv = np.concatenate([v, np.ones(v.shape[:-1] + (1,))], -1) if normalize else v
-    o = jnp.einsum("bhts,bshv->bthv", m, vv)
+    o = np.einsum("bhts,bshv->bthv", m, vv)
     if s0 is not None:
       s = np.asarray(s0[0] if normalize else s0, np.float64)
       if normalize:
         s = np.concatenate([s, np.asarray(s0[1], np.float64)[..., None]], -1)
       cum = np.zeros(q.shape) if g is None else np.cumsum(g if g.ndim == 4 else g[..., None], axis=1)
-      o = o + K ** -0.5 * jnp.einsum("bthk,bhkv->bthv", q * np.exp(cum), s)
+      o = o + K ** -0.5 * np.einsum("bthk,bhkv->bthv", q * np.exp(cum), s)
     if normalize:
       o = o[..., :-1] / (o[..., -1:] + eps)
     return np.asarray(o)
+
+
+@functools.lru_cache(maxsize=None)
+def _single_fn(causal, normalize, with_state):
+  """The one-device op (jitted: eager dispatch of the chunked form costs more than compiling it)."""
+  def f(q, k, v, g, s0):
+    return ops.linear_attention(q, k, v, causal=causal, log_decay=g, normalize=normalize, initial_state=s0,
+                                return_state=with_state, impl="chunked")
+  return jax.jit(f)
 
 
 def _close(a, b, tol=2e-5):
@@ -82,7 +91,7 @@ def test_causal_matches_matrix_form_and_final_state(decay):
   o, state = _sp_fn(True, False, True)(q, k, v, g, None)
   assert o.shape == (B, T, H, V) and state.shape == (B, H, K, V)
   _close(o, _oracle(q, k, v, g))
-  _, ref_state = ops.linear_attention(q, k, v, log_decay=g, return_state=True, impl="chunked")
+  _, ref_state = _single_fn(True, False, True)(q, k, v, g, None)
   _close(state, ref_state)
 
 
@@ -91,7 +100,7 @@ def test_padding_a_whole_number_of_slices_leaves_the_final_state_undecayed():
   q, k, v, g = _inputs(t=9, decay="head", seed=13)
   o, state = _sp_fn(True, False, True)(q, k, v, g, None)
   _close(o, _oracle(q, k, v, g))
-  _close(state, ops.linear_attention(q, k, v, log_decay=g, return_state=True, impl="chunked")[1])
+  _close(state, _single_fn(True, False, True)(q, k, v, g, None)[1])
 
 
 @pytest.mark.parametrize("decay", ["none", "key"])
@@ -109,8 +118,7 @@ def test_normalized_with_initial_state_splits_like_one_pass():
   s0 = (jnp.asarray(r.rand(B, H, K, V), jnp.float32), jnp.asarray(r.rand(B, H, K) + 1, jnp.float32))
   o, (s, z) = _sp_fn(True, True, True)(q, k, v, g, s0)
   _close(o, _oracle(q, k, v, g, s0, normalize=True))
-  _, (s_ref, z_ref) = ops.linear_attention(q, k, v, log_decay=g, normalize=True, initial_state=s0,
-                                           return_state=True, impl="chunked")
+  _, (s_ref, z_ref) = _single_fn(True, True, True)(q, k, v, g, s0)
   _close(s, s_ref)
   _close(z, z_ref)
 
@@ -122,7 +130,7 @@ def test_gradients_equal_single_device(causal):
   sp = _sp_fn(causal, False, False)
   single = lambda q, k, v, g: ops.linear_attention(q, k, v, causal=causal, log_decay=g, impl="chunked")
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(sp(*a, None) * cot), argnums=(0, 1, 2, 3)))(q, k, v, g)
-  want = jax.grad(lambda *a: jnp.sum(single(*a) * cot), argnums=(0, 1, 2, 3))(q, k, v, g)
+  want = jax.jit(jax.grad(lambda *a: jnp.sum(single(*a) * cot), argnums=(0, 1, 2, 3)))(q, k, v, g)
   for name, a, b in zip("qkvg", grads, want):
     assert a.shape == b.shape, name
     _close(a, b, tol=5e-5)
@@ -175,7 +183,7 @@ def test_ssd_equals_single_device(causal):
     kw.update(initial_state=a["s0"], return_state=True)
   sp = sequence_parallel(ssd, _mesh())
   args = (a["x"], a["dt"][0], a["A"], a["B"][0], a["C"][0])
-  got, want = jax.jit(lambda *z: sp(*z, **kw))(*args), ssd(*args, **kw)
+  got, want = jax.jit(lambda *z: sp(*z, **kw))(*args), jax.jit(lambda *z: ssd(*z, **kw))(*args)
   for u, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _close(u, w)
 
@@ -189,7 +197,7 @@ def test_quasiseparable_equals_matrix_form_with_gradients():
                                                               impl=impl)))
   args = (a["x"], a["dt"], (a["B"], a["C"]))
   loss, grads = jax.jit(jax.value_and_grad(run(sp, "chunked"), argnums=(0, 1, 2)))(*args)
-  loss_ref, grads_ref = jax.value_and_grad(run(quasiseparable, "reference"), argnums=(0, 1, 2))(*args)
+  loss_ref, grads_ref = jax.jit(jax.value_and_grad(run(quasiseparable, "reference"), argnums=(0, 1, 2)))(*args)
   _close(loss, loss_ref)
   for u, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     _close(u, w, tol=5e-5)
@@ -203,7 +211,7 @@ def test_quasiseparable_lengths_count_global_positions():
   kw = dict(D=a["D"], lengths=lengths, chunk_size=CHUNK, impl="chunked")
   args = (a["x"], a["dt"], a["A"], a["B"], a["C"])
   got = jax.jit(lambda *z: sequence_parallel(quasiseparable, _mesh())(*z, **kw))(*args)
-  _close(got, quasiseparable(*args, **kw))
+  _close(got, jax.jit(lambda *z: quasiseparable(*z, **kw))(*args))
   assert float(jnp.abs(got[1, 23:]).max()) == 0.0
 
 
@@ -271,7 +279,7 @@ def test_delta_rule_equals_single_device_with_state_and_gradients():
     assert u.shape == w.shape
     _close(u, w, tol=5e-5)
   plain = jax.jit(lambda *a: sequence_parallel(delta_rule, _mesh())(*a, chunk_size=CHUNK))(q, k, v, beta)
-  _close(plain, delta_rule(q, k, v, beta, chunk_size=CHUNK))  # no gate, no initial state
+  _close(plain, jax.jit(lambda *a: delta_rule(*a, chunk_size=CHUNK))(q, k, v, beta))  # no gate, no initial state
 
 
 def test_layers_run_sequence_parallel_under_a_sequence_mesh():
