@@ -57,7 +57,7 @@ def defaults(name):
   elif name == "pathfinder":
     fields = dict(**_sizes(20_000, 2_000, 2_000), resolution=32, num_distractors=2, as_tokens=False)
   elif name == "bytes":
-    fields = dict(seq_len=256, corpus="", corpus_glob="*.py", validation_fraction=0.05, packing=False)
+    fields = dict(seq_len=256, corpus="", corpus_glob="*.py", validation_fraction=0.05, packing=True)
   elif name in catalog.KNOWN:
     fields = dict(seq_len=512, as_tokens=False)
   elif name.startswith("tfds:") and len(name) > 5:

@@ -5,8 +5,8 @@ The corpus is the concatenation, in sorted path order, of the matching files und
 validation split. Example i is the window `corpus[i*T : i*T + T + 1]`: inputs its first T
 bytes, targets its last T. Vocabulary: the 256 byte values.
 
-With `packing`, each file is a document: the files whose bytes start before the validation cut are
-the train split, the others validation, and each split's documents are packed into rows with
+With `packing`, each file is a document: the files before the validation cut are the train split,
+those after it validation (the one holding the cut is split there), and each split's documents are packed into rows with
 segment ids (`experiments.data.packing`), so no window crosses from one file into another.
 """
 import functools
@@ -69,15 +69,18 @@ class ByteWindows:
 
 @functools.lru_cache(maxsize=4)
 def packed_documents(path, pattern, seq_len, validation_fraction, split):
-  """The files of the corpus as documents (each followed by a newline), split at the file that holds the
-  validation cut, packed into rows of seq_len + 1 bytes."""
+  """The files of the corpus as documents (each followed by a newline), the train split before the validation
+  cut and validation after it (the file holding the cut split there), packed into rows of seq_len + 1 bytes."""
   docs = [np.frombuffer(f.read_bytes() + b"\n", np.uint8) for f in corpus_files(path, pattern)]
-  starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
-  cut = int(sum(len(d) for d in docs) * (1 - validation_fraction))
-  train = [d for d, s in zip(docs, starts) if s < cut]
-  chosen = train if split == "train" else docs[len(train):]
-  if not chosen:
-    raise ValueError(f"validation_fraction={validation_fraction} leaves no document for the {split} split")
+  ends = np.cumsum([len(d) for d in docs])
+  cut = int(ends[-1] * (1 - validation_fraction))
+  i = int(np.searchsorted(ends, cut, side="right"))  # the document holding the cut (if any) is cut there
+  inside = cut - (ends[i - 1] if i else 0)
+  if i == len(docs):
+    train, validation = docs, []
+  else:
+    train, validation = docs[:i] + [docs[i][:inside]], [docs[i][inside:]] + docs[i + 1:]
+  chosen = [d for d in (train if split == "train" else validation) if len(d)]
   packed = packing_lib.pack(chosen, seq_len)
   print(f"packed {len(chosen)} documents ({split}) into {len(packed)} rows of {seq_len + 1} bytes: "
         f"{100 * packed.efficiency:.1f}% real tokens")

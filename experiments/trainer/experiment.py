@@ -41,12 +41,21 @@ class Experiment:
     return (sharding.global_batch(b, batch_sh, batch_size) for b in it)
 
 
-def example_batch(spec, mesh):
-  """Zeros shaped like a batch of `spec` (one row per batch shard), for initialisation."""
+def example_batch(spec, mesh, packed=False):
+  """Zeros shaped like a batch of `spec` (one row per batch shard; with segment ids when `packed`), for
+  initialisation."""
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if spec.inputs == "image":
     return {"image": np.zeros((rows,) + tuple(spec.image_shape), np.uint8)}
-  return {"inputs": np.zeros((rows, spec.seq_len), np.int32), "mask": np.ones((rows, spec.seq_len), bool)}
+  batch = {"inputs": np.zeros((rows, spec.seq_len), np.int32), "mask": np.ones((rows, spec.seq_len), bool)}
+  if packed:
+    batch["segment_ids"] = np.zeros((rows, spec.seq_len), np.int32)
+  return batch
+
+
+def is_packed(data_config):
+  """Whether the dataset packs documents into rows with segment ids (the byte corpus's `packing`)."""
+  return bool(data.data_config.resolved(data_config).get("packing", False))
 
 
 def create(config):
@@ -64,7 +73,15 @@ def create(config):
                        f"{dict(mesh.shape)}")
   model = models.build_model(config.model)
   tx = optimizer_lib.make_optimizer(config.optimizer, config.num_steps)
-  state, shardings = step_lib.init_train_state(model, tx, mesh, jax.random.key(config.seed), example_batch(spec, mesh))
+  packed = is_packed(config.data)
+  try:
+    state, shardings = step_lib.init_train_state(model, tx, mesh, jax.random.key(config.seed),
+                                                 example_batch(spec, mesh, packed))
+  except ValueError as e:
+    if packed and "segment_ids" in str(e):
+      raise ValueError(f"{e}. The data packs documents (config.data.packing=True); to train this model on "
+                       f"unpacked windows pass --config.data.packing=False") from e
+    raise
   return Experiment(config, spec, model, mesh, tx, state, shardings)
 
 

@@ -98,10 +98,11 @@ def test_config_errors_name_the_valid_choices(mqar_config):
 
 
 def test_byte_corpus_windows(tmp_path):
+  """Unpacked (packing=False): windows of the concatenated corpus, across files."""
   (tmp_path / "b.txt").write_bytes(bytes(range(100, 140)))
   (tmp_path / "a.txt").write_bytes(bytes(range(40)))
   config = ml_collections.ConfigDict(dict(name="bytes", corpus=str(tmp_path), corpus_glob="*.txt", seq_len=7,
-                                          validation_fraction=0.25))
+                                          validation_fraction=0.25, packing=False))
   corpus = list(range(40)) + [10] + list(range(100, 140)) + [10]  # sorted order, newline after each file
   cut = int(len(corpus) * 0.75)
   assert data.num_examples(config, "train") == (cut - 1) // 7
