@@ -6,7 +6,8 @@
 
 Non-causal inputs may be a token grid `[B,*spatial,d]` (or `[B,T,d]` with `grid_shape`): one pass whatever the
 grid's rank, MD-LRPE rotating each part of the key channels by its own grid axis. Causal decode keeps the state
-(S, log running sum) and the position in the `cache` collection.
+(S, log running sum) and the position in the `cache` collection. Packed 1-D rows (`segment_ids`) need nothing more
+than the op's: MD-LRPE depends on position differences only, and no pair crosses a segment.
 """
 from typing import Optional, Sequence
 
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import Dtype, GatedRMSNorm, check_x, constrain, grid_tokens, head_width, projection
+from mixers.layers.common import (Dtype, GatedRMSNorm, check_segment_ids, check_x, constrain, grid_tokens, head_width,
+                                  projection)
 from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
 from mixers.layers.positional import MdLrpe
 from mixers.ops import positional
@@ -52,16 +54,19 @@ class LightNet(nn.Module):
     return decode_positions(self, batch, length, decode=decode)[..., None]
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
     """y of x's shape from x `[B,T,d_model]` or a token grid `[B,*spatial,d_model]` (non-causal).
 
     mask: `[B,T]` or `[B,*spatial]` bool, True at real tokens (padded tokens add nothing), or None.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       O(1) state per token.
+    segment_ids: `[B,T]` ints (packed 1-D sequences; a segment is a run of equal ids) or None: each segment is
+      mixed as its own sequence; decoding after a packed prompt continues each row's last segment.
     """
     check_x(self, x, grid=True)
     check_decode(self, decode)
     xf, grid, mask = grid_tokens(self, x, mask)
+    segment_ids = check_segment_ids(self, segment_ids, xf.shape, grid=grid)
     b, t, d = xf.shape
     h = self.num_heads
     dv = head_width(h, None, d)
@@ -73,8 +78,10 @@ class LightNet(nn.Module):
     phases = MdLrpe(self.lrpe_base).phases(self._coordinates(grid, b, t, decode), dk) if self.use_lrpe else None
 
     def mix(state):
-      return ops.lightnet(q, k, v, causal=self.causal, initial_state=state, return_state=True, mask=mask,
-                          phases=phases, chunk_size=self.chunk_size, impl=self.impl)
+      kw = dict(mask=mask, phases=phases, chunk_size=self.chunk_size, impl=self.impl, segment_ids=segment_ids)
+      if not self.causal and segment_ids is not None:  # one normaliser per segment: no single state to return
+        return ops.lightnet(q, k, v, causal=False, **kw), None
+      return ops.lightnet(q, k, v, causal=self.causal, initial_state=state, return_state=True, **kw)
 
     def zero_state():  # (S, log of the running sum), nothing summed yet
       key_dim = dk * (2 if self.use_lrpe else 1)

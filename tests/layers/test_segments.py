@@ -35,6 +35,7 @@ CONFIGS = {  # tiny configs
     "vssd": dict(head_dim=8, state_dim=8, conv_width=3, chunk_size=9),
     "delta_net": dict(num_heads=2, conv_width=3, chunk_size=9),
     "gated_delta_net": dict(num_heads=2, conv_width=3, chunk_size=9),
+    "lightnet": dict(num_heads=2, gate_rank=4, chunk_size=9),
 }
 PACKABLE = [n for n in registry.names("sequence") if takes_segment_ids(n)]
 CAUSAL = [n for n in PACKABLE if registry.is_causal_capable(n)]
@@ -101,9 +102,9 @@ def init(name, causal):
 
 
 def test_the_packable_mixers():
-  assert PACKABLE == ["attention", "delta_net", "gated_delta_net", "gla", "hydra", "linear_attention", "mamba2",
-                      "retention", "vssd"]
-  for name in ("lightnet", "m2", "hyper_attention"):
+  assert PACKABLE == ["attention", "delta_net", "gated_delta_net", "gla", "hydra", "lightnet", "linear_attention",
+                      "mamba2", "retention", "vssd"]
+  for name in ("m2", "hyper_attention"):
     assert not takes_segment_ids(name)
 
 
@@ -182,9 +183,9 @@ def test_models_packed_equal_segments_alone():
 
 
 def test_model_with_a_mixer_that_cannot_take_segment_ids():
-  model = SequenceModel(mixers=("gla", "lightnet"), mixer_kwargs=({"num_heads": 2}, {"num_heads": 2}))
+  model = SequenceModel(mixers=("gla", "m2"), mixer_kwargs=({"num_heads": 2}, {"max_len": 64}))
   x = jnp.zeros((B, T, D))
-  with pytest.raises(ValueError, match=r"segment_ids.*\['lightnet'\].*mixers that do: attention, delta_net"):
+  with pytest.raises(ValueError, match=r"segment_ids.*\['m2'\].*mixers that do: attention, delta_net"):
     model.init(jax.random.key(0), x, segment_ids=jnp.asarray(IDS))
 
 
