@@ -34,36 +34,31 @@ def mixer_kwargs(name, kwargs, *, causal=None, dtype=None, param_dtype=None, gri
   return kwargs
 
 
+def takes_keyword(name, keyword):
+  """Whether the sequence mixer `name` reads `keyword` (such as prefix_len or segment_ids) at call time."""
+  return keyword in inspect.signature(registry.get(name, "sequence").__call__).parameters
+
+
 def takes_prefix_len(name):
   """Whether the sequence mixer `name` reads `prefix_len` (Prefix-LM) at call time."""
-  return "prefix_len" in inspect.signature(registry.get(name, "sequence").__call__).parameters
-
-
-def check_prefix_len(mixers, prefix_len):
-  """ValueError when prefix_len is given to a model with a mixer that cannot read it, listing those that can."""
-  if prefix_len is None:
-    return
-  bad = sorted({n for n in mixers if not takes_prefix_len(n)})
-  if bad:
-    able = [n for n in registry.names("sequence") if takes_prefix_len(n)]
-    raise ValueError(f"prefix_len (Prefix-LM) reaches every layer, but mixer(s) {bad} do not take it; mixers that "
-                     f"do: {', '.join(able)}")
+  return takes_keyword(name, "prefix_len")
 
 
 def takes_segment_ids(name):
   """Whether the sequence mixer `name` reads `segment_ids` (packed sequences) at call time."""
-  return "segment_ids" in inspect.signature(registry.get(name, "sequence").__call__).parameters
+  return takes_keyword(name, "segment_ids")
 
 
-def check_segment_ids(mixers, segment_ids):
-  """ValueError when segment_ids are given to a model with a mixer that cannot read them, listing those that can."""
-  if segment_ids is None:
+def check_mixers_take(mixers, keyword, value, what):
+  """ValueError when `value` is given as `keyword` to a model with a mixer that cannot read it, listing those that
+  can (`what` names the feature in the message)."""
+  if value is None:
     return
-  bad = sorted({n for n in mixers if not takes_segment_ids(n)})
+  bad = sorted({n for n in mixers if not takes_keyword(n, keyword)})
   if bad:
-    able = [n for n in registry.names("sequence") if takes_segment_ids(n)]
-    raise ValueError(f"segment_ids (packed sequences) reach every layer, but mixer(s) {bad} do not take them; mixers "
-                     f"that do: {', '.join(able)}")
+    able = [n for n in registry.names("sequence") if takes_keyword(n, keyword)]
+    raise ValueError(f"{keyword} ({what}) reaches every layer, but mixer(s) {bad} do not take it; mixers that do: "
+                     f"{', '.join(able)}")
 
 
 def remat_policy(name):
@@ -161,8 +156,8 @@ class SequenceModel(nn.Module):
     """
     if len(self.mixers) != len(self.mixer_kwargs):
       raise ValueError(f"{len(self.mixers)} mixers but {len(self.mixer_kwargs)} mixer_kwargs")
-    check_prefix_len(self.mixers, prefix_len)
-    check_segment_ids(self.mixers, segment_ids)
+    check_mixers_take(self.mixers, "prefix_len", prefix_len, "Prefix-LM")
+    check_mixers_take(self.mixers, "segment_ids", segment_ids, "packed sequences")
     if segment_ids is not None:
       segment_ids = jnp.asarray(segment_ids)
       if (x.ndim != 3 or segment_ids.shape != x.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
