@@ -83,7 +83,7 @@ def packed_documents(path, pattern, seq_len, validation_fraction, split):
   chosen = [d for d in (train if split == "train" else validation) if len(d)]
   packed = packing_lib.pack(chosen, seq_len)
   print(f"packed {len(chosen)} documents ({split}) into {len(packed)} rows of {seq_len + 1} bytes: "
-        f"{100 * packed.efficiency:.1f}% real tokens")
+        f"{100 * packed.efficiency:.2f}% real tokens")
   return packed
 
 
