@@ -27,17 +27,36 @@ def sample_token(logits, rng, temperature):
   return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-def generate(model, params, prompt, num_tokens, *, rng, temperature=0.8):
+def left_aligned(prompt, lengths):
+  """Right-padded prompts [B,P] with `lengths` [B] -> (prompts moved to end at P, segment ids [B,P]: 0 on the
+  padding in front, 1 on the prompt)."""
+  b, p = prompt.shape
+  lengths = np.asarray(lengths)
+  if lengths.shape != (b,) or np.any(lengths < 1) or np.any(lengths > p):
+    raise ValueError(f"lengths must be [B] = ({b},) ints in [1, P={p}], got {lengths.tolist()}")
+  source = np.arange(p)[None, :] - (p - lengths)[:, None]  # position in the original row, negative in front
+  moved = np.take_along_axis(np.asarray(prompt), np.clip(source, 0, p - 1), axis=1)
+  ids = (source >= 0).astype(np.int32)
+  return jnp.asarray(np.where(ids, moved, 0), jnp.int32), jnp.asarray(ids)
+
+
+def generate(model, params, prompt, num_tokens, *, rng, temperature=0.8, lengths=None):
   """(tokens [B, num_tokens] int32, seconds per generated token after compilation) continuing prompt [B,P].
 
   The cache is sized for P + num_tokens (attention's KV cache); layers whose cache the model's settings bound
   (m2's history holds the model's max_len positions) must hold P + num_tokens too, else a ValueError says so
-  before decoding. Decoding token by token equals the full forward pass.
+  before decoding. Decoding token by token equals the full forward pass. Ragged prompts: `lengths` [B] (row b's
+  prompt is prompt[b, :lengths[b]]); the prompts are moved to end together and read as packed rows (padding in
+  front is a segment of its own), so every row continues its own prompt as if decoded alone; the model's mixers
+  must take segment_ids.
   """
   prompt = jnp.asarray(prompt, jnp.int32)
   b, p = prompt.shape
   if p < 1 or num_tokens < 1:
     raise ValueError(f"prompt has shape {tuple(prompt.shape)} and num_tokens={num_tokens}: expected both >= 1")
+  prefill = {}
+  if lengths is not None:
+    prompt, prefill["segment_ids"] = left_aligned(prompt, lengths)
   full = jnp.zeros((b, p + num_tokens), jnp.int32)
   cache = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(0), full)["cache"]
   capacity = decode_capacity(cache)
@@ -46,12 +65,12 @@ def generate(model, params, prompt, num_tokens, *, rng, temperature=0.8):
                      f"model's decode caches hold {capacity} (a layer's max_len, from the model config's max_len)")
 
   @jax.jit
-  def step(cache, tokens, rng):
-    logits, updated = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+  def step(cache, tokens, rng, **kw):
+    logits, updated = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"], **kw)
     return updated["cache"], sample_token(logits[:, -1], rng, temperature)
 
   rngs = jax.random.split(rng, num_tokens)
-  cache, token = step(cache, prompt, rngs[0])
+  cache, token = step(cache, prompt, rngs[0], **prefill)
   out = [token]
   cache, token = step(cache, token[:, None], rngs[1 % num_tokens])  # compiles the one-token step
   jax.block_until_ready(token)

@@ -96,3 +96,24 @@ def test_packing_benchmark_suite_at_tiny_sizes(monkeypatch):
   rows, _ = benchmark.main(["--suite", "packing", "--max_len", "64", "--repeats", "1"])
   assert [r["op"] for r in rows] == ["ssd (mamba2)", "long_conv"]
   assert all(r["segments"] > 1 and r["packed/unpacked"] > 0 for r in rows)
+
+
+def test_ragged_prompts_decode_as_if_alone():
+  """Prompts of 3 and 7 tokens in one batch (read as packed rows: padding in front is its own segment), then 6
+  greedy tokens each: every row continues its own prompt exactly as when generated alone."""
+  from experiments import generate  # pylint: disable=import-outside-toplevel
+  c = models.default_config()
+  c.update(dict(kind="lm", mixer="gla,attention", d_model=16, num_layers=2, vocab_size=50, positional="rotary"))
+  c.mixer_kwargs.update(dict(num_heads=2))
+  c.per_mixer_kwargs = {"gla": dict(short_conv=True)}
+  model = models.build_model(c)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
+  lengths = np.array([3, 7])
+  prompt = np.random.default_rng(0).integers(1, 50, (2, 7)).astype(np.int32)
+  batched, _ = generate.generate(model, params, prompt, 6, rng=jax.random.key(2), temperature=0, lengths=lengths)
+  for row, n in enumerate(lengths):
+    alone, _ = generate.generate(model, params, prompt[row:row + 1, :n], 6, rng=jax.random.key(2), temperature=0)
+    np.testing.assert_array_equal(batched[row], alone[0])
+  with pytest.raises(ValueError, match="lengths must be"):
+    generate.generate(model, params, prompt, 2, rng=jax.random.key(2), lengths=[3, 8])
