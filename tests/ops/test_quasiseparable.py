@@ -107,13 +107,14 @@ def test_padded_batch_equals_sequences_run_one_by_one(x64):
   shift = LENGTH - lengths[1]
   roll = lambda v: jax.tree.map(lambda u: np.concatenate([u[:1], np.roll(u[1:], shift, axis=1)]), v)
   keep_left = np.stack([keep[0], np.roll(keep[1], shift)])
+  static_lengths = tuple(int(n) for n in lengths)  # the one-by-one runs slice by them
 
   @jax.jit
   def everything(x, dt, a, b, c, d, xp, dtp, bp, cp, lengths, keep, left, keep_left):  # one program
     y = quasiseparable(xp, dtp, a, bp, cp, D=d, lengths=lengths, chunk_size=CHUNK, impl="chunked")
     y_mask = quasiseparable(xp, dtp, a, bp, cp, D=d, mask=keep, chunk_size=CHUNK, impl="chunked")
     y_ones = []
-    for i, n in enumerate(LENGTHS):
+    for i, n in enumerate(static_lengths):
       one = lambda v: jax.tree.map(lambda u: u[i:i + 1, :n], v)  # pylint: disable=cell-var-from-loop
       y_ones.append(quasiseparable(*one((x, dt)), a, *one((b, c)), D=one(d), chunk_size=CHUNK, impl="chunked"))
     xl, dtl, bl, cl, dl = left
@@ -121,9 +122,8 @@ def test_padded_batch_equals_sequences_run_one_by_one(x64):
     m = quasiseparable_matrix(dtp, a, bp, cp, D=d, lengths=lengths)
     return y, y_mask, y_ones, y_left, m
 
-  LENGTHS = tuple(int(n) for n in lengths)  # static: the one-by-one runs slice by them
   y, y_mask, y_ones, y_left, m = everything(x, dt, a, b, c, d, xp, dtp, bp, cp, lengths, keep,
-                                                roll((xp, dtp, bp, cp, d)), keep_left)
+                                            roll((xp, dtp, bp, cp, d)), keep_left)
   np.testing.assert_allclose(y_mask, y, rtol=1e-12)
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(y[i:i + 1, :n], y_ones[i], rtol=1e-10, atol=1e-10)
