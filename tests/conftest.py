@@ -39,3 +39,13 @@ def random_like(key, tree):
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
   return treedef.unflatten([jax.random.normal(k, x.shape, jnp.result_type(x)) for k, x in zip(keys, leaves)])
+
+
+def random_variables(module, *args, **kwargs):
+  """Random values (normal, std 0.3) in the variables `module.init(key, *args, **kwargs)` would make, without
+  compiling the init (XLA keeps its forward pass)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+  leaves, treedef = jax.tree.flatten(shapes)
+  fill = lambda key: [0.3 * jax.random.normal(k, a.shape, a.dtype) for k, a in
+                      zip(jax.random.split(key, len(leaves)), leaves)]
+  return treedef.unflatten(jax.jit(fill)(jax.random.key(1)))

@@ -8,7 +8,7 @@ import pytest
 
 import mixers
 from mixers import registry
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_variables
 
 B, T, D = 2, 13, 16
 SMALL = {
@@ -39,8 +39,9 @@ def inputs(seed=0):
 
 @functools.lru_cache(maxsize=None)
 def init(name, causal):
+  """(layer, random variables of its shapes): the init is not compiled."""
   layer = build(name, causal)
-  return layer, jax.jit(layer.init)(jax.random.key(1), inputs())
+  return layer, random_variables(layer, inputs())
 
 
 def test_every_registered_mixer_has_a_small_config():
@@ -69,8 +70,8 @@ def test_causality(name):
   layer, variables = init(name, True)
   x = inputs()
   t = 6
-  y1 = layer.apply(variables, x)
-  y2 = layer.apply(variables, x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), (B, T - t - 1, D))))
+  changed = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), (B, T - t - 1, D)))
+  y1, y2 = jax.jit(lambda v: (layer.apply(v, x), layer.apply(v, changed)))(variables)
   np.testing.assert_allclose(y1[:, :t + 1], y2[:, :t + 1], atol=1e-6, rtol=1e-6)
   assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
 
@@ -80,8 +81,7 @@ def test_decode_equals_forward(name):
   """A 5-token prompt, then one token at a time, reproduces the full forward."""
   layer, variables = init(name, True)
   x = inputs()
-  y = layer.apply(variables, x)
-  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x)["cache"]
+  y, cache = jax.jit(lambda v: (layer.apply(v, x), layer.init(jax.random.key(1), x, decode=True)["cache"]))(variables)
   step = jax.jit(lambda c, xt: layer.apply({**variables, "cache": c}, xt, decode=True, mutable=["cache"]))
   out, state = step(cache, x[:, :5])
   outs = [out]

@@ -12,7 +12,7 @@ import mixers
 from mixers import registry
 from mixers.models.backbone import SequenceModel, stack_layers, takes_segment_ids
 from mixers.models.language_model import LanguageModel
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_variables
 
 D = 16
 # one-token segments; row 1 repeats an id in three segments and ends in a segment shorter than the conv windows;
@@ -69,16 +69,6 @@ def alone(apply, inputs, *masks, causal=False):
 
 def build(name, causal):
   return mixers.build_mixer(name, causal=causal, **CONFIGS[name])
-
-
-def random_variables(module, *args, **kwargs):
-  """Random values (normal, std 0.3) in the variables `module.init(key, *args, **kwargs)` would make, without
-  compiling the init (XLA keeps its forward pass)."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  leaves, treedef = jax.tree.flatten(shapes)
-  fill = lambda key: [0.3 * jax.random.normal(k, a.shape, a.dtype) for k, a in
-                      zip(jax.random.split(key, len(leaves)), leaves)]
-  return treedef.unflatten(jax.jit(fill)(jax.random.key(1)))
 
 
 def empty_cache(layer, variables, x_full):
