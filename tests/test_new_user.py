@@ -16,7 +16,7 @@ import pytest
 
 import mixers
 from mixers import ops, registry
-from tests.conftest import rel_rms
+from tests.conftest import random_variables, rel_rms
 from tests.layers.test_all_mixers import SMALL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_every_mixer_in_the_users_own_scan():
 
   scanned = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
                     metadata_params={nn.PARTITION_NAME: "layers"})()
-  variables = jax.jit(scanned.init)(jax.random.key(1), X, None)
+  variables = random_variables(scanned, X, None)
   boxed = [p for p in jax.tree.leaves(variables, is_leaf=lambda a: isinstance(a, nn.Partitioned))
            if isinstance(p, nn.Partitioned)]
   assert boxed and all(p.names[0] == "layers" and p.value.shape[0] == 2 for p in boxed)
