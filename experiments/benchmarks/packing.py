@@ -35,25 +35,31 @@ def _inputs(t, dtype):
   return tuple(a.astype(dtype) for a in (q, k, v, g, beta))
 
 
-def ops_under_test(ids, segments):
-  """name -> f(q, k, v, g, beta) with the given segment ids (None: unpacked)."""
+def ops_under_test(segments):
+  """name -> f(q, k, v, g, beta, ids): ids `[1,T]` or None (unpacked); `segments` bounds long_conv's rows."""
   a = -jnp.linspace(0.5, 4.0, H)
   return {
-      "linear_attention (per-head decay)": lambda q, k, v, g, beta: ops.linear_attention(
+      "linear_attention (per-head decay)": lambda q, k, v, g, beta, ids: ops.linear_attention(
           q, k, v, log_decay=g[..., 0], segment_ids=ids, impl="chunked"),
-      "gla (per-channel decay)": lambda q, k, v, g, beta: ops.linear_attention(
+      "gla (per-channel decay)": lambda q, k, v, g, beta, ids: ops.linear_attention(
           q, k, v, log_decay=g, segment_ids=ids, impl="chunked"),
-      "ssd (mamba2)": lambda q, k, v, g, beta: ops.ssd(
+      "ssd (mamba2)": lambda q, k, v, g, beta, ids: ops.ssd(
           v, jax.nn.softplus(g[..., 0]), a, k[:, :, :1], q[:, :, :1], segment_ids=ids, impl="chunked"),
-      "quasiseparable (hydra)": lambda q, k, v, g, beta: ops.quasiseparable(
+      "quasiseparable (hydra)": lambda q, k, v, g, beta, ids: ops.quasiseparable(
           v, (beta, beta), a, (k[:, :, :1], q[:, :, :1]), (q[:, :, :1], k[:, :, :1]), segment_ids=ids),
-      "delta_rule (gated)": lambda q, k, v, g, beta: ops.delta_rule(
+      "delta_rule (gated)": lambda q, k, v, g, beta, ids: ops.delta_rule(
           q, k, v, beta, log_decay=g[..., 0], segment_ids=ids, impl="chunked"),
-      "lightnet": lambda q, k, v, g, beta: ops.lightnet(q, k, v, segment_ids=ids, impl="chunked"),
-      "attention (causal)": lambda q, k, v, g, beta: ops.attention(q, k, v, causal=True, segment_ids=ids),
-      "long_conv": lambda q, k, v, g, beta: ops.long_conv(
+      "lightnet": lambda q, k, v, g, beta, ids: ops.lightnet(q, k, v, segment_ids=ids, impl="chunked"),
+      "attention (causal)": lambda q, k, v, g, beta, ids: ops.attention(q, k, v, causal=True, segment_ids=ids),
+      "long_conv": lambda q, k, v, g, beta, ids: ops.long_conv(
           v[:, :, 0], g[0, :, 0], segment_ids=ids, max_segments=None if ids is None else segments),
   }
+
+
+def fwd_bwd(f):
+  """Jitted value and gradient (for q, k, v, g, beta) of sum(f(...)); the ids are an argument, not a constant."""
+  loss = lambda *args: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(f(*args)))
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5))))
 
 
 def run(args):
@@ -61,11 +67,10 @@ def run(args):
   for t in (t for t in LENGTHS if t <= args.max_len):
     inputs = _inputs(t, jnp.dtype(args.dtype))
     ids, segments = segment_ids(t)
-    packed, plain = ops_under_test(ids, segments), ops_under_test(None, None)
-    for name in packed:
+    for name, f in ops_under_test(segments).items():
       row = {"op": name, "T": t, "segments": segments}
-      row["unpacked_fwdbwd_s"] = common.time_fn(common.fwd_bwd(plain[name]), *inputs, repeats=args.repeats)
-      row["packed_fwdbwd_s"] = common.time_fn(common.fwd_bwd(packed[name]), *inputs, repeats=args.repeats)
+      row["unpacked_fwdbwd_s"] = common.time_fn(fwd_bwd(f), *inputs, None, repeats=args.repeats)
+      row["packed_fwdbwd_s"] = common.time_fn(fwd_bwd(f), *inputs, ids, repeats=args.repeats)
       row["packed/unpacked"] = row["packed_fwdbwd_s"] / row["unpacked_fwdbwd_s"]
       rows.append(row)
       print(row, flush=True)
