@@ -8,7 +8,8 @@ segment.
 import jax
 import jax.numpy as jnp
 
-from mixers.ops import checks
+from mixers.ops import checks, sequence
+from mixers.ops.recurrence import reference
 
 
 def causal_mask(t_q, t_k):
@@ -46,9 +47,7 @@ def visibility(t_q, t_k, *, causal=False, prefix_len=None, block_size=None, batc
 def same_segment(segment_ids):
   """`[B,1,T,T]` bool: tokens t and s are in one segment of `segment_ids` `[B,T]` (a segment is a run of equal
   ids, so ids may repeat across segments, as a padding id does)."""
-  starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  seg = jnp.cumsum(starts.astype(jnp.int32), axis=1)
-  return (seg[:, :, None] == seg[:, None, :])[:, None]
+  return reference.same_segment(sequence.segment_starts(segment_ids))
 
 
 def attention(q, k, v, *, causal=False, prefix_len=None, block_size=None, scale=None, mask=None,

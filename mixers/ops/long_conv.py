@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixers.ops import checks
-from mixers.ops import monarch_fft
+from mixers.ops import checks, monarch_fft, sequence
+from mixers.ops.recurrence import reference
 
 IMPLS = ("fft", "monarch")
 
@@ -38,10 +38,9 @@ def circular_kernel(k, k_rev, n):
 def segment_positions(segment_ids):
   """(segment index `[B,T]` (0, 1, ... along each row), position inside the segment `[B,T]`) of packed rows."""
   t = segment_ids.shape[1]
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  index = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+  starts = sequence.segment_starts(segment_ids)
   first = jax.lax.cummax(jnp.where(starts, jnp.arange(t), 0), axis=1)
-  return index, jnp.arange(t) - first
+  return reference.segment_index(starts), jnp.arange(t) - first
 
 
 def _packed(u, k, k_rev, segment_ids, max_segments, **kw):
