@@ -17,6 +17,8 @@ Batch keys (B = batch_size / process_count, T = config.data.seq_len):
                            (MQAR: everywhere but the query positions; text: padding;
                            state_tracking scores every position)
     mask    [B, T] bool    real (non-padding) input tokens
+    segment_ids [B, T] int32  only with `data.packing` (bytes, lm1b, tfds:NAME of kind lm): the documents'
+                           windows packed in a row, numbered from 1; 0 is padding
   task "classification", token inputs (listops, imdb_reviews, images with as_tokens=True):
     inputs  [B, T] int32   tokens, 0-padded (images: grayscale pixels 0..255, T = H*W)
     mask    [B, T] bool    real tokens
@@ -155,11 +157,14 @@ def _source(c, split):
     return text.byte_source(split, seq_len=c.seq_len, corpus=c.corpus, corpus_glob=c.corpus_glob,
                             validation_fraction=c.validation_fraction, packing=c.packing), None
   name, kind, keys = _catalog_entry(c)
+  if kind == "lm" and c.packing:
+    return catalog.packed_texts(name, c.data_dir, split, c.seq_len, keys["text"]), None
   source = catalog.data_source(name, c.data_dir, split)
   if kind == "lm":
-    return source, lambda ex: _text_lm(_bytes_of(ex[keys["text"]]), c.seq_len)
+    return source, lambda ex: _text_lm(catalog.text_bytes(ex[keys["text"]]), c.seq_len)
   if kind == "text_classification":
-    return source, lambda ex: _token_classification(_bytes_of(ex[keys["text"]]), ex[keys["label"]], c.seq_len)
+    return source, lambda ex: _token_classification(catalog.text_bytes(ex[keys["text"]]), ex[keys["label"]],
+                                                    c.seq_len)
   return source, lambda ex: _image_classification(ex[keys["image"]], ex[keys["label"]], c.as_tokens)
 
 
@@ -206,9 +211,3 @@ def _image_classification(image, label, as_tokens):
   gray = image[..., 0] if image.shape[-1] == 1 else np.rint(image[..., :3] @ np.array([0.299, 0.587, 0.114]))
   tokens = gray.reshape(-1).astype(np.int32)
   return {"inputs": tokens, "mask": np.ones(tokens.shape, bool), "label": np.int32(label)}
-
-
-def _bytes_of(value):
-  if isinstance(value, str):
-    value = value.encode("utf-8")
-  return np.frombuffer(bytes(value), np.uint8)

@@ -11,8 +11,11 @@ pathfinder:      seed, num_train, num_validation, num_test, resolution (32 or 64
 bytes:           seq_len, corpus ('' = the Python standard library; a file or directory),
                  corpus_glob (files of a directory matching it, recursively), validation_fraction,
                  packing (each file a document, packed into rows with segment ids)
-catalog names:   seq_len (bytes kept per text), as_tokens (images), and for `tfds:NAME` also kind
-                 (lm | text_classification | image_classification), text_key, label_key, image_key
+catalog names:   seq_len (bytes kept per text; packed: bytes a row), as_tokens (images), and for
+                 `tfds:NAME` also kind (lm | text_classification | image_classification), text_key, label_key,
+                 image_key
+lm1b, tfds:NAME: packing (kind lm: each text a document, packed into rows with segment ids as the bytes
+                 corpus's files; False: one text a row, cut or padded to seq_len + 1 bytes; False for other kinds)
 
 `seed` here is the generation seed of a synthetic dataset; the data order is keyed by the
 `seed` argument of `get_dataset`.
@@ -59,9 +62,10 @@ def defaults(name):
   elif name == "bytes":
     fields = dict(seq_len=256, corpus="", corpus_glob="*.py", validation_fraction=0.05, packing=True)
   elif name in catalog.KNOWN:
-    fields = dict(seq_len=512, as_tokens=False)
+    fields = dict(seq_len=512, as_tokens=False, **(dict(packing=True) if catalog.KNOWN[name][0] == "lm" else {}))
   elif name.startswith("tfds:") and len(name) > 5:
-    fields = dict(seq_len=512, as_tokens=False, kind="", text_key="text", label_key="label", image_key="image")
+    fields = dict(seq_len=512, as_tokens=False, kind="", text_key="text", label_key="label", image_key="image",
+                  packing=True)
   else:
     raise ValueError(f"config.data.name={name!r}: expected one of {list(valid_names())}")
   return ml_collections.ConfigDict({**common, **fields})
@@ -78,8 +82,12 @@ def resolve(data_config):
   if unknown:
     raise ValueError(f"config.data: unknown fields {unknown} for dataset {given['name']!r}; "
                      f"valid fields: {sorted(config.keys())}")
+  if "packing" in given and not isinstance(given["packing"], bool):
+    raise ValueError(f"config.data.packing={given['packing']!r}: expected True or False")
   config.update(given)
   config.data_dir = os.path.expanduser(config.data_dir)
+  if config.name.startswith("tfds:") and config.kind != "lm":
+    config.packing = False  # only texts of kind lm are packed
   _check(config)
   return ml_collections.FrozenConfigDict(config)
 

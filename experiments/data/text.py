@@ -82,8 +82,7 @@ def packed_documents(path, pattern, seq_len, validation_fraction, split):
     train, validation = docs[:i] + [docs[i][:inside]], [docs[i][inside:]] + docs[i + 1:]
   chosen = [d for d in (train if split == "train" else validation) if len(d)]
   packed = packing_lib.pack(chosen, seq_len)
-  print(f"packed {len(chosen)} documents ({split}) into {len(packed)} rows of {seq_len + 1} bytes: "
-        f"{100 * packed.efficiency:.2f}% real tokens")
+  packing_lib.report(len(chosen), split, packed, seq_len)
   return packed
 
 
