@@ -31,8 +31,8 @@ def example(tokens, segments):
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Where every window goes. Piece p is tokens [start[p], start[p] + length[p]) of document `document[p]`
-  (document, start, length: [P] ints, int32 where the values fit); row r holds pieces row_starts[r] : row_starts[r+1] ([N+1] int64) back to
-  back from position 0, the s-th of them as segment s (from 1)."""
+  (document, start, length: [P] ints, int32 where the values fit); row r holds pieces
+  row_starts[r] : row_starts[r+1] (row_starts: [N+1] int64) back to back from position 0, the s-th as segment s."""
   document: np.ndarray
   start: np.ndarray
   length: np.ndarray
@@ -80,7 +80,7 @@ def plan(lengths, seq_len):
   full = np.flatnonzero(length == width)
   short = np.flatnonzero(length < width)
   short = short[np.argsort(-length[short], kind="stable")]
-  rows = _first_fit(length[short], width, first_row=len(full))
+  rows = _assign_rows(length[short], width, first_row=len(full))
   inserted = np.concatenate([full, short])
   row_of = np.concatenate([np.arange(len(full)), rows])
   order = inserted[np.argsort(row_of, kind="stable")]
@@ -94,7 +94,7 @@ def _compact(values):
   return values.astype(np.int32) if values.size == 0 or values.max() < 2**31 else values
 
 
-def _first_fit(lengths, width, first_row):
+def _assign_rows(lengths, width, first_row):
   """The row of each window of `lengths` (in this order): the row with the most room (the first such) when it fits,
   else a new one, numbered from first_row."""
   scale = first_row + len(lengths) + 1
