@@ -17,6 +17,8 @@ GPU (its interpreter does not cover wgmma), and it would not run on Ampere. The 
 for `cuda` on a CPU machine. Whether a Mosaic GPU port pays has not been measured (no GPU was available);
 `experiments/benchmarks/kernels_gpu.py` is the measurement to make before writing one.
 
+Packed sequences add one operand, the in-chunk segment counter `r` `[BH,T,1]` (float32), read like g.
+
 Constraints (`supports_gpu`): C a power of two in [16, 128], K and V padded to powers of two >= 16 by the
 caller, K <= 256.
 """
@@ -72,22 +74,24 @@ def _specs(t, dk, bv, per_channel, n):
   return seq, val, g, aux, state
 
 
-def _chunk(q, k, v, g, aux, i, *, chunk, dk, per_channel, dtype):
+def _chunk(q, k, v, g, aux, r, i, *, chunk, dk, per_channel, dtype):
   return chunk_math.Chunk(
       q=q, k=k, v=v, g=g, g_row=None if per_channel else aux, g_tot=aux if per_channel else None,
-      base=i * chunk, tot_base=i * dk, size=chunk, sub=16, per_channel=per_channel, dtype=dtype)
+      base=i * chunk, tot_base=i * dk, size=chunk, sub=16, per_channel=per_channel, dtype=dtype, r=r)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False):
-  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32)."""
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None):
+  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`."""
   bh, t, dk = q.shape
   dv = v.shape[-1]
   bv, n = value_block(dv), t // chunk
 
-  def kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, s0_ref, o_ref, st_ref):
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, o_ref, st_ref = chunk_math.optional_ref(refs, r, 5)
+
     def step(i, s):
-      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, i, chunk=chunk, dk=dk,
+      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, i, chunk=chunk, dk=dk,
                  per_channel=per_channel, dtype=q.dtype)
       return chunk_math.forward_chunk(c, s, o_ref, scale=scale)
     st_ref[...] = lax.fori_loop(0, n, step, s0_ref[...].astype(jnp.float32))
@@ -96,18 +100,18 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   return pl.pallas_call(
       kernel,
       grid=(bh, dv // bv),
-      in_specs=[seq(dk), seq(dk), val, g_spec, aux_spec, state],
+      in_specs=chunk_math.with_optional(r, [seq(dk), seq(dk), val, g_spec, aux_spec, state], seq(1), at=5),
       out_specs=[val, state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_fwd",
-  )(q, k, v, g, g_aux, s0)
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, s0], r, at=5))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False):
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None):
   """Returns (dq, dk `[BH,T,K]` float32, dv `[BH,T,V]` float32, dS0 `[BH,K,V]` float32)."""
   bh, t, dk = q.shape
   dv = v.shape[-1]
@@ -118,16 +122,21 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   partial_spec = pl.BlockSpec((None, None, t, dk), lambda b, j: (j, b, 0, 0))
   partial_shape = jax.ShapeDtypeStruct((nvb, bh, t, dk), f32)
 
-  def dq_kernel(k_ref, v_ref, g_ref, aux_ref, s0_ref, do_ref, dq_ref):
+  def dq_kernel(*refs):
+    k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, do_ref, dq_ref = chunk_math.optional_ref(refs, r, 4)
+
     def step(i, s):
-      c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, i, chunk=chunk, dk=dk,
+      c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, r_ref, i, chunk=chunk, dk=dk,
                  per_channel=per_channel, dtype=q.dtype)
       return chunk_math.dq_chunk(c, s, do_ref, dq_ref, scale=scale)
     lax.fori_loop(0, n, step, s0_ref[...].astype(f32))
 
-  def dkdv_kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref):
+  def dkdv_kernel(*refs):
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref = (
+        chunk_math.optional_ref(refs, r, 5))
+
     def step(i, ds):
-      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, n - 1 - i, chunk=chunk, dk=dk,
+      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, n - 1 - i, chunk=chunk, dk=dk,
                  per_channel=per_channel, dtype=q.dtype)
       return chunk_math.dkdv_chunk(c, ds, do_ref, dk_ref, dv_ref, scale=scale)
     ds0_ref[...] = lax.fori_loop(0, n, step, dsf_ref[...].astype(f32))
@@ -135,22 +144,22 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   dq = pl.pallas_call(
       dq_kernel,
       grid=(bh, nvb),
-      in_specs=[seq(dk), val, g_spec, aux_spec, state, val],
+      in_specs=chunk_math.with_optional(r, [seq(dk), val, g_spec, aux_spec, state, val], seq(1), at=4),
       out_specs=partial_spec,
       out_shape=partial_shape,
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dq",
-  )(k, v, g, g_aux, s0, do)
+  )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,
       grid=(bh, nvb),
-      in_specs=[seq(dk), seq(dk), val, g_spec, aux_spec, val, state],
+      in_specs=chunk_math.with_optional(r, [seq(dk), seq(dk), val, g_spec, aux_spec, val, state], seq(1), at=5),
       out_specs=[partial_spec, val, state],
       out_shape=[partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)],
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dkdv",
-  )(q, k, v, g, g_aux, do, ds_final)
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, ds_final], r, at=5))
   return dq.sum(0), dk_.sum(0), dv_, ds0

@@ -10,6 +10,13 @@ For one chunk of C tokens with within-chunk cumulative log decay `G_i = sum_{r<=
   dv_j = (k_j * e^{Gam - G_j})^T dS' + sum_{i>=j} A_ij do_i
   dS   = e^{Gam} * dS' + sum_i scale (q_i * e^{G_i}) do_i^T
 
+Packed sequences: with an in-chunk segment counter r (`r_i` = segment starts in the chunk up to row i), a pair
+(i, j) counts only when r_i == r_j, the state term `q_i e^{G_i} S` only when r_i == 0, and the new state is
+`[r_last == 0] e^{Gam} S + sum_j [r_j == r_last] (k_j e^{Gam - G_j}) v_j^T`; the backward masks the same terms
+(dS = [r_last == 0] e^{Gam} dS' + sum_i [r_i == 0] scale (q_i e^{G_i}) do_i^T, dk_j and dv_j take dS' only when
+r_j == r_last). The masks go into the exponents (-inf) or onto finite scores (a pair's exponent is <= 0 within
+a chunk whatever the segments); without a counter no op is added.
+
 Every exponent is <= 0 before `exp` (masked to -inf above the diagonal), so strong decays underflow to 0
 instead of overflowing. Per-channel decays cannot factor `e^{G_i - G_j}` into a q side and a k side over a
 whole chunk, so the chunk is cut into sub-chunks of `sub` rows: an off-diagonal pair (rows a, columns b < a)
@@ -20,8 +27,11 @@ Refs hold rows of one (batch, head): q, k `[rows, K]`; v, do, o `[rows, Vb]`; g 
 or `[rows, 1]` (scalar) and, for scalar decays, `g_row` `[1, rows]` (the same values along lanes); for
 per-channel decays `g_tot` `[chunks * K, 1]` holds each chunk's Gam as a column. `base` is the chunk's first
 row in those refs (0 on TPU, where each grid step sees one chunk; `t * C` on GPU, where a loop walks the
-chunks) and `tot_base` the first row of its Gam column. Matmul operands are cast to the input dtype with
-float32 accumulation; the state stays float32.
+chunks) and `tot_base` the first row of its Gam column. `r` (packed sequences only, else None) holds the
+in-chunk segment counter as a float32 column `[rows, 1]`; where a mask needs it along lanes, the row is built
+in the kernel from the column (`_row_of`, an exact masked sum), so no lane slice at a sub-chunk offset is
+needed, and every mask is compared at its full shape (no boolean broadcasts). Matmul operands are cast to the
+input dtype with float32 accumulation; the state stays float32.
 """
 import dataclasses
 from typing import Any
@@ -49,9 +59,28 @@ class Chunk:
   sub: int
   per_channel: bool
   dtype: Any
+  r: Any = None  # packed sequences only: the in-chunk segment counter `[rows, 1]`
 
   def rows(self, ref, r0, n):
     return ref[pl.ds(self.base + r0, n), :].astype(_F32)
+
+  def segments(self, r0, n):
+    """The counter of rows r0..r0+n as a column `[n, 1]`, or None without packed sequences."""
+    return None if self.r is None else self.rows(self.r, r0, n)
+
+  def last_segment(self):
+    """`[1, 1]`: the counter of the chunk's last row (0: no segment starts in the chunk), or None."""
+    return None if self.r is None else _select_row(self.segments(0, self.size), self.size - 1)
+
+
+def with_optional(optional, items, item, *, at):
+  """`items` (operands or their BlockSpecs) with `item` inserted at `at` when `optional` is not None."""
+  return list(items) if optional is None else list(items[:at]) + [item] + list(items[at:])
+
+
+def optional_ref(refs, optional, at):
+  """A kernel's refs with None at `at` for an optional operand that was not passed (`optional` is None)."""
+  return tuple(refs) if optional is not None else tuple(refs[:at]) + (None,) + tuple(refs[at:])
 
 
 def _mm(a, b, dims, dtype):
@@ -82,6 +111,32 @@ def _select_row(x, i):
   return jnp.sum(jnp.where(rows == i, x, 0.0), axis=0, keepdims=True)
 
 
+def _row_of(col):
+  """A column `[n, 1]` as a row `[1, n]` (a masked sum over sublanes: exact, no transpose)."""
+  n = col.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(col, (n, n)), 0.0), axis=0, keepdims=True)
+
+
+def _same_segment(r_a, r_b):
+  """`[n_a, n_b]` bool: row i of block a and row j of block b are in one segment; None without segments."""
+  if r_a is None:
+    return None
+  shape = (r_a.shape[0], r_b.shape[0])
+  return jnp.broadcast_to(r_a, shape) == jnp.broadcast_to(_row_of(r_b), shape)
+
+
+def _equal(r, value, shape):
+  """`r == value` broadcast to `shape` before the comparison (full-shaped masks only), or None when r is None."""
+  return None if r is None else jnp.broadcast_to(r, shape) == jnp.broadcast_to(value, shape)
+
+
+def _where(keep, x, other):
+  """x where keep, else other; x itself when keep is None (no packed sequences: no op added)."""
+  return x if keep is None else jnp.where(keep, x, other)
+
+
 def _diag_decay(g):
   """`D[i, j, :] = e^{g_i - g_j}` for i >= j, else 0; g `[n, K]` -> `[n, n, K]`."""
   n, d = g.shape
@@ -90,10 +145,14 @@ def _diag_decay(g):
 
 
 def _scalar_decays(c: Chunk):
-  """(G column `[C,1]`, causal decay matrix `[C,C]`, Gam `[1,1]`) for a scalar decay."""
+  """(G column `[C,1]`, causal decay matrix `[C,C]` (0 across segments), Gam `[1,1]`) for a scalar decay."""
   g_col = c.rows(c.g, 0, c.size)
   g_row = c.g_row[:, pl.ds(c.base, c.size)].astype(_F32)
-  decay = jnp.exp(jnp.where(_causal_mask(c.size), g_col - g_row, -jnp.inf))
+  r = c.segments(0, c.size)
+  keep = _causal_mask(c.size)
+  if r is not None:
+    keep = keep & _same_segment(r, r)
+  decay = jnp.exp(jnp.where(keep, g_col - g_row, -jnp.inf))
   return g_col, decay, _select_row(g_col, c.size - 1)
 
 
@@ -104,14 +163,30 @@ def _channel_totals(c: Chunk):
   return g, _select_row(g, c.size - 1), gam_col
 
 
+def _inflow(c: Chunk, g, r0, n):
+  """`e^{G_i}` for rows r0..r0+n (g their G), 0 for the rows after the chunk's first segment start."""
+  return jnp.exp(_where(_equal(c.segments(r0, n), 0.0, g.shape), g, -jnp.inf))
+
+
+def _to_end(c: Chunk, gam, g, r0, n):
+  """`e^{Gam - G_j}` for rows r0..r0+n, 0 for the rows outside the chunk's last segment."""
+  to_end = gam - g
+  return jnp.exp(_where(_equal(c.segments(r0, n), c.last_segment(), to_end.shape), to_end, -jnp.inf))
+
+
+def _carry(c: Chunk, gam, s):
+  """`e^{Gam} * S`, or 0 when a segment starts in the chunk."""
+  return jnp.exp(_where(_equal(c.last_segment(), 0.0, gam.shape), gam, -jnp.inf)) * s
+
+
 def _state_update(c: Chunk, s, scale_rows):
-  """`e^{Gam} * S + sum_j (k_j * e^{Gam - G_j}) v_j^T`."""
+  """`e^{Gam} * S + sum_j (k_j * e^{Gam - G_j}) v_j^T` (packed: see the module docstring)."""
   k, v = c.rows(c.k, 0, c.size), c.rows(c.v, 0, c.size)
   if c.per_channel:
     g, gam_row, gam_col = _channel_totals(c)
-    return jnp.exp(gam_col) * s + mm_tn(k * jnp.exp(gam_row - g), v, c.dtype)
+    return _carry(c, gam_col, s) + mm_tn(k * _to_end(c, gam_row, g, 0, c.size), v, c.dtype)
   g_col, _, gam = scale_rows
-  return jnp.exp(gam) * s + mm_tn(k * jnp.exp(gam - g_col), v, c.dtype)
+  return _carry(c, gam, s) + mm_tn(k * _to_end(c, gam, g_col, 0, c.size), v, c.dtype)
 
 
 def forward_chunk(c: Chunk, s, o_ref, *, scale):
@@ -122,20 +197,22 @@ def forward_chunk(c: Chunk, s, o_ref, *, scale):
     g_col, decay, _ = scalar
     q = c.rows(c.q, 0, c.size) * scale
     a = mm_nt(q, c.rows(c.k, 0, c.size), dt) * decay
-    o = mm(a, c.rows(c.v, 0, c.size), dt) + mm(q * jnp.exp(g_col), s, dt)
+    o = mm(a, c.rows(c.v, 0, c.size), dt) + mm(q * _inflow(c, g_col, 0, c.size), s, dt)
     o_ref[pl.ds(c.base, c.size), :] = o.astype(o_ref.dtype)
     return _state_update(c, s, scalar)
   for ia in range(c.size // n):
     q = c.rows(c.q, ia * n, n) * scale
     g = c.rows(c.g, ia * n, n)
-    o = mm(q * jnp.exp(g), s, dt)
+    r_a = c.segments(ia * n, n)
+    o = mm(q * _inflow(c, g, ia * n, n), s, dt)
     g_ref = _select_row(g, 0)
     q_ref = q * jnp.exp(g - g_ref)
     for ib in range(ia):
       k_ref = c.rows(c.k, ib * n, n) * jnp.exp(g_ref - c.rows(c.g, ib * n, n))
-      o = o + mm(mm_nt(q_ref, k_ref, dt), c.rows(c.v, ib * n, n), dt)
+      a = _where(_same_segment(r_a, c.segments(ib * n, n)), mm_nt(q_ref, k_ref, dt), 0.0)
+      o = o + mm(a, c.rows(c.v, ib * n, n), dt)
     k = c.rows(c.k, ia * n, n)
-    a = jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(g), axis=2)
+    a = _where(_same_segment(r_a, r_a), jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(g), axis=2), 0.0)
     o = o + mm(a, c.rows(c.v, ia * n, n), dt)
     o_ref[pl.ds(c.base + ia * n, n), :] = o.astype(o_ref.dtype)
   return _state_update(c, s, None)
@@ -149,20 +226,22 @@ def dq_chunk(c: Chunk, s, do_ref, dq_ref, *, scale):
     g_col, decay, _ = scalar
     do = c.rows(do_ref, 0, c.size)
     b = mm_nt(do, c.rows(c.v, 0, c.size), dt) * decay
-    dq = mm(b, c.rows(c.k, 0, c.size), dt) + jnp.exp(g_col) * mm_nt(do, s, dt)
+    dq = mm(b, c.rows(c.k, 0, c.size), dt) + _inflow(c, g_col, 0, c.size) * mm_nt(do, s, dt)
     dq_ref[pl.ds(c.base, c.size), :] = (scale * dq).astype(dq_ref.dtype)
     return _state_update(c, s, scalar)
   for ia in range(c.size // n):
     do = c.rows(do_ref, ia * n, n)
     g = c.rows(c.g, ia * n, n)
-    dq = jnp.exp(g) * mm_nt(do, s, dt)
+    r_a = c.segments(ia * n, n)
+    dq = _inflow(c, g, ia * n, n) * mm_nt(do, s, dt)
     g_ref = _select_row(g, 0)
     acc = jnp.zeros_like(dq)
     for ib in range(ia):
       k_ref = c.rows(c.k, ib * n, n) * jnp.exp(g_ref - c.rows(c.g, ib * n, n))
-      acc = acc + mm(mm_nt(do, c.rows(c.v, ib * n, n), dt), k_ref, dt)
+      b = _where(_same_segment(r_a, c.segments(ib * n, n)), mm_nt(do, c.rows(c.v, ib * n, n), dt), 0.0)
+      acc = acc + mm(b, k_ref, dt)
     dq = dq + jnp.exp(g - g_ref) * acc
-    b = mm_nt(do, c.rows(c.v, ia * n, n), dt)
+    b = _where(_same_segment(r_a, r_a), mm_nt(do, c.rows(c.v, ia * n, n), dt), 0.0)
     k = c.rows(c.k, ia * n, n)
     dq = dq + jnp.sum(b[:, :, None] * k[None, :, :] * _diag_decay(g), axis=1)
     dq_ref[pl.ds(c.base + ia * n, n), :] = (scale * dq).astype(dq_ref.dtype)
@@ -178,18 +257,19 @@ def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
     k, v, do = (c.rows(r, 0, c.size) for r in (c.k, c.v, do_ref))
     a = mm_nt(q, k, dt) * decay
     b = mm_nt(do, v, dt) * decay
-    to_end = jnp.exp(gam - g_col)
+    to_end = _to_end(c, gam, g_col, 0, c.size)
     dv = mm_tn(a, do, dt) + mm(k * to_end, ds, dt)
     dk = mm_tn(b, q, dt) + to_end * mm_nt(v, ds, dt)
     dk_ref[pl.ds(c.base, c.size), :] = dk.astype(dk_ref.dtype)
     dv_ref[pl.ds(c.base, c.size), :] = dv.astype(dv_ref.dtype)
-    return jnp.exp(gam) * ds + mm_tn(q * jnp.exp(g_col), do, dt)
+    return _carry(c, gam, ds) + mm_tn(q * _inflow(c, g_col, 0, c.size), do, dt)
   g_all, gam_row, gam_col = _channel_totals(c)
   blocks = c.size // n
   for ib in range(blocks):
     k, v, do, g = (c.rows(r, ib * n, n) for r in (c.k, c.v, do_ref, c.g))
     q = c.rows(c.q, ib * n, n) * scale
-    to_end = jnp.exp(gam_row - g)
+    r_b = c.segments(ib * n, n)
+    to_end = _to_end(c, gam_row, g, ib * n, n)
     dv = mm(k * to_end, ds, dt)
     dk = to_end * mm_nt(v, ds, dt)
     for ia in range(ib + 1, blocks):
@@ -198,14 +278,15 @@ def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
       q_ref = c.rows(c.q, ia * n, n) * scale * jnp.exp(g_a - g_ref)
       from_ref = jnp.exp(g_ref - g)
       do_a = c.rows(do_ref, ia * n, n)
-      dv = dv + mm_tn(mm_nt(q_ref, k * from_ref, dt), do_a, dt)
-      dk = dk + from_ref * mm_tn(mm_nt(do_a, v, dt), q_ref, dt)
-    decay = _diag_decay(g)
-    a = jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
+      same = _same_segment(c.segments(ia * n, n), r_b)
+      dv = dv + mm_tn(_where(same, mm_nt(q_ref, k * from_ref, dt), 0.0), do_a, dt)
+      dk = dk + from_ref * mm_tn(_where(same, mm_nt(do_a, v, dt), 0.0), q_ref, dt)
+    decay, same = _diag_decay(g), _same_segment(r_b, r_b)
+    a = _where(same, jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2), 0.0)
     dv = dv + mm_tn(a, do, dt)
-    b = mm_nt(do, v, dt)
+    b = _where(same, mm_nt(do, v, dt), 0.0)
     dk = dk + jnp.sum(b[:, :, None] * q[:, None, :] * decay, axis=0)
     dk_ref[pl.ds(c.base + ib * n, n), :] = dk.astype(dk_ref.dtype)
     dv_ref[pl.ds(c.base + ib * n, n), :] = dv.astype(dv_ref.dtype)
   q_all = c.rows(c.q, 0, c.size) * scale
-  return jnp.exp(gam_col) * ds + mm_tn(q_all * jnp.exp(g_all), c.rows(do_ref, 0, c.size), dt)
+  return _carry(c, gam_col, ds) + mm_tn(q_all * _inflow(c, g_all, 0, c.size), c.rows(do_ref, 0, c.size), dt)

@@ -7,7 +7,7 @@ tile; the math per chunk lives in `chunk_math`. Layout constraints (checked by `
 are padded to multiples of 128 by the caller (lanes), C is a multiple of 8 (16 for 16-bit inputs;
 sublanes). Inputs are pre-arranged by `dispatch`: q, k `[BH,T,K]`, v `[BH,T,V]`, within-chunk cumulative
 log decay g `[BH,T,K]` or `[BH,T,1]`, plus `g_row` `[BH,n,1,C]` (scalar) or `g_tot` `[BH,n*K,1]`
-(per channel).
+(per channel), and for packed sequences the in-chunk segment counter `r` `[BH,T,1]` (float32), tiled like g.
 """
 import functools
 
@@ -50,10 +50,10 @@ def _decay_specs(g, g_aux, per_channel, chunk, dk, tile):
   return g_spec, aux_spec
 
 
-def _chunk(q, k, v, g, aux, *, chunk, per_channel, dtype):
+def _chunk(q, k, v, g, aux, r, *, chunk, per_channel, dtype):
   return chunk_math.Chunk(
       q=q, k=k, v=v, g=g, g_row=None if per_channel else aux, g_tot=aux if per_channel else None,
-      base=0, tot_base=0, size=chunk, sub=_sub_size(chunk), per_channel=per_channel, dtype=dtype)
+      base=0, tot_base=0, size=chunk, sub=_sub_size(chunk), per_channel=per_channel, dtype=dtype, r=r)
 
 
 def _params():
@@ -61,20 +61,21 @@ def _params():
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False):
-  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32)."""
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None):
+  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`."""
   bh, t, dk = q.shape
   dv = v.shape[-1]
   n = t // chunk
 
-  def kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, s0_ref, o_ref, st_ref, s_scr):
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, o_ref, st_ref, s_scr = chunk_math.optional_ref(refs, r, 5)
     i = pl.program_id(1)
 
     @pl.when(i == 0)
     def _():
       s_scr[...] = s0_ref[...]
 
-    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, chunk=chunk, per_channel=per_channel,
                dtype=q.dtype)
     s_scr[...] = chunk_math.forward_chunk(c, s_scr[...], o_ref, scale=scale)
 
@@ -89,7 +90,7 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   return pl.pallas_call(
       kernel,
       grid=(bh, n),
-      in_specs=[row(dk), row(dk), row(dv), g_spec, aux_spec, state],
+      in_specs=chunk_math.with_optional(r, [row(dk), row(dk), row(dv), g_spec, aux_spec, state], row(1), at=5),
       out_specs=[row(dv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
@@ -97,35 +98,38 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_fwd",
-  )(q, k, v, g, g_aux, s0)
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, s0], r, at=5))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False):
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None):
   """Returns (dq, dk `[BH,T,K]` float32, dv `[BH,T,V]` float32, dS0 `[BH,K,V]` float32)."""
   bh, t, dk = q.shape
   dv = v.shape[-1]
   n = t // chunk
   f32 = jnp.float32
 
-  def dq_kernel(k_ref, v_ref, g_ref, aux_ref, s0_ref, do_ref, dq_ref, s_scr):
+  def dq_kernel(*refs):
+    k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, do_ref, dq_ref, s_scr = chunk_math.optional_ref(refs, r, 4)
+
     @pl.when(pl.program_id(1) == 0)
     def _():
       s_scr[...] = s0_ref[...]
 
-    c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+    c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, r_ref, chunk=chunk, per_channel=per_channel,
                dtype=q.dtype)
     s_scr[...] = chunk_math.dq_chunk(c, s_scr[...], do_ref, dq_ref, scale=scale)
 
-  def dkdv_kernel(q_ref, k_ref, v_ref, g_ref, aux_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref,
-                  ds_scr):
+  def dkdv_kernel(*refs):
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref, ds_scr = (
+        chunk_math.optional_ref(refs, r, 5))
     i = pl.program_id(1)
 
     @pl.when(i == 0)
     def _():
       ds_scr[...] = dsf_ref[...]
 
-    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, chunk=chunk, per_channel=per_channel,
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, chunk=chunk, per_channel=per_channel,
                dtype=q.dtype)
     ds_scr[...] = chunk_math.dkdv_chunk(c, ds_scr[...], do_ref, dk_ref, dv_ref, scale=scale)
 
@@ -141,21 +145,23 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   dq = pl.pallas_call(
       dq_kernel,
       grid=(bh, n),
-      in_specs=[fwd_row(dk), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
+      in_specs=chunk_math.with_optional(r, [fwd_row(dk), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
+                                        fwd_row(1), at=4),
       out_specs=fwd_row(dk),
       out_shape=jax.ShapeDtypeStruct((bh, t, dk), f32),
       scratch_shapes=scratch,
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dq",
-  )(k, v, g, g_aux, s0, do)
+  )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
 
   rev_row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, n - 1 - i, 0))
   g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, lambda i: n - 1 - i)
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,
       grid=(bh, n),
-      in_specs=[rev_row(dk), rev_row(dk), rev_row(dv), g_spec, aux_spec, rev_row(dv), state],
+      in_specs=chunk_math.with_optional(
+          r, [rev_row(dk), rev_row(dk), rev_row(dv), g_spec, aux_spec, rev_row(dv), state], rev_row(1), at=5),
       out_specs=[rev_row(dk), rev_row(dv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dk), f32), jax.ShapeDtypeStruct((bh, t, dv), f32),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)],
@@ -163,5 +169,5 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dkdv",
-  )(q, k, v, g, g_aux, do, ds_final)
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, ds_final], r, at=5))
   return dq, dk_, dv_, ds0

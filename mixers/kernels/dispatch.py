@@ -1,7 +1,10 @@
 """`chunked_recurrence`: the Pallas chunked gated linear recurrence with its custom VJP.
 
 `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`; q, k `[B,T,H,K]`, v `[B,T,H,V]`,
-g None | `[B,T,H]` | `[B,T,H,K]` (<= 0), state `[B,H,K,V]` float32.
+g None | `[B,T,H]` | `[B,T,H,K]` (<= 0), state `[B,H,K,V]` float32. Packed sequences: `resets` bool `[B,T]` marks
+the tokens where a segment starts (S_{t-1} is replaced by zeros there); the kernels then take one more operand,
+the in-chunk segment counter r (`chunk_segment_index`), and mask pairs, the state read and the state write by it
+(see `chunk_math`). Without resets nothing is added to the kernels.
 
 The backend is picked when the function is lowered (`lax.platform_dependent`): the Mosaic kernel for
 `tpu`, the Triton kernel for `cuda`, the token-loop reference anywhere else, so
@@ -12,7 +15,9 @@ Gradients: dq, dk, dv and dS0 come from a second pair of kernels (dq walks the c
 the state; dk, dv, dS0 walk them backward carrying dS). The log-decay gradient needs no kernel: with
 `c_t = sum_{r<=t} g_r`, the output depends on c only through `q_t * e^{c_t}` and `k_s * e^{-c_s}`, plus
 `e^{c_T}` scaling the final state's rows, so `dL/dc_t = q_t * dq_t - k_t * dk_t (+ rowsum(S_T * dS_T) at
-t = T)` and `dg_t = sum_{t' >= t} dL/dc_t'` (summed over K for a scalar decay).
+t = T)` and `dg_t = sum_{t' >= t} dL/dc_t'` (summed over K for a scalar decay). Resets keep this true: inside a
+segment pairs still weigh `e^{c_t - c_s}`, S0 reaches the first segment through `q_t e^{c_t}` and the final state
+is `e^{c_T}` times a function of the last segment's `k_s e^{-c_s}` (and of S0 when nothing starts).
 """
 import functools
 from typing import NamedTuple, Optional
@@ -24,6 +29,7 @@ from jax import lax
 from mixers.kernels import chunk_gpu
 from mixers.kernels import chunk_tpu
 from mixers.kernels.reference import recurrence_reference
+from mixers.ops.recurrence.reference import chunk_segment_index
 
 BACKENDS = ("tpu", "gpu")
 
@@ -38,7 +44,7 @@ class KernelConfig(NamedTuple):
 _PLATFORM_TO_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}
 
 
-def _check_inputs(q, k, v, log_decay, initial_state, chunk_size):
+def _check_inputs(q, k, v, log_decay, initial_state, chunk_size, resets=None):
   """Raises ValueError on a bad shape; returns whether the decay is per key channel."""
   if q.ndim != 4:
     raise ValueError(f"q must be [B,T,H,K], got shape {q.shape}")
@@ -53,6 +59,8 @@ def _check_inputs(q, k, v, log_decay, initial_state, chunk_size):
   if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
     raise ValueError(f"initial_state must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}, "
                      f"got shape {initial_state.shape}")
+  if resets is not None and tuple(resets.shape) != (b, t):
+    raise ValueError(f"resets must be bool [B,T] = {(b, t)}, got shape {tuple(resets.shape)}")
   if not isinstance(chunk_size, int) or chunk_size <= 0 or t % chunk_size:
     raise ValueError(f"T = {t} (q shape {q.shape}) must be a multiple of chunk_size = "
                      f"{chunk_size}; pad the sequence first")
@@ -78,7 +86,7 @@ def supports(q, k, v, log_decay=None, chunk_size=64, backend=None):
 
 
 def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, interpret=False,
-                       backend=None):
+                       backend=None, resets=None):
   """Chunked gated linear recurrence on Pallas kernels; returns (o in q's dtype, final state f32).
 
   Args:
@@ -88,10 +96,12 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
     chunk_size: tokens per chunk (see `supports` for what each backend accepts).
     interpret: run the kernel in the Pallas interpreter (CPU); backend defaults to "gpu" then.
     backend: "tpu" | "gpu" forces that kernel; None picks it per platform at lowering time.
+    resets: None or bool `[B,T]` (packed sequences): True where a segment starts; each segment is computed as
+      its own sequence (initial_state reaches the first, the final state is the last one's).
   Returns:
     o `[B,T,H,V]` (q's dtype), final state `[B,H,K,V]` float32.
   """
-  per_channel = _check_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  per_channel = _check_inputs(q, k, v, log_decay, initial_state, chunk_size, resets)
   if backend not in (None,) + BACKENDS:
     raise ValueError(f"backend must be None, 'tpu' or 'gpu', got {backend!r}")
   if interpret and backend is None:
@@ -101,7 +111,8 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
   s0 = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend)
-  return _recurrence(config, q, k, v.astype(q.dtype), g, s0)
+  starts = None if resets is None else resets.astype(jnp.float32)  # a float operand: its cotangent is zeros
+  return _recurrence(config, q, k, v.astype(q.dtype), g, s0, starts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,6 +138,15 @@ def _pad_state(s, kp, vp):
   return jnp.pad(s.reshape(b * h, dk, dv), ((0, 0), (0, kp - dk), (0, vp - dv)))
 
 
+def _segment_rows(resets, chunk, heads):
+  """The in-chunk segment counter as float32 rows `[B*H, T, 1]` (None without resets)."""
+  if resets is None:
+    return None
+  b, t = resets.shape
+  r = chunk_segment_index(resets, chunk).reshape(b, 1, t).astype(jnp.float32)
+  return jnp.broadcast_to(r, (b, heads, t)).reshape(b * heads, t, 1)
+
+
 def _prepare(backend, config, q, k, v, g, s0):
   """Kernel operands: rows of q, k, v, within-chunk cumulative decay and its auxiliary layout."""
   chunk, per_channel = config.chunk, config.per_channel
@@ -148,32 +168,34 @@ def _module(backend):
   return chunk_tpu if backend == "tpu" else chunk_gpu
 
 
-def _kernel_forward(backend, config, q, k, v, g, s0):
+def _kernel_forward(backend, config, q, k, v, g, s0, resets):
   b, _, h, dk = q.shape
   dv = v.shape[-1]
   o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=config.scale,
-                                   chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret)
+                                   chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
+                                   r=_segment_rows(resets, config.chunk, h))
   return _from_rows(o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
-def _kernel_backward(backend, config, q, k, v, g, s0, do, ds):
+def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
   b, _, h, dk = q.shape
   dv = v.shape[-1]
   ops = _prepare(backend, config, q, k, v, g, s0)
   kp, vp = ops[0].shape[-1], ops[2].shape[-1]
   dq, dk_, dv_, ds0 = _module(backend).backward(
       *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale, chunk=config.chunk,
-      per_channel=config.per_channel, interpret=config.interpret)
+      per_channel=config.per_channel, interpret=config.interpret, r=_segment_rows(resets, config.chunk, h))
   return (_from_rows(dq, b, h, dk), _from_rows(dk_, b, h, dk), _from_rows(dv_, b, h, dv),
           ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 
 
-def _reference_forward(config, q, k, v, g, s0):
-  return recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0)
+def _reference_forward(config, q, k, v, g, s0, resets):
+  return recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0, resets=resets)
 
 
-def _reference_backward(config, q, k, v, g, s0, do, ds):
-  _, vjp = jax.vjp(functools.partial(_reference_forward, config), q, k, v, g.astype(jnp.float32), s0)
+def _reference_backward(config, q, k, v, g, s0, resets, do, ds):
+  forward = lambda *args: _reference_forward(config, *args, resets)
+  _, vjp = jax.vjp(forward, q, k, v, g.astype(jnp.float32), s0)
   dq, dk, dv, _, ds0 = vjp((do, ds))
   return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32), ds0
 
@@ -189,21 +211,21 @@ def _per_platform(kernel_fn, reference_fn, config, *args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(config, q, k, v, g, s0):
-  return _per_platform(_kernel_forward, _reference_forward, config, q, k, v, g, s0)
+def _recurrence(config, q, k, v, g, s0, resets):
+  return _per_platform(_kernel_forward, _reference_forward, config, q, k, v, g, s0, resets)
 
 
-def _recurrence_fwd(config, q, k, v, g, s0):
-  o, st = _recurrence(config, q, k, v, g, s0)
-  return (o, st), (q, k, v, g, s0, st)
+def _recurrence_fwd(config, q, k, v, g, s0, resets):
+  o, st = _recurrence(config, q, k, v, g, s0, resets)
+  return (o, st), (q, k, v, g, s0, resets, st)
 
 
 def _recurrence_bwd(config, res, cotangents):
-  q, k, v, g, s0, st = res
+  q, k, v, g, s0, resets, st = res
   do, ds = cotangents
   ds = ds.astype(jnp.float32)
   dq, dk, dv, ds0 = _per_platform(_kernel_backward, _reference_backward, config, q, k, v, g, s0,
-                                  do, ds)
+                                  resets, do, ds)
   f32 = lambda x: x.astype(jnp.float32)
   dc = f32(q) * dq - f32(k) * dk
   # The final state's rows scale with exp(c_T): their share lands on the last token.
@@ -211,7 +233,8 @@ def _recurrence_bwd(config, res, cotangents):
   if g.ndim == 3:
     dc = dc.sum(-1)
   dg = jnp.flip(jnp.cumsum(jnp.flip(dc, 1), axis=1), 1)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0)
+  d_resets = None if resets is None else jnp.zeros_like(resets)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, d_resets)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

@@ -25,6 +25,7 @@ from einops import rearrange
 
 from mixers.ops import sequence
 from mixers.ops.recurrence import shapes
+from mixers.ops.recurrence.reference import chunk_segment_index
 
 
 def _chunks(x, chunk, dtype):
@@ -95,7 +96,7 @@ def _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype, resets
   qc, kc, vc = (_chunks(a, chunk, dtype) for a in (q, k, v))  # [B,N,H,C,*]
   betac = _chunks(beta, chunk, dtype)  # [B,N,H,C]
   b = jnp.zeros_like(betac) if log_decay is None else jnp.cumsum(_chunks(log_decay, chunk, dtype), axis=-1)
-  run = None if resets is None else jnp.cumsum(_chunks(resets[:, :, None], chunk, jnp.int32), axis=-1)
+  run = None if resets is None else chunk_segment_index(resets, chunk)[:, :, None]
   w, u0 = wy(kc, vc, betac, b, run)
   tail = jnp.exp(b[..., -1:] - b)
   gamma_end = jnp.exp(b[..., -1])
@@ -130,21 +131,23 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chun
 
 
 def delta_rule_kernel(q, k, v, beta, log_decay=None, *, scale, initial_state=None, chunk_size=64, interpret=False,
-                      backend=None):
+                      backend=None, resets=None):
   """The same with the output and state passes in the Pallas chunk kernel (`mixers.kernels`, forward and
   backward): given the pseudo-values U, the delta rule's o and S are the gated linear recurrence's over (q, k, U),
   o_t = scale (gamma_t q_t^T S + sum_{s<=t} exp(b_t - b_s) (q_t . k_s) u_s), S' = gamma_C S + K~^T U. The WY
   solve and the `[K,K]` chunk-transition scan that give U stay in XLA. U is cast to q's dtype (the kernel takes
-  one input dtype; it accumulates in float32). Returns (o `[B,T,H,V]` in q's dtype, final state float32)."""
+  one input dtype; it accumulates in float32). resets None or bool `[B,T]` (segment starts): U comes from the packed
+WY form and the kernel masks by segment, S' = [no start] gamma_C S + K~^T U with K~ kept to the last segment, as in
+`delta_rule`. Returns (o `[B,T,H,V]` in q's dtype, final state float32)."""
   from mixers import kernels  # pylint: disable=import-outside-toplevel
   t = q.shape[1]
   dtype = shapes.compute_dtype(q, k, v, beta)
   chunk = chunk_size
-  _, _, u, _, _, _, _ = _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype)
+  _, _, u, _, _, _, _ = _pseudo_values(q, k, v, beta, log_decay, initial_state, chunk, dtype, resets)
   u = rearrange(u, "b n h c v -> b (n c) h v").astype(q.dtype)
   pad = u.shape[1] - t
   pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
   o, final = kernels.chunked_recurrence(pad_time(q), pad_time(k.astype(q.dtype)), u, pad_time(log_decay),
                                         scale=scale, initial_state=initial_state, chunk_size=chunk,
-                                        interpret=interpret, backend=backend)
+                                        interpret=interpret, backend=backend, resets=pad_time(resets))
   return o[:, :t], final

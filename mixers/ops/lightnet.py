@@ -174,8 +174,6 @@ def lightnet(q, k, v, *, causal=True, scale=None, initial_state=None, return_sta
     if q.ndim != 4:
       raise ValueError(f"segment_ids need a 1-D sequence q [B,T,H,K], got {tuple(q.shape)}")
     segment_ids = checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
-    if impl == "pallas":
-      raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
     if not causal and (initial_state is not None or return_state):
       raise ValueError("non-causal lightnet with segment_ids has no initial_state or returned state (one per "
                        "segment)")

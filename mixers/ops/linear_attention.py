@@ -138,7 +138,7 @@ def linear_attention(q, k, v, *, causal=True, prefix_len=None, block_size=None, 
   Cross attention: with `causal=False` and no decay, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` may have any Tk.
   `segment_ids` `[B,T]` ints (packed sequences; a segment is a run of equal ids): s is visible from t only in t's
   segment, and each segment is computed as its own sequence (`initial_state` reaches the first segment, the
-  returned state is the last segment's). Not with prefix_len, block_size, cross attention or impl="pallas".
+  returned state is the last segment's). Not with prefix_len, block_size or cross attention.
 
   Returns o `[B,T,H,V]`, and with `return_state` (causal only) the final state: S `[B,H,K,V]`, or (S, z) with
   z `[B,H,K]` when normalize. The state is always the causal one (S_T above), so decoding goes on causally after

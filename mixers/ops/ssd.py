@@ -18,6 +18,7 @@ from einops import rearrange, repeat
 from mixers.ops import checks, recurrence, sequence
 from mixers.ops.attention import same_segment
 from mixers.ops.recurrence import shapes
+from mixers.ops.recurrence.reference import chunk_segment_index
 
 IMPLS = recurrence.IMPLS
 
@@ -82,7 +83,7 @@ def _chunked(x, dt, A, B, C, *, chunk_size, initial_state, resets=None):
   lower = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
   run = None
   if resets is not None:
-    run = jnp.cumsum(rearrange(padded(resets), "b (m c) -> (m b) c", c=c).astype(jnp.int32), axis=-1)  # [Z,c]
+    run = rearrange(chunk_segment_index(resets, c), "b m c -> (m b) c")
     lower = lower & (run[:, None, None, :, None] == run[:, None, None, None, :])
   decay = jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [Z,G,J,c,c]
   scores = jnp.einsum("zgtn,zgsn->zgts", cs, bs)
@@ -218,8 +219,6 @@ def ssd(x, dt, A, B, C, *, D=None, causal=True, chunk_size=64, initial_state=Non
   if initial_state is not None:
     checks.check_shape("initial_state", initial_state, (b, h, p, n), f"[B,H,P,N] = {(b, h, p, n)}")
   segment_ids = checks.check_segment_ids(segment_ids, b, x.shape[1])
-  if segment_ids is not None and impl == "pallas":
-    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
   if not causal:
     if initial_state is not None or return_state:
       raise ValueError("initial_state and return_state need causal=True (the non-causal SSD has no running state)")

@@ -10,10 +10,22 @@ B, T, H, K, V, C = 1, 256, 2, 128, 128, 64
 KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "xla.gpu.triton"}
 
 
-def _loss(q, k, v, g, s0, decay):
+def _loss(q, k, v, g, s0, decay, resets=None):
   o, s = chunked_recurrence(q, k, v, None if decay == "none" else g, scale=K**-0.5, initial_state=s0,
-                            chunk_size=C)
+                            chunk_size=C, resets=resets)
   return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
+
+
+def _export_step(platform, decay, *args):
+  """The MLIR text of loss and gradients into q, k, v, g, s0, exported for `platform` only."""
+  def step(q, k, v, g, s0, *resets):
+    return jax.value_and_grad(_loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0, decay, *resets)
+
+  exported = jax.export.export(
+      jax.jit(step), platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*args)
+  assert exported.platforms == (platform,)
+  return exported.mlir_module()
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -25,15 +37,15 @@ def test_forward_and_backward_lower(platform, decay):
   g = sds((B, T, H, K) if decay == "channel" else (B, T, H), jnp.float32)
   s0 = sds((B, H, K, V), jnp.float32)
   assert supports(q, q, v, None if decay == "none" else g, C, platform)
-
-  def step(q, k, v, g, s0):
-    loss, grads = jax.value_and_grad(_loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0, decay)
-    return loss, grads
-
-  exported = jax.export.export(
-      jax.jit(step), platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(
-          q, q, v, g, s0)
-  text = exported.mlir_module()
+  text = _export_step(platform, decay, q, q, v, g, s0)
   assert text.count(KERNEL_CALL[platform]) >= 3  # forward, dq, dk/dv
-  assert exported.platforms == (platform,)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_packed_forward_and_backward_lower(platform):
+  """With segment starts (packed sequences) the kernels, per-channel sub-chunk path included, lower too."""
+  sds = jax.ShapeDtypeStruct
+  q = sds((B, T, H, K), jnp.bfloat16)
+  text = _export_step(platform, "channel", q, q, sds((B, T, H, V), jnp.bfloat16), sds((B, T, H, K), jnp.float32),
+                      sds((B, H, K, V), jnp.float32), sds((B, T), jnp.bool_))
+  assert text.count(KERNEL_CALL[platform]) >= 3

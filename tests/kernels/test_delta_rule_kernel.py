@@ -27,24 +27,26 @@ def _inputs(seed=0, dtype=jnp.float32):
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "gated"))
-def _outputs_and_grads(q, k, v, beta, g, s0, do, ds, *, backend, gated):
+def _outputs_and_grads(q, k, v, beta, g, s0, do, ds, *, backend, gated, resets=None):
   def fn(q, k, v, beta, g, s0):
     g = g if gated else None
     if backend is None:
-      return delta_chunked.delta_rule(q, k, v, beta, g, scale=0.3, initial_state=s0, chunk_size=C)
+      return delta_chunked.delta_rule(q, k, v, beta, g, scale=0.3, initial_state=s0, chunk_size=C, resets=resets)
     return delta_chunked.delta_rule_kernel(q, k, v, beta, g, scale=0.3, initial_state=s0, chunk_size=C,
-                                           interpret=True, backend=backend)
+                                           interpret=True, backend=backend, resets=resets)
 
   (o, s), vjp = jax.vjp(fn, q, k, v, beta, g, s0)
   return o, s, vjp((do.astype(o.dtype), ds))
 
 
-@pytest.mark.parametrize("backend,gated", [("gpu", True), ("tpu", False)])
-def test_kernel_path_equals_chunked_form(backend, gated):
+@pytest.mark.parametrize("backend,gated,packed", [("gpu", True, False), ("tpu", False, False), ("gpu", True, True)])
+def test_kernel_path_equals_chunked_form(backend, gated, packed):
+  """Packed: segment starts at 5, 16 (a chunk edge), 17 and 30, against the packed chunked form."""
   args = _inputs()
   cts = jax.random.normal(jax.random.key(9), (B, T, H, V)), jax.random.normal(jax.random.key(8), (B, H, K, V))
-  o, s, grads = _outputs_and_grads(*args, *cts, backend=backend, gated=gated)
-  o_ref, s_ref, grads_ref = _outputs_and_grads(*args, *cts, backend=None, gated=gated)
+  resets = jnp.isin(jnp.arange(T), jnp.array([5, 16, 17, 30]))[None] if packed else None
+  o, s, grads = _outputs_and_grads(*args, *cts, backend=backend, gated=gated, resets=resets)
+  o_ref, s_ref, grads_ref = _outputs_and_grads(*args, *cts, backend=None, gated=gated, resets=resets)
   assert o.shape == (B, T, H, V) and s.dtype == jnp.float32
   assert_close(o, o_ref, 1e-5, "o")
   assert_close(s, s_ref, 1e-5, "final state")

@@ -241,8 +241,8 @@ def test_segment_id_errors():
     ops.attention(q, q, q, segment_ids=jnp.zeros((B, T)))
   with pytest.raises(ValueError, match="cannot be combined with prefix_len"):
     ops.linear_attention(q, q, q, prefix_len=3, segment_ids=jnp.asarray(IDS))
-  with pytest.raises(ValueError, match="no packed-sequence"):
-    ops.linear_attention(q, q, q, segment_ids=jnp.asarray(IDS), impl="pallas")
+  with pytest.raises(ValueError, match="segment_ids must be an int array"):
+    ops.linear_attention(q, q, q, segment_ids=jnp.zeros((B, T)), impl="pallas")
   with pytest.raises(ValueError, match="Tq == Tk"):
     ops.attention(q, q[:, :5], q[:, :5], segment_ids=jnp.asarray(IDS))
 

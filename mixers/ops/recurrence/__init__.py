@@ -29,16 +29,17 @@ def _pallas_supported(q, k, v, log_decay, chunk_size, exclusive):
   return kernels.supports(q, k, v, log_decay, chunk_size)
 
 
-def _pallas(q, k, v, log_decay, *, scale, initial_state, chunk_size):
-  """The kernels need T to be a multiple of the chunk: zero-padded tokens change neither o nor the state."""
+def _pallas(q, k, v, log_decay, *, scale, initial_state, chunk_size, resets=None):
+  """The kernels need T to be a multiple of the chunk: zero-padded tokens (no segment starts) change neither o nor
+  the state."""
   from mixers import kernels  # pylint: disable=import-outside-toplevel
   t = q.shape[1]
   pad = -t % chunk_size
   if pad:
     pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, log_decay = pad_time(q), pad_time(k), pad_time(v), pad_time(log_decay)
+    q, k, v, log_decay, resets = (pad_time(x) for x in (q, k, v, log_decay, resets))
   o, state = kernels.chunked_recurrence(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, resets=resets)
   return o[:, :t], state
 
 
@@ -48,8 +49,6 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   checks.check_choice("impl", impl, IMPLS)
   if resets is not None:
     checks.check_shape("resets", resets, q.shape[:2], f"bool [B,T] = {tuple(q.shape[:2])}")
-    if impl == "pallas":
-      raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
     if q.shape[1] == 0:
       resets = None
   checks.check_positive_int("chunk_size", chunk_size)
@@ -60,7 +59,7 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
     # Decays are often constants (fixed per-head rates); keep XLA from constant-folding their cumsums.
     log_decay = jax.lax.optimization_barrier(log_decay)
   if impl == "auto":
-    supported = resets is None and _pallas_supported(q, k, v, log_decay, chunk_size, exclusive)
+    supported = _pallas_supported(q, k, v, log_decay, chunk_size, exclusive)
     impl = "pallas" if supported else "chunked"
   kw = dict(scale=scale, initial_state=initial_state, exclusive=exclusive, resets=resets)
   if impl == "reference":
@@ -70,7 +69,8 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   if impl == "pallas":
     if exclusive:
       raise ValueError("impl='pallas' does not support exclusive=True; use impl='chunked'")
-    return _pallas(q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+    return _pallas(q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+                   resets=resets)
   return chunked.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from mixers.ops.recurrence import shapes
+from mixers.ops.recurrence.reference import chunk_segment_index
 
 SUB_CHUNK = 16
 
@@ -91,7 +92,7 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
       q_in, k_out = qc * jnp.exp(b), kc * jnp.exp(b_end - b)
       chunk_decay = jnp.exp(b_end[..., 0, :])[..., None]  # [N,B,H,K,1]
   if resets is not None:
-    run = jnp.cumsum(prep(resets[:, :, None].astype(jnp.int32)).astype(jnp.int32), axis=3)  # [N,B,1,C]
+    run = rearrange(chunk_segment_index(resets, chunk), "b n c -> n b 1 c")
     scores = jnp.where(run[..., :, None] == run[..., None, :], scores, 0)
     q_in = q_in * (run == 0)[..., None]
     k_out = k_out * (run == run[..., -1:])[..., None]

@@ -35,6 +35,14 @@ def segment_index(resets):
   return jnp.cumsum(resets.astype(jnp.int32), axis=1)
 
 
+def chunk_segment_index(resets, chunk):
+  """`[B,N,C]` int32: r_t, the segment starts counted inside t's chunk up to t (0 before the chunk's first start),
+  for resets bool `[B,T]` cut into N = ceil(T / C) chunks of C tokens (padding past T starts nothing)."""
+  b, t = resets.shape
+  r = jnp.pad(resets.astype(jnp.int32), ((0, 0), (0, -t % chunk)))
+  return jnp.cumsum(r.reshape(b, -1, chunk), axis=-1)
+
+
 def same_segment(resets):
   """`[B,1,T,T]` bool: tokens t and s are in one segment."""
   seg = segment_index(resets)
