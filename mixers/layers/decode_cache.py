@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixers.ops.recurrence.reference import segment_index as index_of_starts
 from mixers.ops.sequence import segment_starts
 
 
@@ -68,8 +69,8 @@ def decode_positions(module: nn.Module, batch: int, length: int, *, decode: bool
 
 def segment_index(segment_ids):
   """int32 `[B,T]`: which segment of `segment_ids` `[B,T]` (a run of equal ids) each token is in, 0 for the first
-  one of each row."""
-  return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+  one of each row (`reference.segment_index` of the segment starts)."""
+  return index_of_starts(segment_starts(segment_ids))
 
 
 def segment_positions(module: nn.Module, segment_ids, batch: int, length: int, *, decode: bool):
@@ -86,7 +87,7 @@ def segment_positions(module: nn.Module, segment_ids, batch: int, length: int, *
   else:
     starts = segment_starts(segment_ids)
     local = jax.lax.cummax(jnp.where(starts, jnp.arange(length, dtype=jnp.int32), 0), axis=1)
-    continues = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 0
+    continues = index_of_starts(starts) == 0
 
   def advance(previous):
     previous = jnp.zeros((batch,), jnp.int32) if previous is None else previous
