@@ -19,6 +19,13 @@ Causal attention recurses over halves: each half attends to itself causally (rec
 queries attend to the first half's keys through the approximation above, and the two are combined through their
 log-sum-exps. Any part with at most `min_seq_len` keys is computed exactly, so with T <= min_seq_len, or with
 block_size >= every part's key count, or with sample_size >= it, the result is softmax attention to float rounding.
+
+Packed sequences (`segment_ids`): a query and a key of different segments are never paired, in the exact parts, in
+the blocks and among the samples, and the samples' scale counts the query's own segment's keys only. So no output
+mixes another segment's values, and its gradient with respect to another segment's queries, keys and values is zero;
+in the exact regimes above each segment gets softmax attention as if it were its own sequence. In the approximate
+regime, which of its own keys share a query's block or are sampled still depends on the whole row (hashes, block
+capacities, the sample draw), so a segment's estimate differs from the one it would get alone.
 """
 import math
 
@@ -26,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from mixers.ops import checks
+from mixers.ops.recurrence.reference import segment_index
+from mixers.ops.sequence import segment_starts
 
 
 def lsh_buckets(x, projections):
@@ -69,6 +78,21 @@ def _softmax_part(q, k, v, visible, scale):
   return o, jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
 
 
+def _same_segment(q_seg, k_seg):
+  """`[...,n,m]` bool: query and key in one segment, for q_seg `[...,n]` and k_seg `[...,m]` (True: no segments)."""
+  return True if q_seg is None else q_seg[..., :, None] == k_seg[..., None, :]
+
+
+def _segment_count(valid, q_seg, k_seg):
+  """`[B,H,n]`: the valid keys in each query's segment; valid and k_seg `[B,H,m]` (k_seg non-decreasing along m,
+  as segment indices are), q_seg `[B,H,n]`; without segments every valid key counts."""
+  if q_seg is None:
+    return jnp.sum(valid, axis=-1, keepdims=True)
+  counts = jnp.pad(jnp.cumsum(valid, axis=-1), [(0, 0), (0, 0), (1, 0)])
+  lo, hi = (_searchsorted(k_seg, q_seg, side) for side in ("left", "right"))
+  return jnp.take_along_axis(counts, hi, axis=-1) - jnp.take_along_axis(counts, lo, axis=-1)
+
+
 def _combine(o1, lse1, o2, lse2):
   """Attention over the union of two disjoint key sets from each one's (o, lse)."""
   top = jax.lax.stop_gradient(jnp.maximum(lse1, lse2))
@@ -80,11 +104,12 @@ def _combine(o1, lse1, o2, lse2):
   return o, jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
 
 
-def _noncausal(q, k, v, valid, scale, key, cfg):
-  """q `[B,H,n,D]` on k `[B,H,m,D]`, v `[B,H,m,Dv]` whose keys are `valid` `[B,H,m]` -> (o, lse)."""
+def _noncausal(q, k, v, valid, scale, key, cfg, q_seg=None, k_seg=None):
+  """q `[B,H,n,D]` on k `[B,H,m,D]`, v `[B,H,m,Dv]` whose keys are `valid` `[B,H,m]` -> (o, lse); q_seg `[B,H,n]`
+  and k_seg `[B,H,m]` (non-decreasing) segment indices, or None: a query reads only keys of its segment."""
   n, m = q.shape[2], k.shape[2]
   if m <= cfg["min_seq_len"]:
-    return _softmax_part(q, k, v, valid[..., None, :], scale)
+    return _softmax_part(q, k, v, valid[..., None, :] & _same_segment(q_seg, k_seg), scale)
   block, projections = cfg["block_size"], cfg["projections"]
   num_blocks = -(-m // block)
   capacity = min(n, math.ceil(cfg["capacity_factor"] * n / num_blocks))
@@ -117,7 +142,11 @@ def _noncausal(q, k, v, valid, scale, key, cfg):
   first = jnp.minimum(starts[..., None] + jnp.arange(capacity), n - 1).reshape(q.shape[:2] + (-1,))
   source = jnp.take_along_axis(query_order, first, axis=-1)
   q_slots = _take(q, source).reshape(q.shape[:2] + (num_blocks, capacity, q.shape[-1]))
-  o_slots, lse_slots = _softmax_part(q_slots, k_blocks, v_blocks, valid_blocks[..., None, :], scale)
+  visible = valid_blocks[..., None, :]  # [B,H,num_blocks,capacity or 1,block]
+  if q_seg is not None:
+    slot_seg = _take(q_seg, source).reshape(q.shape[:2] + (num_blocks, capacity))
+    visible = visible & _same_segment(slot_seg, blocks(jnp.take_along_axis(k_seg, key_order, axis=-1)))
+  o_slots, lse_slots = _softmax_part(q_slots, k_blocks, v_blocks, visible, scale)
   slot = query_block * capacity + jnp.minimum(rank, capacity - 1)
   o_block = _take(o_slots.reshape(q.shape[:2] + (-1, v.shape[-1])), slot)
   lse_block = jnp.where(kept, jnp.take_along_axis(lse_slots.reshape(q.shape[:2] + (-1,)), slot, axis=-1), -jnp.inf)
@@ -130,30 +159,37 @@ def _noncausal(q, k, v, valid, scale, key, cfg):
   picked_block = jnp.take_along_axis(_inverse_permutation(key_order), picked, axis=-1) // block
   in_own_block = kept[..., :, None] & (picked_block[..., None, :] == query_block[..., :, None])
   use = jnp.take_along_axis(valid, picked, axis=-1)[..., None, :] & ~in_own_block  # [B,H,n,s]
+  if q_seg is not None:
+    use = use & _same_segment(q_seg, jnp.take_along_axis(k_seg, picked, axis=-1))
   o_sample, lse_sample = _softmax_part(q, _take(k, picked), _take(v, picked), use, scale)
-  block_count = jnp.take_along_axis(jnp.sum(valid_blocks, axis=-1), query_block, axis=-1)
-  outside = jnp.sum(valid, axis=-1, keepdims=True) - jnp.where(kept, block_count, 0)
+  slot_count = jnp.sum(jnp.broadcast_to(visible, lse_slots.shape + (block,)), axis=-1)  # keys each slot reads
+  block_count = jnp.take_along_axis(slot_count.reshape(q.shape[:2] + (-1,)), slot, axis=-1)
+  outside = _segment_count(valid, q_seg, k_seg) - jnp.where(kept, block_count, 0)
   sampled_outside = jnp.sum(use, axis=-1)
   lse_sample = lse_sample + jnp.log(outside / jnp.maximum(sampled_outside, 1)).astype(lse_sample.dtype)
   return _combine(o_block, lse_block, o_sample, lse_sample)
 
 
-def _causal(q, k, v, valid, scale, key, cfg):
-  """Causal self-attention of q, k `[B,H,n,D]`, v `[B,H,n,Dv]`, valid `[B,H,n]` -> (o, lse), by halves."""
+def _causal(q, k, v, valid, scale, key, cfg, seg=None):
+  """Causal self-attention of q, k `[B,H,n,D]`, v `[B,H,n,Dv]`, valid `[B,H,n]` -> (o, lse), by halves; seg
+  `[B,H,n]` (segment indices, non-decreasing) or None: a token reads only its segment's earlier tokens."""
   n = q.shape[2]
   if n <= cfg["min_seq_len"]:
-    visible = valid[..., None, :] & jnp.tril(jnp.ones((n, n), bool))
+    visible = valid[..., None, :] & jnp.tril(jnp.ones((n, n), bool)) & _same_segment(seg, seg)
     return _softmax_part(q, k, v, visible, scale)
   if n % 2:  # one invalid token at the end: a key only it could see, a query that is cut
     q, k, v = (jnp.pad(a, [(0, 0), (0, 0), (0, 1), (0, 0)]) for a in (q, k, v))
     valid = jnp.pad(valid, [(0, 0), (0, 0), (0, 1)])
+    seg = None if seg is None else jnp.pad(seg, [(0, 0), (0, 0), (0, 1)], mode="edge")
   b, h, half = q.shape[0], q.shape[1], q.shape[2] // 2
   key_halves, key_cross = jax.random.split(key)
   fold = lambda a: a.reshape((b, 2 * h, half) + a.shape[3:])  # the two halves become heads
   unfold = lambda a: a.reshape((b, h, 2 * half) + a.shape[3:])
-  o_diag, lse_diag = (unfold(a) for a in _causal(fold(q), fold(k), fold(v), fold(valid), scale, key_halves, cfg))
+  folded, q_seg, k_seg = (None,) * 3 if seg is None else (fold(seg), seg[:, :, half:], seg[:, :, :half])
+  o_diag, lse_diag = (unfold(a) for a in _causal(fold(q), fold(k), fold(v), fold(valid), scale, key_halves, cfg,
+                                                 folded))
   o_cross, lse_cross = _noncausal(q[:, :, half:], k[:, :, :half], v[:, :, :half], valid[:, :, :half], scale,
-                                  key_cross, cfg)
+                                  key_cross, cfg, q_seg, k_seg)
   o_low, lse_low = _combine(o_diag[:, :, half:], lse_diag[:, :, half:], o_cross, lse_cross)
   o = jnp.concatenate([o_diag[:, :, :half], o_low], axis=2)[:, :, :n]
   lse = jnp.concatenate([lse_diag[:, :, :half], lse_low], axis=2)[:, :, :n]
@@ -171,7 +207,8 @@ def _check_key(key):
 
 
 def hyper_attention(q, k, v, *, causal=False, scale=None, mask=None, block_size=256, sample_size=256,
-                    min_seq_len=4096, lsh_num_projs=7, capacity_factor=2.0, key=None, return_lse=False):
+                    min_seq_len=4096, lsh_num_projs=7, capacity_factor=2.0, key=None, return_lse=False,
+                    segment_ids=None):
   """HyperAttention: q `[B,Tq,H,D]`, k `[B,Tk,Hkv,D]`, v `[B,Tk,Hkv,Dv]` (Hkv divides H) -> o `[B,Tq,H,Dv]`.
 
   Approximates o = softmax(scale q k^T + mask) v (the module docstring gives the estimator); scale defaults to
@@ -182,6 +219,9 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, mask=None, block_size=
   key: PRNG key for the projections and the samples (None: jax.random.key(0)); the result is a deterministic
   function of the inputs and the key. return_lse: also return the log-sum-exp of each row's (estimated) scaled
   logits, `[B,Tq,H]` float32 (or float64).
+  segment_ids: `[B,T]` ints (packed sequences, a segment is a run of equal ids; self attention, Tq == Tk) or None:
+  no query reads a key of another segment, in any part; exact regimes give each segment its attention alone, the
+  approximate one an estimate from its own segment's keys (the module docstring says what still depends on the row).
   """
   checks.check_float(q=q, k=k, v=v)
   checks.check_rank("q", q, 4, "[B,Tq,H,D]")
@@ -208,6 +248,10 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, mask=None, block_size=
   if not isinstance(capacity_factor, (int, float)) or not capacity_factor >= 1:
     raise ValueError(f"capacity_factor must be a number >= 1, got {capacity_factor!r}")
   key = jax.random.key(0) if key is None else _check_key(key)
+  if segment_ids is not None and q.shape[1] != k.shape[1]:
+    raise ValueError(f"segment_ids (packed sequences) need self attention, as many keys as queries: q has "
+                     f"Tq={q.shape[1]}, k has Tk={k.shape[1]}")
+  segment_ids = checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
 
   out_dtype = jnp.result_type(q, k, v)
   dtype = jnp.promote_types(out_dtype, jnp.float32)
@@ -220,6 +264,11 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, mask=None, block_size=
   key_projections, key_samples = jax.random.split(key)
   cfg = dict(block_size=block_size, sample_size=sample_size, min_seq_len=min_seq_len, capacity_factor=capacity_factor,
              projections=jax.random.normal(key_projections, (q.shape[-1], lsh_num_projs), dtype))
-  o, lse = (_causal if causal else _noncausal)(q, k, v, valid, scale, key_samples, cfg)
+  seg = None if segment_ids is None else jnp.broadcast_to(segment_index(segment_starts(segment_ids))[:, None],
+                                                          (b, h, t_k))
+  if causal:
+    o, lse = _causal(q, k, v, valid, scale, key_samples, cfg, seg)
+  else:
+    o, lse = _noncausal(q, k, v, valid, scale, key_samples, cfg, seg, seg)
   o = jnp.swapaxes(o, 1, 2).astype(out_dtype)
   return (o, jnp.swapaxes(lse, 1, 2)) if return_lse else o

@@ -1,5 +1,5 @@
 """HyperAttention against dense softmax attention (float64): exact regimes, error vs sample budget, causality,
-gradients, odd lengths, argument errors."""
+gradients, odd lengths, packed sequences, argument errors."""
 import functools
 
 import jax
@@ -12,10 +12,14 @@ from mixers.ops.hyper_attention import lsh_buckets
 from tests.conftest import assert_close, rel_rms
 
 B, T, H, HKV, D, DV = 2, 37, 2, 1, 6, 5  # T odd, not a multiple of the blocks; grouped keys and values
+# packed rows: row 0 holds three segments (a one-token one in the middle, the first id repeated after it), row 1 two
+IDS = np.stack([np.repeat([0, 1, 0], (14, 1, 22)), np.repeat([4, 2], (20, 17))]).astype(np.int32)
+SEGMENTS = np.cumsum(np.concatenate([np.zeros((B, 1), bool), IDS[:, 1:] != IDS[:, :-1]], 1), 1)  # index [B,T]
 
 
-def dense(q, k, v, causal, mask=None):
-  """Softmax attention as the materialised [T,T] matrix: (o `[B,T,H,Dv]`, lse `[B,T,H]`)."""
+def dense(q, k, v, causal, mask=None, segments=None):
+  """Softmax attention as the materialised [T,T] matrix: (o `[B,T,H,Dv]`, lse `[B,T,H]`); segments `[B,T]`: only
+  pairs with equal entries (the segments alone)."""
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
@@ -24,6 +28,8 @@ def dense(q, k, v, causal, mask=None):
     visible &= jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
   if mask is not None:
     visible &= mask[:, None, None, :]
+  if segments is not None:
+    visible &= (segments[:, :, None] == segments[:, None, :])[:, None]
   logits = jnp.where(visible, logits, -jnp.inf)
   o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
   return o, jnp.swapaxes(jax.nn.logsumexp(logits, axis=-1), 1, 2)
@@ -126,6 +132,52 @@ def test_causal_recursion_is_causal_and_its_gradients_finite(x64):
     assert float(jnp.min(jnp.max(jnp.abs(g[:, first:]), axis=(0, 2, 3)))) > 0, f"some token gets no d{name}"
 
 
+# exact regimes with one level of the causal recursion approximated (T = 37 -> parts of 19 keys -> 10: exact)
+PACKED_EXACT = {what: dict(EXACT[what], min_seq_len=10) for what in ("block covers the keys", "samples cover the keys")}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_exact_regimes_equal_segments_alone(x64, causal):
+  """segment_ids where one block, or the samples, cover the keys (blocks and samples masked per segment, the samples'
+  scale counting the segment's keys; the causal recursion's small parts exact): each segment gets its softmax
+  attention alone (the block-diagonal dense matrix)."""
+  q, k, v = inputs(8)
+  mask = jnp.ones((B, T), bool).at[1, 25:30].set(False).at[0, 3:12:4].set(False)  # no segment's first key
+  every = jax.jit(lambda *a: (dense(*a[:3], causal, a[3], SEGMENTS),
+                              {what: ops.hyper_attention(*a[:3], causal=causal, mask=a[3], segment_ids=a[4],
+                                                         return_lse=True, **settings)
+                               for what, settings in PACKED_EXACT.items()}))
+  (want, want_lse), outs = every(q, k, v, mask, jnp.asarray(IDS))
+  for what, (o, lse) in outs.items():
+    assert_close(o, want, 1e-12, what)
+    assert_close(lse, want_lse, 1e-12, f"{what} lse")
+
+
+def test_no_gradient_crosses_a_segment_in_the_approximate_regime(x64):
+  """Causal, approximate (blocks of 4 and 5 samples for the 19 keys of the recursion's cross part: the non-causal
+  estimator): the VJP of one segment's outputs is exactly zero at every input of the other segments, and reaches
+  the segment's own inputs."""
+  q, k, v = inputs(9)
+  ct = jax.random.normal(jax.random.key(5), (B, T, H, DV), jnp.float64)
+  only = jnp.stack([ct * (SEGMENTS == s)[..., None, None] for s in range(3)])  # one cotangent per segment index
+
+  @jax.jit
+  def grads(q, k, v, ids):  # every segment's cotangent and the reference, one program
+    hyper = functools.partial(ops.hyper_attention, causal=True, segment_ids=ids, **dict(APPROX, min_seq_len=10))
+    y, vjp = jax.vjp(hyper, q, k, v)
+    return y, jax.vmap(vjp)(only), dense(q, k, v, True, segments=SEGMENTS)[0]
+
+  y, per_segment, want = grads(q, k, v, jnp.asarray(IDS))
+  assert rel_rms(y, want) > 1e-3, "the setting should be approximate"
+  for s in range(3):
+    inside = SEGMENTS == s
+    later = inside & (np.cumsum(inside, axis=1) > 1)  # the segment's first query reads its own key only
+    for name, g in zip("qkv", per_segment):
+      g = np.asarray(g[s])
+      assert np.all(g[~inside] == 0), f"segment {s}'s outputs reach other segments' {name}"
+      assert np.abs(g[later if name == "q" else inside]).max() > 0, f"segment {s} gets no d{name}"
+
+
 def test_noncausal_cross_attention_in_float32():
   """Tq != Tk in float32, through the blocks (capacity from Tq) and samples covering the keys: softmax attention."""
   q = inputs(4, t=19, dtype=jnp.float32)[0]
@@ -156,6 +208,7 @@ BAD = [
     (dict(mask=jnp.ones((B, T + 1), bool)), r"mask must have shape \[B,Tk\]"),
     (dict(mask=jnp.ones((B, T), jnp.int32)), "mask must be a bool array"),
     (dict(key=3), "key must be a scalar PRNG key"),
+    (dict(segment_ids=jnp.zeros((B, T + 1), jnp.int32)), r"segment_ids must be an int array \[B,T\]"),
 ]
 
 
@@ -174,5 +227,7 @@ def test_bad_shapes_raise_naming_the_argument():
     ops.hyper_attention(q, k, v[:, :-1])
   with pytest.raises(ValueError, match="causal hyper_attention needs as many keys as queries"):
     ops.hyper_attention(q[:, :-1], k, v, causal=True)
+  with pytest.raises(ValueError, match="segment_ids .* need self attention"):
+    ops.hyper_attention(q[:, :-1], k, v, segment_ids=jnp.asarray(IDS))
   with pytest.raises(ValueError, match="q must have shape"):
     ops.hyper_attention(q[0], k, v)
