@@ -7,6 +7,9 @@ k is an implicit (Hyena-style) filter: a small sine-activated MLP of positional 
 times an exponential decay window. Non-causal (M2-BERT): a second MLP gives the anti-causal side
 k_rev and the short conv is centred. Causal (M2-GPT): one-sided filter, causal short conv, and
 autoregressive decoding through a cache of past (gated) values.
+
+Packed sequences (`segment_ids`): the short conv taps and the long convolution's pairs stay inside a segment; the
+filter is indexed by the lag t - s, so each segment is convolved exactly as if it were its own sequence.
 """
 from typing import Optional
 
@@ -15,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixers.layers.common import Dtype, ShortConv, check_mask, check_x, compute_dtype, constrain, projection
-from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions, poison, within_capacity
+from mixers.layers.common import (Dtype, ShortConv, check_mask, check_segment_ids, check_x, compute_dtype, constrain,
+                                  projection)
+from mixers.layers.decode_cache import cached_recurrence, check_decode, poison, segment_positions, within_capacity
+from mixers.ops import checks
 from mixers.ops.long_conv import long_conv, long_conv_matrix
 from mixers.registry import register
 
@@ -78,14 +83,18 @@ class MonarchMixer(nn.Module):
     positional features and sine frequency (1, as Zoology's Hyena: at 10, M2-BERT's value, which M2-BERT pairs
     with a 1e-3 filter learning rate, one Adam step at 1e-2 moves the filter by more than its own norm).
     short_width: the short conv's window.
-  conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`. dtype: computation (None: promote
-  x and the parameters); param_dtype: the parameters', except the implicit filter's, which take filter_param_dtype
-  (float32; None: param_dtype): they are few, and sin(sin_freq * .) amplifies their rounding (bfloat16 filter
-  parameters alone move the output by about 4%). The filter and the long convolution run in float32.
+  max_segments: the most segments a row of packed `segment_ids` holds (None: counted from concrete ids; required
+    when they are traced, under jit). A packed long convolution costs max_segments plain ones (one row per segment);
+    a row with more segments gives NaN.
+  conv_impl: "fft" or "monarch" (GEMM-only DFT), see `mixers.ops.long_conv`; both take packed rows. dtype:
+  computation (None: promote x and the parameters); param_dtype: the parameters', except the implicit filter's, which
+  take filter_param_dtype (float32; None: param_dtype): they are few, and sin(sin_freq * .) amplifies their rounding
+  (bfloat16 filter parameters alone move the output by about 4%). The filter and the long convolution run in float32.
 
   Decode (`decode=True`, causal): the cache holds every past gated value `x1 v` (the state, `[B, max_len, d]`),
   the position and the short conv's window; a step costs O(T) per token (the whole filter against the history),
-  a chunk of c > 1 tokens one long convolution over the history.
+  a chunk of c > 1 tokens one long convolution over the history plus one over the chunk. The history holds only
+  each row's last segment (zeros before it), so decoding after a packed prefill continues that segment.
   """
   causal: bool = True
   max_len: int = 2048
@@ -93,6 +102,7 @@ class MonarchMixer(nn.Module):
   emb_dim: int = 5
   sin_freq: float = 1.0
   short_width: int = 3
+  max_segments: Optional[int] = None
   conv_impl: str = "fft"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
@@ -100,14 +110,18 @@ class MonarchMixer(nn.Module):
 
   supports_causal = True
 
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
     """y `[B,T,d_model]` from x `[B,T,d_model]`.
 
     mask: `[B,T]` bool, True at real tokens (padded tokens leak into no real token), or None.
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       At most `max_len` positions in all.
+    segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
+      its own sequence (short conv and long convolution restart at its first token). Under jit it needs the
+      `max_segments` attribute. Decoding, the chunk's first segment continues the cache and later chunks continue
+      the row's last segment.
     """
-    return self._mix(x, mask, decode, matrix=False)
+    return self._mix(x, mask, decode, matrix=False, segment_ids=segment_ids)
 
   def mixing_matrix(self, x, *, mask=None):
     """`(M, v)`: M `[B,d,T,T]` per channel, `M[b,c,t,s] = x2[t] (k[t-s] + D [t=s]) x1[s]` (k_rev above
@@ -122,17 +136,27 @@ class MonarchMixer(nn.Module):
     k_rev = None if self.causal else ImplicitFilter(**kw, name="filter_rev")(lags)
     return k, k_rev
 
+  def _segments(self, segment_ids, shape):
+    """segment_ids `[B,T]` checked against x's `shape` (as a jnp array, or None); ValueError when they are traced
+    (under jit) and the max_segments attribute, which the packed long convolution then needs, is not set."""
+    segment_ids = check_segment_ids(self, segment_ids, shape)
+    if segment_ids is not None and self.max_segments is None and not checks.is_concrete(segment_ids):
+      raise ValueError(f"{type(self).__name__}: segment_ids under jit (traced) need max_segments, the most segments "
+                       f"a row holds: build the layer with max_segments=<int>")
+    return segment_ids
+
   @nn.compact
-  def _mix(self, x, mask, decode, matrix):
+  def _mix(self, x, mask, decode, matrix, segment_ids=None):
     check_x(self, x)
     check_decode(self, decode)
     b, t, d = x.shape
     mask = check_mask(mask, x.shape)
+    segment_ids = self._segments(segment_ids, x.shape)
     dtype = compute_dtype(self.dtype, x, self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=self.param_dtype)
     u = projection(3 * d, ("embed", "mlp"), use_bias=True, name="in_proj", **kw)(x)
     u = ShortConv(width=self.short_width, causal=self.causal, activation=None, channel_axis="mlp",
-                  name="short_conv", **kw)(u, mask=mask, decode=decode)
+                  name="short_conv", **kw)(u, mask=mask, decode=decode, segment_ids=segment_ids)
     x1, x2, v = jnp.split(u, 3, axis=-1)
     gated = x1 * v
     if mask is not None:
@@ -148,14 +172,16 @@ class MonarchMixer(nn.Module):
         M = M * mask[:, None, None, :]
       return M, v
 
-    start = decode_positions(self, b, t, decode=decode)[0, 0]
+    pos, first = segment_positions(self, segment_ids, b, t, decode=decode)
+    start = pos[0, 0]
     ok = within_capacity(self, start + t, self.max_len, decode=True, what=f"max_len={self.max_len}") if decode else None
+    packed = dict(impl=self.conv_impl, segment_ids=segment_ids, max_segments=self.max_segments)
 
     def convolve(history):
       if history is None:
         k, k_rev = self._filters(t, d)
-        return long_conv(gated.astype(jnp.float32), k, k_rev=k_rev, impl=self.conv_impl), None
-      return self._decode_conv(history, start, gated)
+        return long_conv(gated.astype(jnp.float32), k, k_rev=k_rev, **packed), None
+      return self._decode_conv(history, start, first, gated, packed)
 
     y = cached_recurrence(self, convolve, lambda: jnp.zeros((b, self.max_len, d), jnp.float32), decode=decode)
     if ok is not None:
@@ -163,15 +189,22 @@ class MonarchMixer(nn.Module):
     y = (y + skip * gated.astype(jnp.float32)).astype(dtype) * x2
     return constrain(projection(d, ("mlp", "embed"), use_bias=True, name="out_proj", **kw)(y))
 
-  def _decode_conv(self, history, start, gated):
-    """(long convolution of a chunk starting at `start` against the history `[B,max_len,d]`, updated history)."""
+  def _decode_conv(self, history, start, first, gated, packed):
+    """(long convolution of a chunk starting at `start` against the history `[B,max_len,d]`, updated history).
+
+    The history holds the gated values of each row's last segment, zeros elsewhere; first `[B,c]`: the position of
+    each chunk token's segment's first token. Kept: the chunk written in, zeroed before its last segment.
+    """
     c, d = gated.shape[1:]
-    hist = jax.lax.dynamic_update_slice(history, gated.astype(jnp.float32), (0, start, 0))
+    gated = gated.astype(jnp.float32)
+    hist = jax.lax.dynamic_update_slice(history, gated, (0, start, 0))
     k, _ = self._filters(self.max_len, d)
     if c == 1:  # y_t = sum_{s <= t} k[t-s] h_s: one pass over the filter and the history
       lag = start - jnp.arange(self.max_len)
       taps = jnp.where((lag >= 0)[:, None], k[jnp.clip(lag, 0, self.max_len - 1)], 0.0)
       y = jnp.einsum("sd,bsd->bd", taps, hist)[:, None]
-    else:
-      y = jax.lax.dynamic_slice_in_dim(long_conv(hist, k, impl=self.conv_impl), start, c, axis=1)
-    return y, hist
+    else:  # the history before the chunk reaches the tokens that continue its segment; then the chunk, packed
+      past = jax.lax.dynamic_slice_in_dim(long_conv(history, k, impl=self.conv_impl), start, c, axis=1)
+      y = past * (first <= start)[..., None] + long_conv(gated, k[:c], **packed)
+    keep = jnp.arange(self.max_len)[None, :] >= first[:, -1:]  # the row's last segment
+    return y, hist * keep[..., None]

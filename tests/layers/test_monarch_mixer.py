@@ -1,4 +1,5 @@
-"""M2 mixer: causality, decode == forward, full dependence when non-causal, mixing-matrix view, masks."""
+"""M2 mixer: causality, decode == forward, full dependence when non-causal, mixing-matrix view, masks, packed
+decoding."""
 import functools
 
 import flax.linen as nn
@@ -72,6 +73,51 @@ def test_fft_and_monarch_impls_agree(params):
   x = _x(5)
   y_fft = jax.jit(MonarchMixer(causal=True, conv_impl="fft", **KW).apply)(params["causal"], x)
   np.testing.assert_allclose(forward(params["causal"], x), y_fft, rtol=1e-4, atol=1e-5)
+
+
+# packed decoding: a prefill of 6 tokens, a chunk of 4 in which row 0 starts a segment, one more token
+PACKED_IDS = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2], [5] * 7 + [7] * 4], np.int32)
+CHUNKS = ((0, 6), (6, 10), (10, 11))
+
+
+def runs(ids):
+  """(row, start, end) of every run of equal ids in `ids` `[B,T]`."""
+  out = []
+  for b, row in enumerate(ids):
+    edges = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+    out += [(b, s, e) for s, e in zip(edges[:-1], edges[1:])]
+  return out
+
+
+def test_packed_decoding_in_chunks_equals_segments_alone(params):
+  """Packed chunks through the decode cache (the Monarch DFT's convolution): a chunk's first segment continues the
+  history, a segment starting inside a chunk does not read it, and the next token continues the row's last segment;
+  every output equals its segment run alone (from position 0, right-padded)."""
+  packed = MonarchMixer(causal=True, conv_impl="monarch", max_segments=2, **KW)
+  x = _x(10)
+  segments = runs(PACKED_IDS)
+  shapes = jax.eval_shape(lambda: packed.apply(params["causal"], x, decode=True, mutable=["cache"])[1]["cache"])
+  empty = {**jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), "capacity": jnp.asarray(KW["max_len"])}
+
+  @jax.jit
+  def decoded_and_alone(variables, x, ids):
+    cache, outs = empty, []
+    for s, e in CHUNKS:
+      y, state = packed.apply({**variables, "cache": cache}, x[:, s:e], segment_ids=ids[:, s:e], decode=True,
+                              mutable=["cache"])
+      outs.append(y)
+      cache = state["cache"]
+    alone = CAUSAL.apply(variables, jnp.stack([jnp.pad(x[b, s:e], ((0, T - (e - s)), (0, 0))) for b, s, e in segments]))
+    return jnp.concatenate(outs, 1), alone
+
+  decoded, alone = decoded_and_alone(params["causal"], x, jnp.asarray(PACKED_IDS))
+  for i, (b, s, e) in enumerate(segments):
+    np.testing.assert_allclose(decoded[b, s:e], alone[i, :e - s], rtol=1e-4, atol=1e-5, err_msg=f"row {b} [{s}:{e}]")
+
+
+def test_packed_needs_max_segments_under_jit(params):
+  with pytest.raises(ValueError, match="segment_ids under jit .* need max_segments"):
+    jax.jit(lambda ids: CAUSAL.apply(params["causal"], _x(0), segment_ids=ids))(jnp.zeros((B, T), jnp.int32))
 
 
 def test_bidirectional_output_depends_on_every_input(params):
