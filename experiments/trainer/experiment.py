@@ -79,8 +79,9 @@ def create(config):
                                                  example_batch(spec, mesh, packed))
   except ValueError as e:
     if packed and "segment_ids" in str(e):
-      raise ValueError(f"{e}. The data packs documents (config.data.packing=True); to train this model on "
-                       f"unpacked windows pass --config.data.packing=False") from e
+      raise ValueError(f"{e}. The data packs documents (config.data.packing=True): set what the model lacks (a "
+                       f"mixer's setting: --config.model.per_mixer_kwargs.<mixer>.<setting>=...), or train this "
+                       f"model on unpacked windows with --config.data.packing=False") from e
     raise
   return Experiment(config, spec, model, mesh, tx, state, shardings)
 

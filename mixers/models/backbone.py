@@ -58,7 +58,7 @@ def check_mixers_take(mixers, keyword, value, what):
   if bad:
     able = [n for n in registry.names("sequence") if takes_keyword(n, keyword)]
     raise ValueError(f"{keyword} ({what}) reaches every layer, but mixer(s) {bad} do not take it; mixers that do: "
-                     f"{', '.join(able)}")
+                     f"{', '.join(able) or 'none'}")
 
 
 def remat_policy(name):

@@ -36,6 +36,10 @@ CONFIGS = {  # tiny configs
     "delta_net": dict(num_heads=2, conv_width=3, chunk_size=9),
     "gated_delta_net": dict(num_heads=2, conv_width=3, chunk_size=9),
     "lightnet": dict(num_heads=2, gate_rank=4, chunk_size=9),
+    # max_len: the decode cache holds the prefill and the decoded tokens; max_segments: IDS's rows hold 5
+    "m2": dict(max_len=T + STEPS, max_segments=5, filter_order=8),
+    # LSH blocks of 4 and sampled columns covering every key: the approximation's paths, exact
+    "hyper_attention": dict(num_heads=2, block_size=4, sample_size=T, min_seq_len=8, lsh_num_projs=3),
 }
 PACKABLE = [n for n in registry.names("sequence") if takes_segment_ids(n)]
 CAUSAL = [n for n in PACKABLE if registry.is_causal_capable(n)]
@@ -80,22 +84,23 @@ def empty_cache(layer, variables, x_full):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+SIDED = ("m2",)  # mixers whose non-causal form has parameters of its own (m2's anti-causal filter)
+
+
 @functools.lru_cache(maxsize=None)
-def parameters(name):
-  """One set of parameters per mixer, shared by its tests (causal and non-causal layers have the same ones)."""
-  return random_variables(build(name, registry.is_causal_capable(name)), jnp.zeros((B, T, D)))
+def parameters(name, causal):
+  """One set of parameters per mixer (and side, for SIDED), shared by its tests."""
+  return random_variables(build(name, causal), jnp.zeros((B, T, D)))
 
 
 def init(name, causal):
   """(layer, its variables)."""
-  return build(name, causal), parameters(name)
+  causal = causal if name in SIDED else registry.is_causal_capable(name)
+  return build(name, causal), parameters(name, causal)
 
 
-def test_the_packable_mixers():
-  assert PACKABLE == ["attention", "delta_net", "gated_delta_net", "gla", "hydra", "lightnet", "linear_attention",
-                      "mamba2", "retention", "vssd"]
-  for name in ("m2", "hyper_attention"):
-    assert not takes_segment_ids(name)
+def test_every_mixer_is_packable():
+  assert PACKABLE == registry.names("sequence") and sorted(CONFIGS) == PACKABLE
 
 
 @pytest.mark.parametrize("name,causal", CASES)
@@ -172,10 +177,20 @@ def test_models_packed_equal_segments_alone():
   assert_close(packed_scanned, packed, 1e-6, "scanned vs plain")
 
 
-def test_model_with_a_mixer_that_cannot_take_segment_ids():
-  model = SequenceModel(mixers=("gla", "m2"), mixer_kwargs=({"num_heads": 2}, {"max_len": 64}))
+class Unpacked(nn.Module):
+  """A sequence mixer without segment_ids (every registered one takes them)."""
+  causal: bool = True
+
+  def __call__(self, x, *, mask=None, decode=False):
+    return x
+
+
+def test_model_with_a_mixer_that_cannot_take_segment_ids(monkeypatch):
+  monkeypatch.setitem(registry._REGISTRY["sequence"], "unpacked", Unpacked)  # pylint: disable=protected-access
+  model = SequenceModel(mixers=("gla", "unpacked"), mixer_kwargs=({"num_heads": 2}, {}))
   x = jnp.zeros((B, T, D))
-  with pytest.raises(ValueError, match=r"segment_ids.*\['m2'\].*mixers that do: attention, delta_net"):
+  with pytest.raises(ValueError, match=r"segment_ids.*\['unpacked'\].*mixers that do: attention, delta_net.*, "
+                                       r"hyper_attention, .*, m2, mamba2, retention, vssd"):
     model.init(jax.random.key(0), x, segment_ids=jnp.asarray(IDS))
 
 
