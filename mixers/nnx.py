@@ -7,8 +7,8 @@
     y = layer(x)                                   # x `[B,T,d_model]`, any B and T
     grads = nnx.grad(lambda m: (m(x) ** 2).sum())(layer)
 
-The modules come through `flax.nnx.bridge.ToNNX`, initialised on `sample_input` (parameters take their shapes from
-it). Their parameters keep the Linen logical axis names as metadata; eager sharding is switched off while they are
+The modules come through `flax.nnx.bridge.ToNNX`, initialised on `sample_input` under `nnx.jit` (parameters take
+their shapes from it; one compiled init instead of op-by-op dispatch). Their parameters keep the Linen logical axis names as metadata; eager sharding is switched off while they are
 created, so no mesh is needed (under a mesh, shard them with `nnx.get_partition_spec` and the rules in
 `mixers.sharding`).
 """
@@ -23,7 +23,7 @@ def wrap(module, *, rngs, sample_input, **call_kwargs):
     rngs = nnx.Rngs(rngs)
   with nnx.use_eager_sharding(False):
     bridged = nnx.bridge.ToNNX(module, rngs=rngs)
-    nnx.bridge.lazy_init(bridged, sample_input, **call_kwargs)
+    nnx.jit(lambda m, x: nnx.bridge.lazy_init(m, x, **call_kwargs))(bridged, sample_input)
   return bridged
 
 

@@ -96,13 +96,13 @@ def test_bfloat16_parameters_and_computation():
   both = EveryMixer({"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16})
 
   @jax.jit
-  def outputs(key):  # one program: float32, bfloat16 parameters, bfloat16 parameters and computation
-    params = nn.unbox(f32.init(key, X))
+  def outputs(params):  # one program: float32, bfloat16 parameters, bfloat16 parameters and computation
+    params = nn.unbox(params)
     rounded = jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox(all_b16))
     params_b16 = jax.tree.map(lambda a, s: a.astype(s.dtype), params, nn.unbox({"params": abstract}))
     return f32.apply(params, X), b16.apply(params_b16, X), both.apply(rounded, X.astype(jnp.bfloat16))
 
-  y32, y_params, y_both = outputs(jax.random.key(1))
+  y32, y_params, y_both = outputs(random_variables(f32, X))
   errors = {}
   for name in NAMES:
     assert y_params[name].dtype == jnp.float32 and y_both[name].dtype == jnp.bfloat16, name
@@ -153,10 +153,10 @@ def test_no_method_shadows_a_submodule():
 def test_decoding_past_the_cache_raises_or_is_nan(name, kwargs, what):
   layer = mixers.build_mixer(name, causal=True, **{**SMALL[name], **kwargs})
   x = jnp.concatenate([X, X[:, :1]], axis=1)  # T + 1 tokens
-  variables = jax.jit(layer.init)(jax.random.key(1), X)
-  cache = layer.init(jax.random.key(1), X, decode=True)["cache"]  # holds T positions (attention: X's length)
+  variables = random_variables(layer, X)
+  cache = jax.jit(lambda: layer.init(jax.random.key(1), X, decode=True))()["cache"]  # T positions (attention: X's)
   decode = lambda c, xt: layer.apply({**variables, "cache": c}, xt, decode=True, mutable=["cache"])
-  y, state = decode(cache, x[:, :T])
+  y, state = jax.jit(decode)(cache, x[:, :T])
   assert bool(jnp.all(jnp.isfinite(y)))
   with pytest.raises(ValueError, match=f"past the cache's capacity of {T} positions .*{what}"):
     decode(state["cache"], x[:, T:])
@@ -173,7 +173,7 @@ def test_generate_sizes_caches_from_the_model():
   model = mixers.models.build_model(config)
   assert model.backbone.mixer_kwargs[0]["max_len"] == T
   prompt = jnp.ones((1, 4), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(0), prompt)["params"]
+  params = random_variables(model, prompt)["params"]
   with pytest.raises(ValueError, match=f"need {T + 1} positions, but the model's decode caches hold {T}"):
     generate.generate(model, params, prompt, T - 3, rng=jax.random.key(0))
 
@@ -186,7 +186,7 @@ def test_wrong_arguments_and_shapes():
   with pytest.raises(ValueError, match="bad arguments for mixer 'gla'.*valid arguments: num_heads"):
     mixers.build_mixer("gla", heads=2)
   layer = build("gla")
-  variables = jax.jit(layer.init)(jax.random.key(1), X)
+  variables = random_variables(layer, X)
   with pytest.raises(ValueError, match=r"x must have shape \[B,T,d_model\], got \(8, 16\)"):
     layer.apply(variables, X[0])
   with pytest.raises(ValueError, match=r"mask must have shape \[B,T\] = \(2, 8\)"):
@@ -199,7 +199,7 @@ def test_wrong_arguments_and_shapes():
 @pytest.mark.parametrize("name", ["attention", "mamba2"])
 def test_decoding_another_batch_size_names_both(name):
   layer = build(name)
-  variables = jax.jit(layer.init)(jax.random.key(1), X)
+  variables = random_variables(layer, X)
   cache = jax.jit(lambda x: layer.init(jax.random.key(1), x, decode=True))(X)["cache"]
   with pytest.raises(ValueError, match=f"decoding a batch of 1 sequences with a cache made for a batch of {B}"):
     layer.apply({**variables, "cache": cache}, X[:1, :1], decode=True, mutable=["cache"])

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from mixers import models
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_variables
 
 
 def lm_config(mixer="gla,attention", **overrides):
@@ -29,7 +29,7 @@ def hybrid_lm():
 
 def test_hybrid_lm_layers_and_logical_axes(hybrid_lm):
   model, variables, tokens = hybrid_lm
-  logits = model.apply(variables, tokens)
+  logits = jax.eval_shape(model.apply, variables, tokens)
   assert logits.shape == (2, 11, 50) and logits.dtype == jnp.float32
   params = variables["params"]["backbone"]
   assert "gate_down" in params["block_0"]["mixer"] and "cached_key" not in params["block_1"]["mixer"]
@@ -142,7 +142,7 @@ def test_nnx_bridge():
   model = models.build_model(lm_config("retention"))
   tokens = jnp.ones((1, 5), jnp.int32)
   bridged = mixers.nnx.build_model(lm_config("retention"), rngs=nnx.Rngs(0), sample_input=tokens)
-  logits = bridged(tokens)
+  logits = nnx.jit(lambda m, t: m(t))(bridged, tokens)
   assert logits.shape == (1, 5, 50)
   params = nnx.to_pure_dict(nnx.state(bridged, nnx.Param))
   assert_close(logits, jax.jit(model.apply)({"params": params}, tokens), 1e-6)
@@ -176,7 +176,8 @@ SMALL_MIXERS = {"attention": dict(num_heads=2), "linear_attention": dict(num_hea
 
 @pytest.mark.parametrize("kind", ["lm", "classifier"])
 def test_every_mixer_runs_sharded_on_a_mesh(kind):
-  """Every registered mixer in a hybrid model, initialised sharded on (data=2, fsdp=2, tensor=2), equals 1 device.
+  """Every registered mixer in a hybrid model, its parameters placed on (data=2, fsdp=2, tensor=2) by their logical
+  axes, equals 1 device (`init_sharded` itself: tests/test_sharding.py).
 
   A causal LM holds the causal mixers, a non-causal classifier the others.
   """
@@ -189,7 +190,7 @@ def test_every_mixer_runs_sharded_on_a_mesh(kind):
   model = models.build_model(c)
   tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 50)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  variables, _ = sharding.init_sharded(model.init, jax.random.key(1), tokens, mesh=mesh)
+  variables = sharding.shard_params(random_variables(model, tokens), mesh)
   embedding = variables["params"]["embed"]["embedding"]
   assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # (vocab, embed)
   with sharding.use_mesh(mesh):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from mixers import models
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_variables
 
 NUM_LAYERS, PERIOD = 4, 2  # gla, attention, gla, attention: two groups of two blocks
 
@@ -24,8 +24,8 @@ def pair():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 20)
   plain = models.build_model(config())
   scanned = models.build_model(config(scan_layers=True, remat=True, remat_policy="dots_saveable"))
-  boxed = jax.jit(scanned.init)(jax.random.key(1), tokens)["params"]
-  params = nn.unbox(jax.jit(plain.init)(jax.random.key(1), tokens)["params"])
+  boxed = jax.eval_shape(scanned.init, jax.random.key(1), tokens)["params"]  # names and shapes only
+  params = nn.unbox(random_variables(plain, tokens)["params"])
   stacked = {**params, "backbone": models.stack_layers(params["backbone"], NUM_LAYERS, PERIOD)}
   return plain, scanned, params, stacked, boxed, tokens
 
@@ -41,11 +41,16 @@ def test_scanned_parameters_stack_on_a_layers_axis(pair):
 
 def test_scanned_equals_unscanned_forward_grad_and_decode(pair):
   plain, scanned, params, stacked, _, tokens = pair
-  logits = jax.jit(plain.apply)({"params": params}, tokens)
-  assert_close(jax.jit(scanned.apply)({"params": stacked}, tokens), logits, 1e-5, "scanned forward")
-  loss = lambda model: lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)
-  g_plain = jax.jit(jax.grad(loss(plain)))(params)
-  g_scanned = jax.jit(jax.grad(loss(scanned)))(stacked)
+  def logits_and_grad(model, p):  # one program per model: the forward and the gradient of a loss on it
+    def loss(p):
+      logits = model.apply({"params": p}, tokens)
+      return jnp.sum(logits ** 2), logits
+    (_, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
+    return logits, grad
+
+  logits, g_plain = logits_and_grad(plain, params)
+  logits_scanned, g_scanned = logits_and_grad(scanned, stacked)
+  assert_close(logits_scanned, logits, 1e-5, "scanned forward")
   assert_close(models.unstack_layers(g_scanned["backbone"], PERIOD)["block_2"]["mixer"]["gate_down"]["kernel"],
                g_plain["backbone"]["block_2"]["mixer"]["gate_down"]["kernel"], 1e-4, "scanned gradient")
   cache = jax.jit(lambda t: scanned.init(jax.random.key(1), t, decode=True))(tokens)["cache"]
