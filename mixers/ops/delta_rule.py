@@ -108,16 +108,14 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   Returns o `[B,T,H,V]` in the inputs' dtype, and with `return_state` the final state `[B,H,K,V]` (float32 or
   wider). `scale` defaults to K**-0.5; any T; chunk_size in tokens (chunked form). `segment_ids` `[B,T]` ints
   (packed sequences): the state restarts from zeros where a segment (a run of equal ids) starts, so each segment
-  is computed as its own sequence (initial_state reaches the first; the final state is the last one's); not with
-  impl="pallas".
+  is computed as its own sequence (initial_state reaches the first; the final state is the last one's), in every
+  impl.
   """
   checks.check_choice("impl", impl, IMPLS)
   checks.check_positive_int("chunk_size", chunk_size)
   log_decay = _check(q, k, v, beta, log_decay, initial_state)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   segment_ids = checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
-  if segment_ids is not None and impl == "pallas":
-    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
   resets = sequence.segment_starts(segment_ids)
   if q.shape[0] == 0 or q.shape[1] == 0:
     o, final = _empty(q, v, beta, initial_state)
@@ -125,10 +123,10 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
     o, final = _reference(q, k, v, beta, log_decay, scale, initial_state, resets)
   elif impl == "recurrent" and sequence.current_split() is None:
     o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state, resets)
-  elif resets is None and ((impl == "pallas" and sequence.current_split() is None) or (
-      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size))):
+  elif (impl == "pallas" and sequence.current_split() is None) or (
+      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size)):
     o, final = delta_chunked.delta_rule_kernel(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                               chunk_size=chunk_size)
+                                               chunk_size=chunk_size, resets=resets)
   else:
     o, final = delta_chunked.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                                         chunk_size=chunk_size, resets=resets)

@@ -99,8 +99,6 @@ def quasiseparable(x, dt, A, B, C, *, D=None, chunk_size=64, impl="auto", mask=N
   bsz, t = x.shape[:2]
   keep = token_mask(mask, lengths, bsz, t)
   segment_ids = checks.check_segment_ids(segment_ids, bsz, t)
-  if segment_ids is not None and impl == "pallas":
-    raise ValueError("impl='pallas' has no packed-sequence (segment_ids) form yet; use impl='chunked'")
   if keep is not None:
     x = jnp.where(keep[..., None, None], x, 0)
     dtf, dtb = (jnp.where(keep[..., None], d, 0) for d in (dtf, dtb))

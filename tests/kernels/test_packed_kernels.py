@@ -70,17 +70,29 @@ def test_packed_kernel_matches_chunked_form(backend, decay, chunk):
     assert_close(a, b, 1e-5, name)
 
 
-def test_ops_pallas_packed_run_the_kernel(monkeypatch):
-  """linear_attention, ssd and lightnet with impl="pallas" and segment_ids, the kernel interpreted, equal
-  impl="chunked" (outputs and final states); T = 45 is padded inside to the chunk."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+  """Patches the ops' kernel call to the interpreted GPU kernel; the list records, per call, whether it had
+  resets."""
   calls = []
   original = kernels.chunked_recurrence
 
   def interpreted(*args, **kwargs):
     calls.append(kwargs["resets"] is not None)
-    return original(*args, interpret=True, backend="gpu", **kwargs)
+    return original(*args, **{**kwargs, "interpret": True, "backend": "gpu"})
 
   monkeypatch.setattr(kernels, "chunked_recurrence", interpreted)
+  return calls
+
+
+def _assert_trees_close(got, want):
+  for i, (x, y) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+    assert_close(x, y, 1e-5, f"leaf {i}")
+
+
+def test_ops_pallas_packed_run_the_kernel(kernel_calls):
+  """linear_attention, ssd and lightnet with impl="pallas" and segment_ids, the kernel interpreted, equal
+  impl="chunked" (outputs and final states); T = 45 is padded inside to the chunk."""
   t = 45
   (q, k, v, g, s0), _ = _inputs("scalar", t=t, seed=1)
   ids = jnp.asarray(_segment_ids()[:, :t])
@@ -99,9 +111,34 @@ def test_ops_pallas_packed_run_the_kernel(monkeypatch):
     return run("pallas"), run("chunked")
 
   got, want = forms(q, k, v, g, s0, dt, a, bc)
-  assert calls == [True] * 3
-  for i, (x, y) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
-    assert_close(x, y, 1e-5, f"leaf {i}")
+  assert kernel_calls == [True] * 3
+  _assert_trees_close(got, want)
+
+
+def test_quasiseparable_and_delta_rule_pallas_packed_run_the_kernel(kernel_calls):
+  """quasiseparable (both directions through the kernel) and gated delta_rule with impl="pallas" and segment_ids,
+  the kernel interpreted, equal impl="chunked"; T = 45 is padded inside to the chunk."""
+  t = 45
+  (q, k, v, g, s0), _ = _inputs("scalar", t=t, seed=4)
+  ids = jnp.asarray(_segment_ids()[:, 10:10 + t])
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  dt = jax.nn.softplus(jax.random.normal(ks[0], (2, B, t, H)))
+  a = -jnp.exp(jax.random.normal(ks[1], (H,)))
+  bc = jax.random.normal(ks[2], (4, B, t, 1, K))
+  beta = jax.random.uniform(ks[3], (B, t, H), minval=0.1, maxval=1.9)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+
+  @jax.jit
+  def forms(q, k, v, g, s0, dt, a, bc, beta):
+    def run(impl):
+      kw = dict(chunk_size=16, segment_ids=ids, impl=impl)
+      return (ops.quasiseparable(v, tuple(dt), a, (bc[0], bc[1]), (bc[2], bc[3]), D=a, **kw),
+              ops.delta_rule(q, k, v, beta, log_decay=g, initial_state=s0, return_state=True, **kw))
+    return run("pallas"), run("chunked")
+
+  got, want = forms(q, k, v, g, s0, dt, a, bc, beta)
+  assert kernel_calls == [True] * 3
+  _assert_trees_close(got, want)
 
 
 def test_pallas_packed_off_accelerator_is_the_token_loop():
