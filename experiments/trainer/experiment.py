@@ -54,7 +54,8 @@ def example_batch(spec, mesh, packed=False):
 
 
 def is_packed(data_config):
-  """Whether the dataset packs documents into rows with segment ids (the byte corpus's `packing`)."""
+  """Whether the dataset packs documents into rows with segment ids (`data.packing`: the byte corpus and the
+  catalog LM datasets)."""
   return bool(data.data_config.resolved(data_config).get("packing", False))
 
 
