@@ -8,7 +8,7 @@ import pytest
 
 from mixers import ops
 from mixers.sharding import make_mesh, sequence_parallel
-from tests.conftest import assert_close, random_like
+from tests.conftest import assert_close
 
 B, T, H, K, V = 3, 37, 2, 12, 20
 CHUNK = 16  # prefix 11 and blocks of 6 or 10 do not end on chunk edges
@@ -17,14 +17,16 @@ DECAY_SHAPES = {"none": None, "head": (H,), "token": (B, T, H), "channel": (B, T
 
 
 def inputs(decay="none", t=T, seed=0, dtype=jnp.float64):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q, k = (ops.feature_maps.elu_plus_one(jax.random.normal(ks[i], (B, t, H, K), dtype)) for i in range(2))
-  v = jax.random.normal(ks[2], (B, t, H, V), dtype)
+  """Drawn with numpy (eager jax calls compile a program per new shape); q, k through elu + 1."""
+  r = np.random.RandomState(seed)
+  elu_plus_one = lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+  q, k = (elu_plus_one(r.randn(B, t, H, K)) for _ in range(2))
+  v = r.randn(B, t, H, V)
   shape = DECAY_SHAPES[decay]
   if shape is not None and len(shape) > 1:
     shape = (B, t) + shape[2:]
-  g = None if shape is None else -0.3 * jax.nn.softplus(jax.random.normal(ks[3], shape, dtype))
-  return q, k, v, g
+  g = None if shape is None else -0.3 * np.logaddexp(0.0, r.randn(*shape))  # -softplus
+  return tuple(None if a is None else jnp.asarray(a, dtype) for a in (q, k, v, g))
 
 
 def visible(tq, tk, *, causal=True, prefix=None, block=None):
@@ -123,7 +125,7 @@ def test_gradients_match_dense(x64, pattern):
   """Random-cotangent VJP (q, k, v and the decay) of normalised Prefix-LM ([B] prefixes, per-channel decay) and
   blocks of 6 (per-token decay) against the dense formula."""
   q, k, v, g = inputs("channel" if pattern == "prefix" else "token", seed=1)
-  cot = random_like(jax.random.key(7), v)
+  cot = jnp.asarray(np.random.RandomState(7).randn(*v.shape))
   out, out_ref, grads, grads_ref = _pattern_vjps(q, k, v, g, cot, pattern)
   assert_close(out, out_ref, 1e-12)
   for name, a, b in zip(("q", "k", "v", "log_decay"), grads, grads_ref):
@@ -188,19 +190,21 @@ def test_block_causal_decodes_a_block_at_a_time(x64):
 
 
 @jax.jit
-def _three_patterns(q, k, v, g):
-  return [ops.linear_attention(q, k, v, log_decay=g, chunk_size=CHUNK, **kw)
-          for kw in (dict(prefix_len=11), dict(block_size=6))]
+def _two_patterns_changed(q, k, v, g):
+  """Prefix 11 and blocks of 6, each on the inputs and on the inputs changed from token 11 (18) on."""
+  out = []
+  for kw, t in ((dict(prefix_len=11), 11), (dict(block_size=6), 18)):
+    f = lambda q, k, v, kw=kw: ops.linear_attention(q, k, v, log_decay=g, chunk_size=CHUNK, **kw)
+    out.append((f(q, k, v), f(*(a.at[:, t:].add(1.0) for a in (q, k, v)))))
+  return out
 
 
 def test_causality_of_prefix_and_blocks():
   """Changing the tokens from the prefix's end (or a block's start) on leaves every earlier output unchanged."""
   q, k, v, g = inputs("channel", dtype=jnp.float32)
-  first = _three_patterns(q, k, v, g)
-  for i, t in enumerate((11, 18)):
-    changed = _three_patterns(*(a.at[:, t:].add(1.0) for a in (q, k, v)), g)[i]
-    np.testing.assert_array_equal(first[i][:, :t], changed[:, :t])
-    assert not np.allclose(first[i][:, t:], changed[:, t:])
+  for (first, changed), t in zip(_two_patterns_changed(q, k, v, g), (11, 18)):
+    np.testing.assert_array_equal(first[:, :t], changed[:, :t])
+    assert not np.allclose(first[:, t:], changed[:, t:])
 
 
 @jax.jit
@@ -240,13 +244,13 @@ def test_softmax_attention_patterns():
   """Prefix-LM (int and [B]), blocks of 6, a key padding mask intersected with a prefix, cross attention and
   the causal Tq != Tk alignment, with grouped queries, for value widths equal to (jax.nn.dot_product_attention)
   and unlike (the einsum form) the key width."""
-  ks = jax.random.split(jax.random.key(8), 4)
-  q = jax.random.normal(ks[0], (B, T, 4, 8))
-  k = jax.random.normal(ks[1], (B, T, 2, 8))
+  r = np.random.RandomState(8)
+  q = jnp.asarray(r.randn(B, T, 4, 8), jnp.float32)
+  k = jnp.asarray(r.randn(B, T, 2, 8), jnp.float32)
   valid = np.arange(T)[None, :] < np.array([[T], [30], [20]])
   tk = 23
   for dv in (8, 6):
-    v = jax.random.normal(ks[2], (B, T, 2, dv))
+    v = jnp.asarray(r.randn(B, T, 2, dv), jnp.float32)
     got = _softmax_patterns(q, k, v, jnp.asarray(valid))
     refs = [dense_softmax(q, k, v, visible(T, T, prefix=kw.get("prefix_len"), block=kw.get("block_size"))[:, None])
             for kw in SOFTMAX_CASES]
@@ -275,8 +279,8 @@ def _softmax_vjps(q, k, v, cot):
 
 
 def test_softmax_attention_pattern_gradients(x64):
-  ks = jax.random.split(jax.random.key(9), 4)
-  q, k, v, cot = (jax.random.normal(kk, (B, 13, 2, 8), jnp.float64) for kk in ks)
+  r = np.random.RandomState(9)
+  q, k, v, cot = (jnp.asarray(r.randn(B, 13, 2, 8), jnp.float64) for _ in range(4))
   for o, o_ref, grads, grads_ref in _softmax_vjps(q, k, v, cot):
     assert_close(o, o_ref, 1e-6)  # the op's logits are float32 whatever the inputs
     for name, a, b in zip("qkv", grads, grads_ref):
