@@ -9,7 +9,7 @@ import pytest
 from mixers import models
 from mixers.models import classifier
 from mixers.models.backbone import SequenceModel
-from tests.conftest import assert_close, random_like
+from tests.conftest import assert_close
 
 CAUSAL = ("gla", "mamba2", "attention")
 
@@ -31,19 +31,22 @@ def token_config(mixer, causal, **mixer_kwargs):
   return c
 
 
-def random_params(model, inputs):
-  """Parameters drawn at random (N(0, 0.3^2)): at init some output projections are zero, which would hide mixing."""
+def random_params(model, inputs, seed=2):
+  """Parameters drawn at random (N(0, 0.3^2)): at init some output projections are zero, which would hide mixing.
+  Drawn by numpy in the shapes of the init's (traced, never compiled): a jax draw compiles per parameter."""
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), inputs)["params"])
-  return jax.tree.map(lambda p: 0.3 * p, random_like(jax.random.key(2), shapes))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), p.dtype), shapes)
 
 
 def logits_and_grads(model, params, images):
-  """(logits, d sum(logits) / d params, |d sum(logits) / d patch| `[B,16]` over the 2x2 patches of 8x8 images)."""
+  """(logits, d sum(logits) / d params, |d sum(logits) / d patch| `[B,16]` over the 2x2 patches of 8x8 images).
+  Traceable (call it under jit)."""
   def total(p, im):
     logits = model.apply({"params": p}, im)
     return logits.sum(), logits
 
-  (_, logits), (grads, g) = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(params, images)
+  (_, logits), (grads, g) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(params, images)
   return logits, grads, jnp.sqrt((g.reshape(-1, 4, 2, 4, 2, 1) ** 2).sum(axis=(2, 4, 5))).reshape(-1, 16)
 
 
@@ -53,17 +56,23 @@ def test_causal_class_token_reads_every_patch_and_a_prepended_one_none(mixer):
   patches depends on every patch, the one before them ("cls") on none."""
   images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
   model = models.build_model(image_config(mixer, "last_token"))
-  params = random_params(model, images)
-  assert params["cls"].shape == (16,)
-  logits, grads, influence = logits_and_grads(model, params, images)
-  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  assert float(jnp.abs(grads["cls"]).max()) > 0
-  assert float(influence.min()) > 0, f"{mixer}: the class token misses some patch: {influence}"
-
   prepended = models.build_model(image_config(mixer, "cls"))
-  _, _, influence = logits_and_grads(prepended, random_params(prepended, images), images)
-  assert float(influence.max()) == 0.0, f"{mixer}: a causal class token before the patches sees them: {influence}"
+
+  params, params_cls = random_params(model, images), random_params(prepended, images)
+
+  @jax.jit
+  def both(params, params_cls, images):  # one program: both models' logits and gradients
+    logits, grads, influence = logits_and_grads(model, params, images)
+    return logits, grads, influence, logits_and_grads(prepended, params_cls, images)[2]
+
+  logits, grads, influence, influence_cls = both(params, params_cls, images)
+  assert params["cls"].shape == (16,)
+  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+  assert all(bool(np.all(np.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(np.abs(grads["cls"]).max()) > 0
+  assert float(influence.min()) > 0, f"{mixer}: the class token misses some patch: {influence}"
+  assert float(influence_cls.max()) == 0.0, (
+      f"{mixer}: a causal class token before the patches sees them: {influence_cls}")
 
 
 @pytest.mark.parametrize("mixer,causal,kwargs", [("gla", True, {"short_conv": True}), ("attention", True, {}),
@@ -75,11 +84,16 @@ def test_padding_changes_nothing(mixer, causal, kwargs):
   model = models.build_model(token_config(mixer, causal, **kwargs))
   t, length = 13, 7
   tokens = jax.random.randint(jax.random.key(0), (2, t), 1, 20)
-  params = random_params(model, tokens)
-  apply = jax.jit(model.apply)
   mask = jnp.arange(t)[None, :] < jnp.array([[t], [length]])
-  padded = apply({"params": params}, tokens.at[1, length:].set(19), mask=mask)
-  alone = apply({"params": params}, tokens[1:, :length])
+
+  params = random_params(model, tokens)
+
+  @jax.jit
+  def padded_and_alone(params, tokens, mask):  # one program: both forwards
+    padded = model.apply({"params": params}, tokens.at[1, length:].set(19), mask=mask)
+    return padded, model.apply({"params": params}, tokens[1:, :length])
+
+  padded, alone = padded_and_alone(params, tokens, mask)
   assert_close(padded[1], alone[0], 1e-5, f"{mixer} padded vs alone")
 
 
@@ -88,14 +102,15 @@ def test_insert_after_last_against_a_loop():
   x = rng.normal(size=(4, 5, 3)).astype(np.float32)
   token = rng.normal(size=(4, 1, 3)).astype(np.float32)
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 0, 0]], bool)
-  out, out_mask, at = classifier.insert_after_last(jnp.asarray(x), jnp.asarray(token), jnp.asarray(mask))
+  insert = jax.jit(classifier.insert_after_last)
+  out, out_mask, at = insert(jnp.asarray(x), jnp.asarray(token), jnp.asarray(mask))
   for b in range(4):
     real = np.flatnonzero(mask[b])
     k = real[-1] + 1 if real.size else 0
     assert int(at[b]) == k
     np.testing.assert_array_equal(out[b], np.concatenate([x[b, :k], token[b], x[b, k:]]))
     np.testing.assert_array_equal(out_mask[b], np.concatenate([mask[b, :k], [True], mask[b, k:]]))
-  out, out_mask, at = classifier.insert_after_last(jnp.asarray(x), jnp.asarray(token))
+  out, out_mask, at = insert(jnp.asarray(x), jnp.asarray(token))
   assert out_mask is None and np.all(np.asarray(at) == 5)
   np.testing.assert_array_equal(out, np.concatenate([x, token], axis=1))
   with pytest.raises(ValueError, match=r"mask must have shape \[B,T\] = \(4, 5\), got \(4, 6\)"):
@@ -109,7 +124,6 @@ def test_positions_apply_to_the_patches_only(positional):
   """The backbone receives the class token exactly as learned (no position added) after the 16 patches."""
   model = models.build_model(image_config("gla", "last_token", positional=positional))
   images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-  params = {**random_params(model, images), "cls": jnp.arange(16, dtype=jnp.float32)}
   seen = []
 
   def skip_backbone(next_fun, args, kwargs, context):
@@ -118,13 +132,15 @@ def test_positions_apply_to_the_patches_only(positional):
       return args[0]
     return next_fun(*args, **kwargs)
 
+  params = {**random_params(model, images), "cls": jnp.arange(16, dtype=jnp.float32)}
+
   @jax.jit
-  def backbone_input(params):
+  def backbone_input(params, images):
     with nn.intercept_methods(skip_backbone):
       model.apply({"params": params}, images)
     return seen[-1]
 
-  x = backbone_input(params)
+  x = backbone_input(params, images)
   assert x.shape == (2, 17, 16)
   np.testing.assert_array_equal(x[:, 16], np.broadcast_to(np.arange(16.0), (2, 16)))
 
@@ -156,9 +172,15 @@ def test_causal_class_token_classifier_trains():
   model = models.build_model(c)
   train_images, train_labels = counting_images(jax.random.key(0), 512)
   test_images, test_labels = counting_images(jax.random.key(1), 256)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), train_images[:1])["params"])
   opt = optax.adam(1e-2)
-  state = opt.init(params)
+
+  @jax.jit
+  def init(key, images):
+    params = nn.unbox(model.init(key, images)["params"])
+    return params, opt.init(params)
+
+  params, state = init(jax.random.key(2), train_images[:1])
+  batches = np.asarray(train_images).reshape(16, 32, 8, 8, 1), np.asarray(train_labels).reshape(16, 32)
 
   def loss_fn(p, images, labels):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, images), labels).mean()
@@ -171,8 +193,7 @@ def test_causal_class_token_classifier_trains():
 
   losses = []
   for step in range(80):
-    batch = slice(32 * (step % 16), 32 * (step % 16 + 1))
-    params, state, loss, backbone_grad = train_step(params, state, train_images[batch], train_labels[batch])
+    params, state, loss, backbone_grad = train_step(params, state, batches[0][step % 16], batches[1][step % 16])
     assert step or float(backbone_grad) > 0, "the first step does not reach the backbone"
     losses.append(float(loss))
   accuracy = float((jax.jit(model.apply)({"params": params}, test_images).argmax(-1) == test_labels).mean())
