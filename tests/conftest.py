@@ -18,6 +18,18 @@ if not os.environ.get("MIXERS_TEST_XLA_OPTIMIZE"):
   jax.config.update("jax_disable_most_optimizations", True)  # also when jax was imported before this file
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Tests of a module with module-scoped fixtures run on one xdist worker, one after another (`--dist loadgroup`
+  in pytest.ini), so each such fixture (a trained run, a multi-process job) is set up once, not once per worker or
+  again after another module's tests came in between."""
+  del config
+  for item in items:
+    defs = getattr(item, "_fixtureinfo", None)
+    if defs and any(d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture
 def x64():
   with jax.enable_x64(True):
