@@ -19,6 +19,13 @@ PARAMS = {"params": VARS["params"]}
 _apply = jax.jit(lambda p, x: LAYER.apply(p, x))
 
 
+def random_variables(module, x, seed=0):
+  """N(0, 0.3^2) values (numpy: no compile) in the shapes of the variables `module.init` would make."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
+
+
 def test_shapes_registry_and_initialisation():
   assert isinstance(build_mixer("mamba2", head_dim=4), Mamba2)
   assert _apply(PARAMS, X).shape == (B, T, D)
@@ -44,7 +51,9 @@ _step = jax.jit(lambda p, cache, x: LAYER.apply({**p, "cache": cache}, x, decode
 
 def test_decode_token_by_token_and_by_chunks_reproduces_forward():
   full = _apply(PARAMS, X)
-  cache = LAYER.init(jax.random.key(1), X, decode=True)["cache"]
+  # a fresh cache is all zeros (no init to compile): the state, the short convolution's history, the position
+  cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(lambda: LAYER.init(jax.random.key(1), X, decode=True))["cache"])
   outs = []
   for t0, t1 in [(0, 5)] + [(t, t + 1) for t in range(5, T)]:  # a 5-token prompt, then one token at a time
     y, upd = _step(PARAMS, cache, X[:, t0:t1])
@@ -58,17 +67,21 @@ def test_left_padding_does_not_leak():
   pad = 4
   junk = 100.0 * jax.random.normal(jax.random.key(2), (B, pad, D))
   mask = jnp.concatenate([jnp.zeros((B, pad), bool), jnp.ones((B, T), bool)], axis=1)
-  y = LAYER.apply(PARAMS, jnp.concatenate([junk, X], 1), mask=mask)
+  y = jax.jit(lambda p, x, m: LAYER.apply(p, x, mask=m))(PARAMS, jnp.concatenate([junk, X], 1), mask)
   np.testing.assert_allclose(y[:, pad:], _apply(PARAMS, X), rtol=1e-4, atol=1e-5)
 
 
 def test_mixing_matrix_is_what_the_ssm_applies():
-  m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  operands, _ = LAYER.apply(PARAMS, X, method="operands")
+  @jax.jit
+  def matrix_product_and_ssd(params, x):  # one program: the matrix applied to x, and the SSD on the same operands
+    m = LAYER.apply(params, x, method="mixing_matrix")
+    operands, _ = LAYER.apply(params, x, method="operands")
+    return m, jnp.einsum("bhts,bshp->bthp", m, operands["x"]), ssd(**operands, impl="recurrent")
+
+  m, my, y = matrix_product_and_ssd(PARAMS, X)
   assert m.shape == (B, 4, T, T)
   np.testing.assert_allclose(np.triu(m, 1), 0.0)
-  y = ssd(**operands, impl="recurrent")
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(my, y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_raise_clear_errors():
@@ -88,6 +101,6 @@ def test_bad_shapes_raise_clear_errors():
 
 def test_noncausal_variant_mixes_both_ways():
   layer = Mamba2(head_dim=4, state_dim=6, causal=False)
-  params = jax.jit(layer.init)(jax.random.key(3), X)
+  params = random_variables(layer, X)
   jac = jax.jit(jax.jacobian(lambda x: layer.apply(params, x)))(X[:1])
   assert np.all(np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 5)) > 0)
