@@ -44,12 +44,16 @@ def test_padded_batch_equals_sequences_one_by_one():
 
 
 def test_mixing_matrix_is_what_the_ssm_applies():
-  m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  operands, _ = LAYER.apply(PARAMS, X, method="operands")
+  @jax.jit
+  def matrix_product_and_recurrence(params, x):  # one program: the matrix applied to x, the recurrence on the same
+    m = LAYER.apply(params, x, method="mixing_matrix")
+    operands, _ = LAYER.apply(params, x, method="operands")
+    return m, jnp.einsum("bhts,bshp->bthp", m, operands["x"]), quasiseparable(**operands, impl="recurrent")
+
+  m, my, y = matrix_product_and_recurrence(PARAMS, X)
   assert m.shape == (B, 4, T, T)
   assert np.all(np.abs(np.asarray(m)) > 0)  # dense: lower, upper and diagonal all populated
-  y = quasiseparable(**operands, impl="recurrent")
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(my, y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():
