@@ -15,12 +15,19 @@ PARAMS = {"params": jax.jit(LAYER.init)(jax.random.key(1), X)["params"]}
 _apply = jax.jit(lambda p, x: LAYER.apply(p, x))
 
 
+def random_variables(module, x, seed=0):
+  """N(0, 0.3^2) values (numpy: no compile) in the shapes of the variables `module.init` would make."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
+
+
 def test_grid_and_flat_inputs_agree_and_differentiate():
   assert isinstance(build_mixer("vssd", head_dim=4), VSSD)
   y = _apply(PARAMS, X)
   assert y.shape == X.shape
   flat = VSSD(head_dim=4, state_dim=6, num_groups=2, grid_shape=(H, W))
-  np.testing.assert_allclose(flat.apply(PARAMS, X.reshape(B, H * W, D)), y.reshape(B, H * W, D), rtol=1e-5,
+  np.testing.assert_allclose(jax.jit(flat.apply)(PARAMS, X.reshape(B, H * W, D)), y.reshape(B, H * W, D), rtol=1e-5,
                              atol=1e-6)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(LAYER.apply(p, X) ** 2)))(PARAMS)
   for leaf in jax.tree.leaves(grads):
@@ -37,7 +44,7 @@ def test_masked_tokens_do_not_leak():
   """A 1-D VSSD: padded tokens (junk values) change nothing on the real tokens."""
   layer = VSSD(head_dim=4, state_dim=6)
   x = X.reshape(B, H * W, D)
-  params = jax.jit(layer.init)(jax.random.key(3), x)
+  params = random_variables(layer, x)
   pad = 3
   xp = jnp.concatenate([x, 100.0 * jax.random.normal(jax.random.key(4), (B, pad, D))], 1)
   mask = jnp.arange(H * W + pad)[None, :] < H * W
@@ -46,11 +53,15 @@ def test_masked_tokens_do_not_leak():
 
 
 def test_mixing_matrix_is_what_the_ssm_applies():
-  m = LAYER.apply(PARAMS, X, method="mixing_matrix")
-  operands, _ = LAYER.apply(PARAMS, X, method="operands")
+  @jax.jit
+  def matrix_product_and_ssd(params, x):  # one program: the matrix applied to x, and the SSD on the same operands
+    m = LAYER.apply(params, x, method="mixing_matrix")
+    operands, _ = LAYER.apply(params, x, method="operands")
+    return m, jnp.einsum("bhts,bshp->bthp", m, operands["x"]), ssd(**operands, causal=False)
+
+  m, my, y = matrix_product_and_ssd(PARAMS, X)
   assert m.shape == (B, 4, H * W, H * W)
-  y = ssd(**operands, causal=False)
-  np.testing.assert_allclose(jnp.einsum("bhts,bshp->bthp", m, operands["x"]), y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(my, y, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():
