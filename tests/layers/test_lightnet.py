@@ -13,14 +13,21 @@ from mixers.layers.lightnet import LightNet
 WIDTH, HEADS = 16, 2
 
 
+def random_variables(module, x, seed=0):
+  """N(0, 0.3^2) values (numpy: no compile) in the shapes of the variables `module.init` would make."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
+
+
 def test_causal_decode_matches_forward_and_padding_does_not_leak():
   x = jax.random.normal(jax.random.key(0), (2, 11, WIDTH))
   layer = build_mixer("lightnet", num_heads=HEADS, chunk_size=4, gate_rank=4)
   assert isinstance(layer, LightNet) and layer.causal
-  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+  variables = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :5])  # one init: both
+  params, cache = variables["params"], variables["cache"]
   forward = jax.jit(lambda xs, m: layer.apply({"params": params}, xs, mask=m))
   full = forward(x, jnp.ones(x.shape[:2], bool))
-  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :5])["cache"]
   step = jax.jit(lambda c, xs: layer.apply({"params": params, "cache": c}, xs, decode=True, mutable=["cache"]))
   outs = []
   for lo, hi in ((0, 5),) + tuple((t, t + 1) for t in range(5, 11)):
@@ -39,7 +46,7 @@ def test_causal_decode_matches_forward_and_padding_does_not_leak():
 def test_non_causal_grid_input_and_padding():
   layer = LightNet(num_heads=HEADS, causal=False, gate_rank=4)
   x = jax.random.normal(jax.random.key(2), (2, 3, 5, WIDTH))
-  variables = jax.jit(layer.init)(jax.random.key(3), x)
+  variables = random_variables(layer, x)
   forward = jax.jit(lambda xs, m: layer.apply(variables, xs, mask=m))
   y = forward(x, jnp.ones(x.shape[:3], bool))
   flat = LightNet(num_heads=HEADS, causal=False, gate_rank=4, grid_shape=(3, 5))
@@ -72,10 +79,15 @@ def test_classifier_trains_with_decreasing_loss():
   images[labels == 1, :8] += 1.0  # class 1: brighter top half
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   model = models.build_model(classifier_config())
-  params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
-  assert "md_tpe" in params
   opt = optax.adam(1e-2)
-  opt_state = opt.init(params)
+
+  @jax.jit
+  def init(key, images):
+    params = model.init(key, images)["params"]
+    return params, opt.init(params)
+
+  params, opt_state = init(jax.random.key(0), images[:1])
+  assert "md_tpe" in params
 
   def loss_fn(p):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, images), labels).mean()
