@@ -19,12 +19,18 @@ def test_md_lrpe_scores_depend_only_on_relative_offset(num_axes):
   p, p2, shift = (jnp.asarray(rng.integers(-20, 20, num_axes)) for _ in range(3))
   lrpe = MdLrpe(base=100.0)
   score = lambda a, b: jnp.sum(lrpe.apply({}, q, a) * lrpe.apply({}, k, b), axis=-1)  # [H]
-  assert lrpe.apply({}, q, p).shape == (HEADS, 2 * DIM)
-  np.testing.assert_allclose(score(p, p2), score(p + shift, p2 + shift), rtol=2e-4, atol=2e-4)
-  expected = jnp.sum(q * k * jnp.cos(positional.lrpe_phases(p - p2, DIM, base=100.0)), axis=-1)
-  np.testing.assert_allclose(score(p, p2), expected, rtol=2e-4, atol=2e-4)
-  moved = p2.at[num_axes - 1].add(3)  # a different offset along any one axis changes the score
-  assert not np.allclose(score(p, p2), score(p, moved), atol=1e-3)
+
+  @jax.jit
+  def scores(q, k, p, p2, shift):  # one program: every score compared below
+    expected = jnp.sum(q * k * jnp.cos(positional.lrpe_phases(p - p2, DIM, base=100.0)), axis=-1)
+    moved = p2.at[num_axes - 1].add(3)  # a different offset along any one axis changes the score
+    return (lrpe.apply({}, q, p).shape, score(p, p2), score(p + shift, p2 + shift), expected, score(p, moved))
+
+  shape, s, shifted, expected, s_moved = scores(q, k, p, p2, shift)
+  assert shape == (HEADS, 2 * DIM)
+  np.testing.assert_allclose(s, shifted, rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(s, expected, rtol=2e-4, atol=2e-4)
+  assert not np.allclose(s, s_moved, atol=1e-3)
 
 
 @pytest.fixture
@@ -58,19 +64,20 @@ def test_md_tpe_matrix_of_impulses(x64, causal):
 
 
 def test_md_tpe_on_a_grid_sums_the_axes(x64):
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 5, 3, HEADS, 3)))
-  mats = [positional.toeplitz_matrix(n, LOG_DECAY, causal=False) for n in x.shape[1:4]]
-  expected = (jnp.einsum("hts,bsjlhd->btjlhd", mats[0], x) + jnp.einsum("hts,bislhd->bitlhd", mats[1], x)
-              + jnp.einsum("hts,bijshd->bijthd", mats[2], x))
-  np.testing.assert_allclose(tpe(x, False), expected, rtol=1e-10)
+  x = np.random.default_rng(0).standard_normal((2, 4, 5, 3, HEADS, 3))
+  t = [np.arange(n) for n in x.shape[1:4]]
+  mats = [np.exp(LOG_DECAY[:, None, None] * np.abs(a[:, None] - a[None, :])) for a in t]  # numpy: no compile
+  expected = (np.einsum("hts,bsjlhd->btjlhd", mats[0], x) + np.einsum("hts,bislhd->bitlhd", mats[1], x)
+              + np.einsum("hts,bijshd->bijthd", mats[2], x))
+  np.testing.assert_allclose(tpe(jnp.asarray(x), False), expected, rtol=1e-10)
 
 
 def test_md_tpe_layer_decode_matches_forward_and_grid_input():
   x = jax.random.normal(jax.random.key(0), (2, 9, 8))
   layer = MdTpe(num_heads=2, causal=True, chunk_size=4)
-  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+  variables = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :4])  # one init: both
+  params, cache = variables["params"], variables["cache"]
   full = jax.jit(layer.apply)({"params": params}, x)
-  cache = jax.jit(functools.partial(layer.init, decode=True))(jax.random.key(1), x[:, :4])["cache"]
   step = jax.jit(lambda c, xs: layer.apply({"params": params, "cache": c}, xs, decode=True, mutable=["cache"]))
   outs = []
   for lo, hi in ((0, 4), (4, 5), (5, 9)):
