@@ -59,9 +59,13 @@ class MdTpe(nn.Module):
     return jax.nn.log_sigmoid(w.astype(jnp.float32))
 
   @nn.compact
-  def __call__(self, x, *, mask=None, decode=False):
+  def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
     """e of x's shape from x `[B,T,d]` or `[B,*spatial,d]`; mask `[B,T]` or `[B,*spatial]` (True at real
-    tokens) or None; decode (causal only) continues the running sum from the `cache` collection."""
+    tokens) or None; decode (causal only) continues the running sum from the `cache` collection.
+
+    segment_ids: None or `[B,T]` ints for a 1-D x (packed sequences): each segment is encoded as its own sequence;
+    decoding after a packed prompt, each row continues its last segment (the cached sum is that segment's).
+    """
     check_decode(self, decode)
     xf, grid, mask = grid_tokens(self, x, mask)
     b, t, d = xf.shape
@@ -74,10 +78,10 @@ class MdTpe(nn.Module):
     xh = xf.reshape((b,) + grid + (h, d // h))
 
     def run(state):
+      kw = dict(chunk_size=self.chunk_size, impl=self.impl, segment_ids=segment_ids)
       if not self.causal:
-        return positional.md_tpe(xh, log_decay, causal=False, chunk_size=self.chunk_size, impl=self.impl), None
-      return positional.md_tpe(xh, log_decay, causal=True, initial_state=state, return_state=True,
-                               chunk_size=self.chunk_size, impl=self.impl)
+        return positional.md_tpe(xh, log_decay, causal=False, **kw), None
+      return positional.md_tpe(xh, log_decay, causal=True, initial_state=state, return_state=True, **kw)
 
     y = cached_recurrence(self, run, lambda: jnp.zeros((b, h, 1, d // h), jnp.float32), decode=decode)
     y = rms_normalize(y, self.eps).reshape(b, t, d)

@@ -10,7 +10,7 @@ import ml_collections
 from mixers import registry
 from mixers.models.backbone import SequenceModel, compute_dtype, mixer_kwargs, remat_policy
 from mixers.models.classifier import Classifier
-from mixers.models.language_model import LanguageModel
+from mixers.models.language_model import LanguageModel, check_positional
 
 KINDS = ("lm", "classifier")
 
@@ -32,9 +32,13 @@ def default_config():
   c.patch_size = 0  # > 0: image classifier on patches of this size
   c.image_size = (32, 32)  # image height, width (sets grid_shape for n-D mixers)
   c.pool = "mean"  # mean | cls | last_token
-  c.positional = ""  # "" | learned | md_tpe
-  c.positional_kwargs = ml_collections.ConfigDict()
-  c.max_len = 4096  # longest sequence; sizes the mixers that have a max_len (m2's filter and decode cache)
+  # Added to the token or patch embeddings: "" | learned (a [max_len, d_model] table; in an lm the position counts
+  # from each packed segment's first token and continues while decoding) | md_tpe (mixers.layers.MdTpe; in an lm
+  # causal, and positional_kwargs.causal=False is refused).
+  c.positional = ""
+  c.positional_kwargs = ml_collections.ConfigDict()  # MdTpe's fields: num_heads, decay_init, causal (classifier)
+  c.max_len = 4096  # longest sequence (segment, in packed lm batches); sizes learned positions and the mixers that
+  # have a max_len (m2's filter and decode cache)
   c.dtype = "float32"  # computation dtype: float32 | bfloat16 | float16
   c.param_dtype = "float32"  # parameters' dtype: float32 | bfloat16 | float16
   c.remat = False  # rematerialise each block (or scanned group) in the backward pass
@@ -72,7 +76,8 @@ def lightnet_block_config(task="image"):
 
 
 def check_config(config):
-  """ValueError for unknown keys (listing the valid ones), unknown mixers, or causal/non-causal mismatches."""
+  """ValueError for unknown keys (listing the valid ones), unknown mixers, causal/non-causal mismatches, or a
+  language model's positions that are not causal (md_tpe with causal=False) or not sized (learned without max_len)."""
   valid = default_config()
   unknown = sorted(set(config.keys()) - set(valid.keys()))
   if unknown:
@@ -88,6 +93,8 @@ def check_config(config):
   channel = config.channel_mixer
   if channel not in (None, "", "none") and channel not in registry.names("channel"):
     raise ValueError(f"unknown channel_mixer {channel!r}; valid: none, {', '.join(registry.names('channel'))}")
+  if config.kind == "lm":
+    check_positional(config.positional or None, config.positional_kwargs, config.max_len)
   needs_causal = config.kind == "lm" or config.causal
   if needs_causal:
     bad = sorted({n for n in names if not registry.is_causal_capable(n)})
@@ -128,7 +135,8 @@ def build_model(config):
                            name="backbone", **kw)
   if config.kind == "lm":
     return LanguageModel(vocab_size=config.vocab_size, d_model=config.d_model, backbone=backbone,
-                         tie_embeddings=config.tie_embeddings, **kw)
+                         tie_embeddings=config.tie_embeddings, positional=config.positional or None,
+                         positional_kwargs=dict(config.positional_kwargs), max_len=config.max_len, **kw)
   return Classifier(num_classes=config.num_classes, d_model=config.d_model, backbone=backbone,
                     vocab_size=config.vocab_size, patch_size=config.patch_size or None, pool=config.pool,
                     positional=config.positional or None, positional_kwargs=dict(config.positional_kwargs),

@@ -11,6 +11,7 @@ import numpy as np
 
 from mixers.ops import checks
 from mixers.ops.recurrence import gated_linear_recurrence
+from mixers.ops.sequence import segment_starts
 
 
 def grid_positions(spatial_shape):
@@ -53,33 +54,43 @@ def lrpe(x, phases):
   return jnp.concatenate([x32 * jnp.cos(phases), x32 * jnp.sin(phases)], axis=-1).astype(x.dtype)
 
 
-def _decayed_sum_along_time(x, log_decay, *, exclusive, initial_state, impl, chunk_size):
-  """sum_{s<=t} lambda^{t-s} x_s (s<t if exclusive) for x `[B,T,H,D]` via the core; state `[B,H,1,D]`."""
+def _decayed_sum_along_time(x, log_decay, *, exclusive, initial_state, impl, chunk_size, resets=None):
+  """sum_{s<=t} lambda^{t-s} x_s (s<t if exclusive; s in t's segment given resets `[B,T]`, the segment starts)
+  for x `[B,T,H,D]` via the core; state `[B,H,1,D]` (the last segment's)."""
   ones = jnp.ones(x.shape[:3] + (1,), x.dtype)
   return gated_linear_recurrence(ones, ones, x, log_decay, scale=1.0, initial_state=initial_state,
-                                 exclusive=exclusive, chunk_size=chunk_size, impl=impl)
+                                 exclusive=exclusive, chunk_size=chunk_size, impl=impl, resets=resets)
 
 
-def toeplitz_along_axis(x, log_decay, axis, *, causal, initial_state=None, chunk_size=64, impl="auto"):
+def toeplitz_along_axis(x, log_decay, axis, *, causal, initial_state=None, chunk_size=64, impl="auto",
+                        segment_ids=None):
   """One axis of MD-TPE: y[p] = sum_{p'} lambda_h^{|p_a - p'_a|} x[p'] over grid axis `axis` of x `[B,*S,H,D]`.
 
+  segment_ids `[B,T]` (x `[B,T,H,D]` only): p' runs over p's segment only, each scan restarting at its starts.
   Returns (y like x, final state `[B*, H, 1, D]` of the forward scan, the other grid axes folded into batch).
   """
   xt = jnp.moveaxis(x, axis, -3)  # [B, *other axes, n_a, H, D]
   moved = xt.shape
   xt = xt.reshape((-1,) + moved[-3:])
   kw = dict(impl=impl, chunk_size=chunk_size)
-  y, state = _decayed_sum_along_time(xt, log_decay, exclusive=False, initial_state=initial_state, **kw)
+  y, state = _decayed_sum_along_time(xt, log_decay, exclusive=False, initial_state=initial_state,
+                                     resets=segment_starts(segment_ids), **kw)
   if not causal:
-    back, _ = _decayed_sum_along_time(xt[:, ::-1], log_decay, exclusive=True, initial_state=None, **kw)
+    back_resets = None if segment_ids is None else segment_starts(segment_ids, reverse=True)[:, ::-1]
+    back, _ = _decayed_sum_along_time(xt[:, ::-1], log_decay, exclusive=True, initial_state=None,
+                                      resets=back_resets, **kw)
     y = y + back[:, ::-1]
   return jnp.moveaxis(y.reshape(moved), -3, axis), state
 
 
-def md_tpe(x, log_decay, *, causal=False, initial_state=None, return_state=False, chunk_size=64, impl="auto"):
+def md_tpe(x, log_decay, *, causal=False, initial_state=None, return_state=False, chunk_size=64, impl="auto",
+           segment_ids=None):
   """MD-TPE mixing: y = sum over grid axes a of the per-head Toeplitz sum along a; x `[B,*S,H,D]`, log_decay `[H]`.
 
   Causal (1-D only: x `[B,T,H,D]`) continues from `initial_state` `[B,H,1,D]` (the decayed running sum).
+  segment_ids `[B,T]` ints (packed 1-D sequences; a segment is a run of equal ids): each segment is mixed as its own
+  sequence, y_t = sum_{s in seg(t)} lambda^{|t-s|} x_s (causal: s <= t); `initial_state` reaches the first segment
+  only and the returned state is the last segment's.
   """
   if x.ndim < 4:
     raise ValueError(f"x must have shape [B,*spatial,H,D] with at least one grid axis, got {tuple(x.shape)}")
@@ -94,10 +105,14 @@ def md_tpe(x, log_decay, *, causal=False, initial_state=None, return_state=False
   if initial_state is not None:
     checks.check_shape("initial_state", initial_state, (x.shape[0], h, 1, x.shape[-1]),
                        f"[B,H,1,D] = {(x.shape[0], h, 1, x.shape[-1])}")
+  if segment_ids is not None:
+    if x.ndim != 4:
+      raise ValueError(f"segment_ids needs a 1-D sequence x [B,T,H,D], got x {tuple(x.shape)} (a grid)")
+    checks.check_shape("segment_ids", segment_ids, x.shape[:2], f"[B,T] = {tuple(x.shape[:2])}")
   y, state = 0, None
   for axis in range(1, x.ndim - 2):
     y_a, state = toeplitz_along_axis(x, log_decay, axis, causal=causal, initial_state=initial_state,
-                                     chunk_size=chunk_size, impl=impl)
+                                     chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
     y = y + y_a
   return (y, state) if return_state else y
 
