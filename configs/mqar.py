@@ -14,14 +14,16 @@ import configs
 
 SIZES = {"tiny": (32, 2), "small": (64, 2), "base": (128, 2)}
 
-# Mixer settings that recall well on MQAR: a short convolution before the recurrence (Zoology, Based).
+# Mixer settings that recall well on MQAR: every recurrent mixer gets a short convolution before its recurrence
+# (Zoology, Based), so the recall table compares like with like. mamba2 has its own conv; delta_net and
+# gated_delta_net have short_conv on by default.
 MIXER_KWARGS = {
     "gla": dict(num_heads=2, short_conv=True, expand_k=1.0),
     "linear_attention": dict(num_heads=2, short_conv=True, feature_map="taylor", feature_dim=16),
     "mamba2": dict(head_dim=16, state_dim=32),
     "attention": dict(num_heads=2),
-    "retention": dict(num_heads=2),
-    "lightnet": dict(num_heads=2),
+    "retention": dict(num_heads=2, short_conv=True),
+    "lightnet": dict(num_heads=2, short_conv=True),
     "delta_net": dict(num_heads=2),
     "gated_delta_net": dict(num_heads=2),
 }

@@ -1,6 +1,7 @@
 """LightNet sequence mixer (arXiv 2405.21022).
 
   q = silu(x W_q), k = x W_k, v = x W_v                        `[B,T,H,K]`, `[B,T,H,K]`, `[B,T,H,V]`
+    (short_conv: q = silu(conv(x W_q)), k = conv(x W_k), v = conv(x W_v), depthwise along time, as fla's LightNet)
   o = lightnet(lrpe(q), normalised-k with lrpe, v)            keys softmax-normalised over (past) positions
   y = W_o (rmsnorm(o) * silu(x W_g1 W_g2))                    low-rank output gate
 
@@ -9,6 +10,7 @@ grid's rank, MD-LRPE rotating each part of the key channels by its own grid axis
 (S, log running sum) and the position in the `cache` collection. Packed 1-D rows (`segment_ids`) need nothing more
 than the op's: MD-LRPE depends on position differences only, and no pair crosses a segment.
 """
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -16,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import (Dtype, GatedRMSNorm, check_segment_ids, check_x, constrain, grid_tokens, head_width,
-                                  projection)
+from mixers.layers.common import (Dtype, GatedRMSNorm, ShortConv, check_segment_ids, check_x, constrain, grid_tokens,
+                                  head_width, projection)
 from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
+from mixers.layers.linear_family import FLA_ALIASES
 from mixers.layers.positional import MdLrpe
 from mixers.ops import positional
 from mixers.registry import register
@@ -29,7 +32,10 @@ class LightNet(nn.Module):
   """LightNet mixer: x `[B,T,d]` or `[B,*spatial,d]` -> y of the same shape.
 
   num_heads: heads H; head_dim: key channels K per head (default d // H); values take d // H per head.
-  gate_rank: rank of the output gate. use_lrpe / lrpe_base: MD-LRPE on q and k (doubles the state's key axis).
+  gate_rank: rank of the output gate. short_conv, conv_width (fla's use_short_conv, conv_size): depthwise convs
+  (no activation) on the q, k, v projections before MD-LRPE and the key normalisation, centred when non-causal, 1-D
+  inputs only; they restart at segment boundaries and keep their window in the decode cache. use_lrpe / lrpe_base:
+  MD-LRPE on q and k (doubles the state's key axis).
   grid_shape: read a `[B,T,d]` input as this grid (non-causal). chunk_size, impl: of the causal core.
   norm_eps: of the gated output norm. dtype: computation (None: promote x and the parameters); param_dtype: the
   parameters'.
@@ -38,6 +44,8 @@ class LightNet(nn.Module):
   head_dim: Optional[int] = None
   causal: bool = True
   gate_rank: int = 32
+  short_conv: bool = False
+  conv_width: int = 4
   use_lrpe: bool = True
   lrpe_base: float = 10000.0
   grid_shape: Optional[Sequence[int]] = None
@@ -47,11 +55,21 @@ class LightNet(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
+  aliases = FLA_ALIASES
+
   def _coordinates(self, grid, batch, length, decode):
     """Token coordinates `[B or 1, T, n]` on the n-D grid; 1-D positions continue from the cache when decoding."""
     if len(grid) > 1:
       return positional.grid_positions(grid).reshape(1, length, len(grid))
     return decode_positions(self, batch, length, decode=decode)[..., None]
+
+  def _short_conv(self, a, name, *, grid, mask, decode, segment_ids):
+    """a `[B,T,H,D]` through a depthwise conv along time (no activation); a `[B,T,...]` grid is refused."""
+    if len(grid) > 1:
+      raise ValueError(f"short_conv=True convolves along a 1-D sequence `[B,T,d]`; got a token grid {tuple(grid)}")
+    conv = ShortConv(self.conv_width, causal=self.causal, activation=None, channel_axis="heads", dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+    return conv(a.reshape(a.shape[:2] + (-1,)), mask=mask, decode=decode, segment_ids=segment_ids).reshape(a.shape)
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False, segment_ids=None):
@@ -61,7 +79,8 @@ class LightNet(nn.Module):
     decode: causal only; continue from the `cache` collection (the protocol: `mixers.layers.decode_cache`).
       O(1) state per token.
     segment_ids: `[B,T]` ints (packed 1-D sequences; a segment is a run of equal ids) or None: each segment is
-      mixed as its own sequence; decoding after a packed prompt continues each row's last segment.
+      mixed as its own sequence (short convs restart too); decoding after a packed prompt continues each row's last
+      segment.
     """
     check_x(self, x, grid=True)
     check_decode(self, decode)
@@ -72,9 +91,13 @@ class LightNet(nn.Module):
     dv = head_width(h, None, d)
     dk = self.head_dim or dv
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = jax.nn.silu(projection((h, dk), ("embed", "heads", "kv"), name="q_proj", **kw)(xf))
+    q = projection((h, dk), ("embed", "heads", "kv"), name="q_proj", **kw)(xf)
     k = projection((h, dk), ("embed", "heads", "kv"), name="k_proj", **kw)(xf)
     v = projection((h, dv), ("embed", "heads", "kv"), name="v_proj", **kw)(xf)
+    if self.short_conv:
+      conv = functools.partial(self._short_conv, grid=grid, mask=mask, decode=decode, segment_ids=segment_ids)
+      q, k, v = conv(q, "conv_q"), conv(k, "conv_k"), conv(v, "conv_v")
+    q = jax.nn.silu(q)
     phases = MdLrpe(self.lrpe_base).phases(self._coordinates(grid, b, t, decode), dk) if self.use_lrpe else None
 
     def mix(state):

@@ -21,20 +21,26 @@ class Retention(nn.Module):
   """S_t = gamma_h S_{t-1} + k_t v_t^T, o_t = q_t^T S_t / sqrt(D) (rotary q, k); per-head norm, swish gate.
 
   Non-causal: weights gamma_h^|t-s|. Decoding keeps S in the cache: O(1) per token. num_heads / head_dim
-  (default d_model // num_heads); norm_eps: of the per-head RMSNorm. block_size (causal only): block-causal, a token
-  reads its whole block and every earlier block; decoding, each chunk starts at a block boundary. dtype: computation
-  (None: promote x and the parameters); param_dtype: the parameters'.
+  (default d_model // num_heads); norm_eps: of the per-head RMSNorm. short_conv, conv_width (fla's use_short_conv,
+  conv_size): depthwise convs + SiLU on the q, k, v projections before rotary, centred when non-causal; they
+  restart at segment boundaries and keep their window in the decode cache. block_size (causal only): block-causal,
+  a token reads its whole block and every earlier block; decoding, each chunk starts at a block boundary; short
+  convs stay causal. dtype: computation (None: promote x and the parameters); param_dtype: the parameters'.
   """
   num_heads: int = 4
   head_dim: Optional[int] = None
   causal: bool = True
   block_size: Optional[int] = None
   rotary: bool = True
+  short_conv: bool = False
+  conv_width: int = 4
   norm_eps: float = 1e-6
   chunk_size: int = 64
   impl: str = "auto"
   dtype: Optional[common.Dtype] = None
   param_dtype: common.Dtype = jnp.float32
+
+  aliases = linear_family.FLA_ALIASES
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False, prefix_len=None, context=None, context_mask=None,
@@ -50,8 +56,8 @@ class Retention(nn.Module):
       positions on both. The decays gamma_h^|t-s| pair target t with source t, so Tk == T (causal: sources
       s <= t). context_mask: `[B,Tk]` bool, True at real context tokens (padded ones neither write nor decay).
     segment_ids: `[B,T]` ints or None (packed sequences; a segment is a run of equal ids): each segment is mixed as
-      its own sequence (state and rotary positions restart); decoding, the chunk's first segment continues the
-      cache and later chunks continue the last segment. Not with prefix_len, block_size or context.
+      its own sequence (state, short convs and rotary positions restart); decoding, the chunk's first segment
+      continues the cache and later chunks continue the last segment. Not with prefix_len, block_size or context.
     """
     common.check_x(self, x)
     common.check_cross_decode(self, decode, context)
@@ -68,6 +74,9 @@ class Retention(nn.Module):
                        f"num_heads={self.num_heads})")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = linear_family.qkv_projections(x, self.num_heads, head_dim, head_dim, context=context, **kw)
+    if self.short_conv:
+      q, k, v = linear_family.short_convs(q, k, v, causal=self.causal, width=self.conv_width, mask=mask,
+                                          kv_mask=source_mask, decode=decode, segment_ids=segment_ids, **kw)
     pos, first = segment_positions(self, segment_ids, b, t, decode=decode)
     if self.rotary:
       q, k = apply_rotary(q, pos - first), apply_rotary(k, pos - first)
