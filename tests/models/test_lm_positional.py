@@ -37,6 +37,22 @@ def zeros_cache(model, *args):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
+def prefill_then_decode(module, variables, x, more, ids):
+  """(prefill output, outputs of `more` `[B,n,...]` decoded one token at a time) after the packed prompt x."""
+  y, mut = module.apply({**variables, "cache": zeros_cache(module, x)}, x, segment_ids=ids, decode=True,
+                        mutable=["cache"])
+  steps = []
+  for t in range(more.shape[1]):
+    step, mut = module.apply({**variables, **mut}, more[:, t:t + 1], decode=True, mutable=["cache"])
+    steps.append(step)
+  return y, jnp.concatenate(steps, axis=1)
+
+
+def last_starts(ids):
+  """{row: first position of its last segment} for ids `[B,T]`."""
+  return {b: lo for b, lo, hi in segments(ids) if hi == ids.shape[1]}
+
+
 def test_md_tpe_op_packed_equals_segments_alone(x64):
   rng = np.random.default_rng(0)
   x, ct = (rng.standard_normal((2, 13, 2, 3)) for _ in range(2))
@@ -52,8 +68,8 @@ def test_md_tpe_op_packed_equals_segments_alone(x64):
       ya, vjp_a = jax.vjp(lambda x: alone(tpe, x, IDS), x)  # each segment through its materialised matrix
       out += [(yp, ya), (vjp_p(ct)[0], vjp_a(ct)[0])]
     state = positional.md_tpe(x, LOG_DECAY, causal=True, segment_ids=ids, return_state=True, chunk_size=4)[1]
-    last = [jnp.einsum("ht,bthd->bhd", jnp.exp(LOG_DECAY[:, None] * jnp.arange(hi - lo)[::-1]), x[b:b + 1, lo:hi])
-            for b, lo, hi in segments(IDS) if hi == 13]  # sum_s lambda^{T-1-s} x_s over each row's last segment
+    last = [jnp.einsum("ht,bthd->bhd", jnp.exp(LOG_DECAY[:, None] * jnp.arange(13 - lo)[::-1]), x[b:b + 1, lo:])
+            for b, lo in last_starts(IDS).items()]  # sum_s lambda^{T-1-s} x_s over each row's last segment
     return out + [(state, jnp.concatenate(last)[:, :, None])]
 
   for packed, separate in forms(x, ct):
@@ -74,17 +90,10 @@ def test_md_tpe_layer_packed_equals_alone_and_decodes_the_last_segment():
   def forms(params, x, more):
     out = [(layer.apply(params, x, segment_ids=ids), alone(lambda s: ref.apply(params, s), x, IDS))
            for layer, ref in zip(layers, references)]
-    causal = layers[1]
-    y, mut = causal.apply({**params, "cache": zeros_cache(causal, x)}, x, segment_ids=ids, decode=True,
-                          mutable=["cache"])
-    steps = []
-    for t in range(more.shape[1]):
-      step, mut = causal.apply({**params, **mut}, more[:, t:t + 1], decode=True, mutable=["cache"])
-      steps.append(step)
-    starts = [lo for b, lo, hi in segments(IDS) if hi == 13]  # each row's last segment, then the decoded tokens
+    y, steps = prefill_then_decode(layers[1], params, x, more, ids)
     full = [references[1].apply(params, jnp.concatenate([x[b:b + 1, lo:], more[b:b + 1]], axis=1))[:, -3:]
-            for b, lo in enumerate(starts)]
-    return out + [(y, out[1][0]), (jnp.concatenate(steps, axis=1), jnp.concatenate(full))]
+            for b, lo in last_starts(IDS).items()]  # each row's last segment, then the decoded tokens
+    return out + [(y, out[1][0]), (steps, jnp.concatenate(full))]
 
   for packed, separate in forms(params, x, more):
     np.testing.assert_allclose(packed, separate, rtol=1e-5, atol=1e-6)  # float32 parameters
@@ -115,21 +124,15 @@ def test_lm_positions_applied_restart_per_segment_and_decode(kind, name):
   @jax.jit
   def forms(variables, tokens, more):
     logits = model.apply(variables, tokens, segment_ids=ids)
-    y, mut = model.apply({**variables, "cache": zeros_cache(model, tokens)}, tokens, segment_ids=ids, decode=True,
-                         mutable=["cache"])
-    steps = []
-    for t in range(more.shape[1]):
-      step, mut = model.apply({**variables, **mut}, more[:, t:t + 1], decode=True, mutable=["cache"])
-      steps.append(step)
-    # Each segment alone; each row's last one followed by the decoded tokens.
-    last = {b: lo for b, lo, hi in segments(IDS) if hi == 13}
+    y, steps = prefill_then_decode(model, variables, tokens, more, ids)
+    last = last_starts(IDS)  # each segment alone; each row's last one followed by the decoded tokens
     full = [model.apply(variables, jnp.concatenate([tokens[b:b + 1, lo:], more[b:b + 1]], axis=1)) for b, lo in
             last.items()]
     rows = [[model.apply(variables, tokens[b:b + 1, lo:hi]) for b, lo, hi in segments(IDS) if b == r and hi < 13]
             for r in last]
     separate = jnp.concatenate([jnp.concatenate(r + [f[:, :-2]], axis=1) for r, f in zip(rows, full)])
     out = {"packed": (logits, separate), "prefill": (y, logits),
-           "decode": (jnp.concatenate(steps, axis=1), jnp.concatenate([f[:, -2:] for f in full])),
+           "decode": (steps, jnp.concatenate([f[:, -2:] for f in full])),
            "plain": plain.apply(without, tokens, segment_ids=ids)}
     if kind == "learned":  # 8 rows: row 0's segments (5, 3, 5 tokens) fit, row 1's 12-token one does not
       out["short"] = (short.apply(short_vars, tokens[:1], segment_ids=ids[:1]),
