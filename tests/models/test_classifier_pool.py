@@ -47,14 +47,19 @@ def logits_and_grads(model, params, images):
     return logits.sum(), logits
 
   (_, logits), (grads, g) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(params, images)
-  return logits, grads, jnp.sqrt((g.reshape(-1, 4, 2, 4, 2, 1) ** 2).sum(axis=(2, 4, 5))).reshape(-1, 16)
+  return logits, grads, patch_influence(g)
+
+
+def patch_influence(g):
+  """|g| `[B,16]` over the 2x2 patches of the gradient g `[B,8,8,1]` of 8x8 images."""
+  return jnp.sqrt((g.reshape(-1, 4, 2, 4, 2, 1) ** 2).sum(axis=(2, 4, 5))).reshape(-1, 16)
 
 
 @pytest.mark.parametrize("mixer", CAUSAL)
 def test_causal_class_token_reads_every_patch_and_a_prepended_one_none(mixer):
   """Shapes, jit and grad (finite, reaching the class token); with a causal backbone the class token after the
   patches depends on every patch, the one before them ("cls") on none."""
-  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+  images = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
   model = models.build_model(image_config(mixer, "last_token"))
   prepended = models.build_model(image_config(mixer, "cls"))
 
@@ -63,7 +68,8 @@ def test_causal_class_token_reads_every_patch_and_a_prepended_one_none(mixer):
   @jax.jit
   def both(params, params_cls, images):  # one program: both models' logits and gradients
     logits, grads, influence = logits_and_grads(model, params, images)
-    return logits, grads, influence, logits_and_grads(prepended, params_cls, images)[2]
+    g_cls = jax.grad(lambda im: prepended.apply({"params": params_cls}, im).sum())(images)  # images only
+    return logits, grads, influence, patch_influence(g_cls)
 
   logits, grads, influence, influence_cls = both(params, params_cls, images)
   assert params["cls"].shape == (16,)
@@ -83,8 +89,8 @@ def test_padding_changes_nothing(mixer, causal, kwargs):
   without padding."""
   model = models.build_model(token_config(mixer, causal, **kwargs))
   t, length = 13, 7
-  tokens = jax.random.randint(jax.random.key(0), (2, t), 1, 20)
-  mask = jnp.arange(t)[None, :] < jnp.array([[t], [length]])
+  tokens = np.random.default_rng(0).integers(1, 20, (2, t), dtype=np.int32)
+  mask = np.arange(t)[None, :] < np.array([[t], [length]])
 
   params = random_params(model, tokens)
 
@@ -123,7 +129,7 @@ def test_insert_after_last_against_a_loop():
 def test_positions_apply_to_the_patches_only(positional):
   """The backbone receives the class token exactly as learned (no position added) after the 16 patches."""
   model = models.build_model(image_config("gla", "last_token", positional=positional))
-  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+  images = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
   seen = []
 
   def skip_backbone(next_fun, args, kwargs, context):
@@ -132,7 +138,7 @@ def test_positions_apply_to_the_patches_only(positional):
       return args[0]
     return next_fun(*args, **kwargs)
 
-  params = {**random_params(model, images), "cls": jnp.arange(16, dtype=jnp.float32)}
+  params = {**random_params(model, images), "cls": np.arange(16, dtype=np.float32)}
 
   @jax.jit
   def backbone_input(params, images):
