@@ -12,6 +12,7 @@ from tests.conftest import random_variables
 
 LOG_DECAY = np.log(np.array([0.5, 0.9]))
 IDS = np.array([[0] * 5 + [1] * 3 + [2] * 5, [4] * 1 + [7] * 12])  # [B=2, T=13]; segments cross chunks of 4
+LM_IDS = np.array([[0] * 5 + [1] * 3 + [2] * 5, [6] * 5 + [3] * 3 + [9] * 5])  # same cuts: one call per segment
 
 
 def segments(ids):
@@ -119,33 +120,27 @@ def test_lm_positions_applied_restart_per_segment_and_decode(kind, name):
   without = {"params": {k: v for k, v in variables["params"].items() if k != name}}
   if kind == "learned":
     short_vars = {"params": {**variables["params"], name: variables["params"][name][:8]}}
-  ids = jnp.asarray(IDS)
+  ids = jnp.asarray(LM_IDS)
 
   @jax.jit
   def forms(variables, tokens, more):
     logits = model.apply(variables, tokens, segment_ids=ids)
     y, steps = prefill_then_decode(model, variables, tokens, more, ids)
-    last = last_starts(IDS)  # each segment alone; each row's last one followed by the decoded tokens
-    full = [model.apply(variables, jnp.concatenate([tokens[b:b + 1, lo:], more[b:b + 1]], axis=1)) for b, lo in
-            last.items()]
-    rows = [[model.apply(variables, tokens[b:b + 1, lo:hi]) for b, lo, hi in segments(IDS) if b == r and hi < 13]
-            for r in last]
-    separate = jnp.concatenate([jnp.concatenate(r + [f[:, :-2]], axis=1) for r, f in zip(rows, full)])
-    out = {"packed": (logits, separate), "prefill": (y, logits),
-           "decode": (steps, jnp.concatenate([f[:, -2:] for f in full])),
+    full = model.apply(variables, jnp.concatenate([tokens[:, 8:], more], axis=1))  # the last segment, then more
+    separate = jnp.concatenate([model.apply(variables, tokens[:, :5]), model.apply(variables, tokens[:, 5:8]),
+                                full[:, :-2]], axis=1)
+    out = {"packed": (logits, separate), "prefill": (y, logits), "decode": (steps, full[:, -2:]),
            "plain": plain.apply(without, tokens, segment_ids=ids)}
-    if kind == "learned":  # 8 rows: row 0's segments (5, 3, 5 tokens) fit, row 1's 12-token one does not
-      out["short"] = (short.apply(short_vars, tokens[:1], segment_ids=ids[:1]),
-                      short.apply(short_vars, tokens, segment_ids=ids))
+    if kind == "learned":  # 8 rows: the 5-, 3- and 5-token segments fit, the 13-token unpacked rows do not
+      out["short"] = short.apply(short_vars, tokens)
     return out
 
   out = forms(variables, tokens, more)
   for key in ("packed", "prefill", "decode"):
     np.testing.assert_allclose(*out[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert not np.allclose(out["packed"][0], out["plain"], atol=1e-4)  # the positional layer changes the logits
-  if kind == "learned":  # a segment past max_len turns the outputs NaN, never silently wrong numbers
-    np.testing.assert_allclose(out["short"][0], out["packed"][0][:1], rtol=1e-5, atol=1e-5)
-    assert np.all(np.isnan(out["short"][1]))
+  if kind == "learned":  # positions past max_len turn the outputs NaN, never silently wrong numbers
+    assert np.all(np.isnan(out["short"]))
 
 
 @pytest.mark.parametrize("overrides, match", [
