@@ -40,7 +40,8 @@ def zeros_cache(model, *args):
 
 def prefill_then_decode(module, variables, x, more, ids):
   """(prefill output, outputs of `more` `[B,n,...]` decoded one token at a time) after the packed prompt x."""
-  y, mut = module.apply({**variables, "cache": zeros_cache(module, x)}, x, segment_ids=ids, decode=True,
+  cache = zeros_cache(module, jnp.concatenate([x, more], axis=1))  # sized for the prompt and the decoded tokens
+  y, mut = module.apply({**variables, "cache": cache}, x, segment_ids=ids, decode=True,
                         mutable=["cache"])
   steps = []
   for t in range(more.shape[1]):
