@@ -18,7 +18,7 @@ def test_single_chunk_channel_decay_every_compile_matches_reference():
   q, kk = (jax.random.normal(x, (b, t, h, k)) for x in ks[:2])
   vv = jax.random.normal(ks[2], (b, t, h, v))
   g = -jax.random.uniform(ks[3], (b, t, h, k))
-  o_ref = np.asarray(gated_linear_recurrence(q, kk, vv, g, impl="reference")[0])
+  o_ref = np.asarray(jax.jit(lambda *a: gated_linear_recurrence(*a, impl="reference")[0])(q, kk, vv, g))
   bad = []
   for i in range(COMPILES):
     # A fresh lambda per iteration: a fresh trace and compile, not a cache hit. Only o: the program that failed.
