@@ -48,10 +48,12 @@ def inputs(seed=0, t=T, structured=False, dtype=jnp.float64):
   return q, k, v
 
 
-EXACT = {  # settings in which every part is exact
+# settings in which every part is exact; causal, T = 37 -> parts of 19 keys (padded to 20) -> 10: two levels of the
+# recursion (the inner one padding an odd part), its cross part of 19 keys through the blocks and samples
+EXACT = {
     "T <= min_seq_len": dict(min_seq_len=64, block_size=4, sample_size=3),
-    "block covers the keys": dict(min_seq_len=3, block_size=64, sample_size=3),
-    "samples cover the keys": dict(min_seq_len=3, block_size=4, sample_size=64),
+    "block covers the keys": dict(min_seq_len=10, block_size=64, sample_size=3),
+    "samples cover the keys": dict(min_seq_len=10, block_size=4, sample_size=64),
 }
 APPROX = dict(min_seq_len=5, block_size=4, sample_size=5, lsh_num_projs=3)
 
@@ -117,10 +119,12 @@ def test_causal_recursion_is_causal_and_its_gradients_finite(x64):
   later = lambda a, seed: a.at[:, t + 1:].set(jax.random.normal(jax.random.key(seed), a[:, t + 1:].shape, a.dtype))
 
   @jax.jit
-  def outputs_and_grads(q, k, v):  # both inputs, the gradients and the dense reference in one program
-    y, vjp = jax.vjp(functools.partial(ops.hyper_attention, causal=True, **APPROX), q, k, v)
-    y2 = ops.hyper_attention(later(q, 10), later(k, 11), later(v, 12), causal=True, **APPROX)
-    return y, vjp(ct), y2, dense(q, k, v, True)[0]
+  def outputs_and_grads(q, k, v):  # both inputs (one vmapped call), the gradients and the dense reference
+    both = lambda *a: jax.vmap(functools.partial(ops.hyper_attention, causal=True, **APPROX))(*a)
+    changed = (later(q, 10), later(k, 11), later(v, 12))
+    ys, vjp = jax.vjp(both, *(jnp.stack(a) for a in zip((q, k, v), changed)))
+    grads = [g[0] for g in vjp(jnp.stack([ct, jnp.zeros_like(ct)]))]  # the unchanged inputs' gradients
+    return ys[0], grads, ys[1], dense(q, k, v, True)[0]
 
   y1, grads, y2, want = outputs_and_grads(q, k, v)
   np.testing.assert_allclose(y1[:, :t + 1], y2[:, :t + 1], rtol=1e-13, atol=1e-13)
@@ -133,7 +137,7 @@ def test_causal_recursion_is_causal_and_its_gradients_finite(x64):
 
 
 # exact regimes with one level of the causal recursion approximated (T = 37 -> parts of 19 keys -> 10: exact)
-PACKED_EXACT = {what: dict(EXACT[what], min_seq_len=10) for what in ("block covers the keys", "samples cover the keys")}
+PACKED_EXACT = {what: EXACT[what] for what in ("block covers the keys", "samples cover the keys")}
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -192,7 +196,7 @@ def test_lsh_buckets_number_cells_in_gray_order():
   """Sign patterns of P = 5 axis projections: numbers 0..31 each once, consecutive ones one sign apart."""
   p = 5
   signs = jnp.array([[(cell >> i) & 1 for i in range(p)] for cell in range(2 ** p)], jnp.float32) * 2 - 1
-  buckets = np.asarray(lsh_buckets(signs, jnp.eye(p)))
+  buckets = np.asarray(jax.jit(lsh_buckets)(signs, jnp.eye(p)))
   assert sorted(buckets) == list(range(2 ** p))
   cells = np.argsort(buckets)
   assert all(bin(int(a) ^ int(b)).count("1") == 1 for a, b in zip(cells[:-1], cells[1:]))
