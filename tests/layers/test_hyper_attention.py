@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mixers
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_variables
 
 B, T, TK, D = 2, 11, 7, 16
 EXACT = dict(num_heads=2, block_size=16, sample_size=4, min_seq_len=4)  # one block covers every part's keys
@@ -19,22 +19,32 @@ def test_exact_regime_equals_attention_at_the_same_parameters(causal):
   context_mask = jnp.ones(context.shape[:2], bool).at[1, -2:].set(False)
   hyper = mixers.build_mixer("hyper_attention", causal=causal, **EXACT)
   attention = mixers.build_mixer("attention", causal=causal, num_heads=2)
-  variables = jax.jit(hyper.init)(jax.random.key(2), x)
+  variables = random_variables(hyper, x)  # any parameters: both layers read the same ones
   assert jax.tree.structure(variables) == jax.tree.structure(jax.eval_shape(attention.init, jax.random.key(2), x))
-  apply = jax.jit(lambda layer, *a: layer.apply(variables, a[0], context=a[1], context_mask=a[2]), static_argnums=0)
-  assert_close(apply(hyper, x, None, None), apply(attention, x, None, None), 1e-5, "self attention")
-  assert_close(apply(hyper, x, context, context_mask), apply(attention, x, context, context_mask), 1e-5, "cross")
+
+  @jax.jit
+  def both(x, context, context_mask):  # self and cross attention through both layers, one program
+    apply = lambda layer, *a: layer.apply(variables, x, context=a[0], context_mask=a[1])
+    return [(apply(hyper, *a), apply(attention, *a)) for a in ((None, None), (context, context_mask))]
+
+  (self_hyper, self_attention), (cross_hyper, cross_attention) = both(x, context, context_mask)
+  assert_close(self_hyper, self_attention, 1e-5, "self attention")
+  assert_close(cross_hyper, cross_attention, 1e-5, "cross")
 
 
 def test_approximate_regime_is_causal_and_takes_an_rng_stream():
   t = 40
-  layer = mixers.build_mixer("hyper_attention", num_heads=2, block_size=4, sample_size=4, min_seq_len=5)
+  layer = mixers.build_mixer("hyper_attention", num_heads=2, block_size=4, sample_size=4, min_seq_len=10)
   x = jax.random.normal(jax.random.key(0), (B, t, D))
-  variables = jax.jit(layer.init)(jax.random.key(1), x)
-  apply = jax.jit(lambda x, key: layer.apply(variables, x, rngs={"hyper_attention": key}))
-  y1 = apply(x, jax.random.key(3))
-  y2 = apply(x.at[:, 20:].set(0.0), jax.random.key(3))
+  variables = random_variables(layer, x)  # any parameters: the error against softmax attention is 0.46
+
+  @jax.jit
+  def outputs(x, keys):  # three (input, key) pairs through one vmapped layer, and softmax attention
+    apply = lambda x, key: layer.apply(variables, x, rngs={"hyper_attention": key})
+    ys = jax.vmap(apply)(jnp.stack([x, x.at[:, 20:].set(0.0), x]), keys)
+    return ys, mixers.build_mixer("attention", num_heads=2).apply(variables, x)
+
+  (y1, y2, y3), exact = outputs(x, jnp.stack([jax.random.key(3), jax.random.key(3), jax.random.key(4)]))
   np.testing.assert_allclose(y1[:, :20], y2[:, :20], atol=1e-6, rtol=1e-6)
-  assert not np.allclose(apply(x, jax.random.key(4)), y1), "another key should draw other hashes and samples"
-  exact = jax.jit(mixers.build_mixer("attention", num_heads=2).apply)(variables, x)
+  assert not np.allclose(y3, y1), "another key should draw other hashes and samples"
   assert 1e-3 < float(jnp.linalg.norm(y1 - exact) / jnp.linalg.norm(exact)) < 1
