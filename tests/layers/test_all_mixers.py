@@ -60,9 +60,9 @@ def test_shapes_jit_and_grad(name):
 
   grads, y = jax.jit(jax.grad(loss, has_aux=True))(variables)
   assert y.shape == x.shape and y.dtype == x.dtype
-  leaves = jax.tree.leaves(grads)
-  assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-  assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+  leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]  # checked in numpy: no small programs per leaf shape
+  assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
+  assert any(np.abs(g).max() > 0 for g in leaves)
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -71,7 +71,8 @@ def test_causality(name):
   x = inputs()
   t = 6
   changed = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), (B, T - t - 1, D)))
-  y1, y2 = jax.jit(lambda v: (layer.apply(v, x), layer.apply(v, changed)))(variables)
+  # both inputs in one batch (its rows are independent): one forward to compile
+  y1, y2 = np.split(np.asarray(jax.jit(layer.apply)(variables, jnp.concatenate([x, changed]))), 2)
   np.testing.assert_allclose(y1[:, :t + 1], y2[:, :t + 1], atol=1e-6, rtol=1e-6)
   assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
 
@@ -83,6 +84,7 @@ def test_decode_equals_forward(name):
   x = inputs()
   y, cache = jax.jit(lambda v: (layer.apply(v, x), layer.init(jax.random.key(1), x, decode=True)["cache"]))(variables)
   step = jax.jit(lambda c, xt: layer.apply({**variables, "cache": c}, xt, decode=True, mutable=["cache"]))
+  x = np.asarray(x)  # numpy slices: no small slicing programs per position
   out, state = step(cache, x[:, :5])
   outs = [out]
   cache = state["cache"]
@@ -90,7 +92,7 @@ def test_decode_equals_forward(name):
     out, state = step(cache, x[:, t:t + 1])
     outs.append(out)
     cache = state["cache"]
-  assert_close(jnp.concatenate(outs, axis=1), y, 1e-5, f"{name} decode vs forward")
+  assert_close(np.concatenate(outs, axis=1), y, 1e-5, f"{name} decode vs forward")
 
 
 @pytest.mark.parametrize("name", [n for n in NONCAUSAL if not SMALL[n].get("causal_only")])
@@ -100,8 +102,8 @@ def test_noncausal_every_output_depends_on_every_input(name):
   x = inputs()[:1]
   direction = jax.random.normal(jax.random.key(5), x.shape)
   moved = lambda e: layer.apply(variables, x + e[None, :, None] * direction)[0]  # e [T]: one scale per token
-  jac = jax.jit(jax.jacfwd(moved))(jnp.zeros(T))  # [T,D,T]
-  influence = jnp.sqrt(jnp.sum(jac ** 2, axis=1))  # [T,T]
+  jac = np.asarray(jax.jit(jax.jacfwd(moved))(jnp.zeros(T)))  # [T,D,T]
+  influence = np.sqrt(np.sum(jac ** 2, axis=1))  # [T,T]
   assert float(influence.min()) > 0, f"{name}: some output ignores some input"
 
 
