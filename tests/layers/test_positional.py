@@ -24,10 +24,10 @@ def test_md_lrpe_scores_depend_only_on_relative_offset(num_axes):
   def scores(q, k, p, p2, shift):  # one program: every score compared below
     expected = jnp.sum(q * k * jnp.cos(positional.lrpe_phases(p - p2, DIM, base=100.0)), axis=-1)
     moved = p2.at[num_axes - 1].add(3)  # a different offset along any one axis changes the score
-    return (lrpe.apply({}, q, p).shape, score(p, p2), score(p + shift, p2 + shift), expected, score(p, moved))
+    return lrpe.apply({}, q, p), score(p, p2), score(p + shift, p2 + shift), expected, score(p, moved)
 
-  shape, s, shifted, expected, s_moved = scores(q, k, p, p2, shift)
-  assert shape == (HEADS, 2 * DIM)
+  rotated, s, shifted, expected, s_moved = scores(q, k, p, p2, shift)
+  assert rotated.shape == (HEADS, 2 * DIM)
   np.testing.assert_allclose(s, shifted, rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(s, expected, rtol=2e-4, atol=2e-4)
   assert not np.allclose(s, s_moved, atol=1e-3)
