@@ -53,7 +53,7 @@ def test_packed_loss_equals_each_window_alone():
   """The loss summed over a packed batch equals the sum over each window run alone through the same model (a GLA
   layer with short convolutions and an attention layer with rotary positions)."""
   c = models.default_config()
-  c.update(dict(kind="lm", mixer="gla,attention", d_model=16, num_layers=2, vocab_size=50, positional="rotary"))
+  c.update(dict(kind="lm", mixer="gla,attention", d_model=16, num_layers=2, vocab_size=50))
   c.mixer_kwargs.update(dict(num_heads=2))
   c.per_mixer_kwargs = {"gla": dict(short_conv=True)}
   model = models.build_model(c)
@@ -109,7 +109,7 @@ def test_ragged_prompts_decode_as_if_alone():
   greedy tokens each: the short prompt's row continues it exactly as when generated alone."""
   from experiments import generate  # pylint: disable=import-outside-toplevel
   c = models.default_config()
-  c.update(dict(kind="lm", mixer="gla,attention", d_model=16, num_layers=2, vocab_size=50, positional="rotary"))
+  c.update(dict(kind="lm", mixer="gla,attention", d_model=16, num_layers=2, vocab_size=50))
   c.mixer_kwargs.update(dict(num_heads=2))
   c.per_mixer_kwargs = {"gla": dict(short_conv=True)}
   model = models.build_model(c)
