@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from mixers import ops
-from mixers.layers.common import (Dtype, GatedRMSNorm, ShortConv, check_segment_ids, check_x, constrain, grid_tokens,
-                                  head_width, projection)
+from mixers.layers import linear_family
+from mixers.layers.common import (Dtype, GatedRMSNorm, check_segment_ids, check_x, constrain, grid_tokens, head_width,
+                                  projection)
 from mixers.layers.decode_cache import cached_recurrence, check_decode, decode_positions
-from mixers.layers.linear_family import FLA_ALIASES
 from mixers.layers.positional import MdLrpe
 from mixers.ops import positional
 from mixers.registry import register
@@ -55,7 +55,7 @@ class LightNet(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
-  aliases = FLA_ALIASES
+  aliases = linear_family.FLA_ALIASES
 
   def _coordinates(self, grid, batch, length, decode):
     """Token coordinates `[B or 1, T, n]` on the n-D grid; 1-D positions continue from the cache when decoding."""
@@ -67,9 +67,9 @@ class LightNet(nn.Module):
     """a `[B,T,H,D]` through a depthwise conv along time (no activation); a `[B,T,...]` grid is refused."""
     if len(grid) > 1:
       raise ValueError(f"short_conv=True convolves along a 1-D sequence `[B,T,d]`; got a token grid {tuple(grid)}")
-    conv = ShortConv(self.conv_width, causal=self.causal, activation=None, channel_axis="heads", dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)
-    return conv(a.reshape(a.shape[:2] + (-1,)), mask=mask, decode=decode, segment_ids=segment_ids).reshape(a.shape)
+    return linear_family.conv_heads(a, name, causal=self.causal, width=self.conv_width, mask=mask, decode=decode,
+                                    dtype=self.dtype, param_dtype=self.param_dtype, segment_ids=segment_ids,
+                                    activation=None)
 
   @nn.compact
   def __call__(self, x, *, mask=None, decode=False, segment_ids=None):

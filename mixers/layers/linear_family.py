@@ -37,12 +37,14 @@ def qkv_projections(x, num_heads, key_dim, value_dim, dtype=None, param_dtype=jn
   return q, k, heads_projection(num_heads, value_dim, "value", dtype, param_dtype)(source)
 
 
-def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, segment_ids=None):
-  """Short depthwise conv over time on a `[B,T,H,D]` tensor (channels = H*D); segment_ids `[B,T]` (packed
-  sequences) or None: no tap reads another segment."""
+def conv_heads(x, name, *, causal, width, mask, decode, dtype=None, param_dtype=jnp.float32, segment_ids=None,
+               activation=jax.nn.silu):
+  """Short depthwise conv over time on a `[B,T,H,D]` tensor (channels = H*D), then `activation` (None: none);
+  segment_ids `[B,T]` (packed sequences) or None: no tap reads another segment."""
   b, t, h, d = x.shape
   y = common.ShortConv(width=width, causal=causal, channel_axis="heads", dtype=dtype, param_dtype=param_dtype,
-                       name=name)(x.reshape(b, t, h * d), mask=mask, decode=decode, segment_ids=segment_ids)
+                       name=name, activation=activation)(x.reshape(b, t, h * d), mask=mask, decode=decode,
+                                                          segment_ids=segment_ids)
   return y.reshape(b, t, h, d)
 
 
