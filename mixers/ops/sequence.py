@@ -245,6 +245,12 @@ def _restarting_logaddexp(first, second):
   return jnp.where(r2, z2, jnp.logaddexp(z1, z2)), r1 | r2
 
 
+def cumlogsumexp(x, axis):
+  """Running log(sum(exp(x))) along `axis` in O(n log n): `jax.lax.cumlogsumexp` lowers to a window as long as the
+  axis (quadratic on CPU: 28x slower at T=8192)."""
+  return jax.lax.associative_scan(jnp.logaddexp, x, axis=axis)
+
+
 def logcumsumexp_over_time(x, start, resets=None, reverse=False):
   """Running log-sums z_t = log(exp(start) + sum_{s<=t} exp(x_s)) over axis 1 of x `[B,T,...]`, start `[B,...]`.
 
@@ -259,10 +265,10 @@ def logcumsumexp_over_time(x, start, resets=None, reverse=False):
   entering = start
   if split is not None:
     sums = jax.lax.all_gather(jax.scipy.special.logsumexp(x, axis=1), split.axis, to="invarying")  # [P,B,...]
-    prefix = jax.lax.cumlogsumexp(jnp.concatenate([start[None].astype(sums.dtype), sums]), axis=0)
+    prefix = cumlogsumexp(jnp.concatenate([start[None].astype(sums.dtype), sums]), axis=0)
     entering = prefix[jax.lax.axis_index(split.axis)]
     total = prefix[-1]
-  z = jax.lax.cumlogsumexp(jnp.concatenate([entering[:, None].astype(x.dtype), x], axis=1), axis=1)[:, 1:]
+  z = cumlogsumexp(jnp.concatenate([entering[:, None].astype(x.dtype), x], axis=1), axis=1)[:, 1:]
   if split is not None:
     return z, entering, total
   return z, entering, (z[:, -1] if x.shape[1] else start.astype(x.dtype))
