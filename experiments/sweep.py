@@ -1,6 +1,7 @@
 """MQAR study (Zoology, arXiv 2312.04927): recall accuracy versus model width, one line per mixer.
 
     python -m experiments.sweep --quick                 # small grid, < 15 minutes on 2 CPU cores
+    python -m experiments.sweep --extended              # Zoology's trend on a CPU: (T, pairs) up to (256, 16)
     python -m experiments.sweep                         # the full grid (T=256, 16..64 pairs): a bigger machine
     python -m experiments.sweep --plot_only --out results/mqar_sweep_quick
 
@@ -41,10 +42,17 @@ QUICK = dict(mixers=MIXERS, d_models=(32, 64), seq_lens=(32,), num_pairs=(4,), l
              seeds=(0, 1, 2), vocab_size=256, num_train=4_000, num_validation=256, batch_size=32, num_steps=700,
              warmup_steps=20)
 
+# Extended grid: the quick grid's data and learning rates at Zoology's shape of the problem, the gap growing with T and
+# the number of pairs: (T, pairs) = (64, 4), (128, 8), (256, 16) at widths 64 and 128, 1,500 steps, three seeds.
+# `shapes` lists the (T, pairs) points instead of crossing seq_lens with num_pairs. 324 runs: hours on 2 CPU cores
+# (a T=64 run takes 1 (m2) to 10 (lightnet) minutes there), minutes each on an accelerator.
+EXTENDED = dict(QUICK, d_models=(64, 128), shapes=((64, 4), (128, 8), (256, 16)), num_steps=1500, warmup_steps=100)
+
 
 def define_flags():
   """The command-line flags (defined by the program only, so that importing the module defines none)."""
   define_study_flags("mqar_sweep", "grid")
+  flags.DEFINE_bool("extended", False, "run the extended grid ((T, pairs) up to (256, 16), widths 64 and 128)")
   flags.DEFINE_list("d_models", None, "override the grid's widths")
   flags.DEFINE_list("seq_lens", None, "override the grid's sequence lengths")
   flags.DEFINE_list("num_pairs", None, "override the grid's numbers of key-value pairs")
@@ -55,9 +63,11 @@ def define_flags():
 
 
 def points(grid):
-  """Every (mixer, d_model, seq_len, num_pairs, learning_rate, seed) of `grid`, pairs that do not fit dropped."""
-  return [(m, d, t, p, lr, seed) for m in grid["mixers"] for t in grid["seq_lens"] for p in grid["num_pairs"]
-          if 4 * p <= t for d in grid["d_models"] for seed in grid["seeds"] for lr in grid["learning_rates"]]
+  """Every (mixer, d_model, seq_len, num_pairs, learning_rate, seed) of `grid`: its `shapes` (T, pairs), or else
+  seq_lens x num_pairs with the pairs that do not fit dropped."""
+  shapes = grid.get("shapes") or [(t, p) for t in grid["seq_lens"] for p in grid["num_pairs"] if 4 * p <= t]
+  return [(m, d, t, p, lr, seed) for m in grid["mixers"] for t, p in shapes for d in grid["d_models"]
+          for seed in grid["seeds"] for lr in grid["learning_rates"]]
 
 
 def make_config(grid, mixer, d_model, seq_len, num_pairs, learning_rate, seed=0, data_dir=None):
@@ -182,12 +192,17 @@ def run_grid(grid, out, data_dir=None):
 def main(argv):
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  grid, out = study_grid("mqar_sweep", QUICK, FULL)
+  if FLAGS.extended and FLAGS.quick:
+    raise app.UsageError("--quick and --extended are two grids: pass one")
+  grid, out = study_grid("mqar_sweep", QUICK, EXTENDED if FLAGS.extended else FULL)
+  if FLAGS.extended and not FLAGS.out:
+    out = os.path.join("results", "mqar_sweep_extended")
   if FLAGS.d_models:
     grid["d_models"] = tuple(int(d) for d in FLAGS.d_models)
   for key in ("seq_lens", "num_pairs"):
     if FLAGS[key].value:
       grid[key] = tuple(int(v) for v in FLAGS[key].value)
+      grid.pop("shapes", None)
   if FLAGS.learning_rates:
     grid["learning_rates"] = tuple(float(lr) for lr in FLAGS.learning_rates)
   if FLAGS.seeds:

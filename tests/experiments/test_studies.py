@@ -103,3 +103,10 @@ def test_plots_and_tables_are_written(tmp_path):
   assert "| hydra | 30.0 (T=128) | not run | this repository |" in table
   assert "| Transformer | 36.37 (T=2K) | 71.40 (T=1K) | Tay et al. 2020 |" in table
   assert os.path.getsize(lra.plot_accuracy(lra_rows, str(tmp_path / "lra.png"))) > 0
+
+
+def test_extended_sweep_runs_its_listed_shapes_at_every_width_seed_and_rate():
+  pts = sweep.points(dict(sweep.EXTENDED, mixers=("gla",)))
+  assert sorted({(t, p) for _, _, t, p, _, _ in pts}) == [(64, 4), (128, 8), (256, 16)]
+  assert len(pts) == 3 * 2 * len(sweep.EXTENDED["learning_rates"]) * 3
+  assert sweep.make_config(sweep.EXTENDED, *pts[-1]).data.seq_len == 256
