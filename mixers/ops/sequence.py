@@ -141,6 +141,9 @@ def recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclus
     position = split.positions()
     real = position < split.length if not reverse else jnp.flip(position) < split.length
     log_decay = jnp.where(real.reshape((1, -1) + (1,) * (log_decay.ndim - 2)), log_decay, 0.0)
+  # Inside the split (shard_map) the Pallas calls would need their outputs' varying axes declared: "auto" takes the
+  # chunked form there.
+  kw["impl"] = "chunked" if impl == "auto" else impl
   o, local = gated_linear_recurrence(q, k, v, log_decay, initial_state=_zero_state(q, v, acc), **kw)
   states = jax.lax.all_gather(local.astype(acc), split.axis, to="invarying")  # [P,B,H,K,V]
   cum, totals = None, None

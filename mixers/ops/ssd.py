@@ -5,12 +5,14 @@ Per batch element and head h (group g = h // (H // G)), with a_t = exp(dt_t A):
   non-causal:  y_t = sum_s (C_t . B_s) (-A dt_s) x_s + D x_t
 The causal form is the gated linear recurrence with q = C, k = B, v = dt x, log-decay = dt A, scale 1; its
 state S_t = a_t S_{t-1} + (dt_t x_t) B_t^T is `[B,H,P,N]` here (the core keeps it as `[B,H,N,P]`).
-impl="chunked" (and "auto" on CPU) runs SSD's own chunked form, which keeps B and C per group: the
-intra-chunk scores C B^T are computed once per group (not per head), and the chunk states are combined by
-an associative scan (log-depth, cheap to differentiate). "recurrent", "reference", "pallas" (and "auto"
-off CPU) go through the core, with B and C broadcast from groups to heads. The non-causal form needs no
-scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
+impl="chunked" (and "auto" except where a kernel runs) is SSD's own chunked form, which keeps B and C per group:
+the intra-chunk scores C B^T are computed once per group (not per head), and the chunk states are combined by an
+associative scan (log-depth, cheap to differentiate). "recurrent", "reference", "pallas" (and "auto" where the
+program is lowered for a GPU or TPU whose kernel takes the shapes) go through the core, with B and C broadcast from
+groups to heads. The non-causal form needs no scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
@@ -118,22 +120,42 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
   """The causal SSD without the skip term: (y `[B,T,H,P]` in float32 or wider, final state `[B,H,P,N]`).
 
   `reverse` runs it from the last token to the first (y_t reads s >= t); `segment_ids` `[B,T]` restart it where a
-  packed segment starts. "chunked" ("auto" on CPU) is the
-  grouped chunked form on a whole sequence; a sequence split across devices, and the other impls, go
-  through the core with q = C, k = B, v = dt x, log-decay = dt A.
+  packed segment starts. "chunked" is the grouped chunked form on a whole sequence; "auto" is that form, or where the
+  program is lowered for a platform whose kernel takes the shapes, the core on the kernel (chosen at lowering); a
+  sequence split across devices, and the other impls, go through the core with q = C, k = B, v = dt x, log-decay =
+  dt A.
   """
   if x.shape[0] == 0 or x.shape[1] == 0:
     b, _, h, p = x.shape
     dtype = shapes.compute_dtype(x, dt, B, C)
     state = jnp.zeros((b, h, p, B.shape[-1]), dtype) if initial_state is None else initial_state.astype(dtype)
     return jnp.zeros(x.shape, dtype), state
-  grouped = impl == "chunked" or (impl == "auto" and jax.default_backend() == "cpu")
-  if grouped and sequence.current_split() is None:
-    flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
-    resets = sequence.segment_starts(segment_ids, reverse)
-    y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state,
-                        resets=None if resets is None else flip(resets))
-    return flip(y), state
+  kw = dict(chunk_size=chunk_size, initial_state=initial_state, reverse=reverse, segment_ids=segment_ids)
+  if sequence.current_split() is not None:
+    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
+  if impl == "chunked":
+    return _grouped_scan(x, dt, A, B, C, **kw)
+  if impl != "auto":
+    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
+  h, dtype = x.shape[2], shapes.compute_dtype(x, dt, B, C)
+  like = lambda a, width, d: jax.ShapeDtypeStruct(a.shape[:2] + (h, width), d)
+  core_inputs = (like(C, C.shape[-1], C.dtype), like(B, B.shape[-1], B.dtype), like(x, x.shape[-1], dtype),
+                 jax.ShapeDtypeStruct(dt.shape, dtype))
+  return recurrence.select_at_lowering(
+      (x, dt, A, B, C), functools.partial(_grouped_scan, **kw), functools.partial(_core_scan, impl="pallas", **kw),
+      recurrence.kernel_platforms(*core_inputs, chunk_size))
+
+
+def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):
+  flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
+  resets = sequence.segment_starts(segment_ids, reverse)
+  y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state,
+                      resets=None if resets is None else flip(resets))
+  return flip(y), state
+
+
+def _core_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids, impl):
+  """Through the core: q = C, k = B (broadcast from groups to heads), v = dt x, log-decay = dt A."""
   h = x.shape[2]
   dtype = shapes.compute_dtype(x, dt, B, C)
   dt = dt.astype(dtype)
@@ -142,8 +164,8 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
   log_decay = dt * A.astype(dtype)
   s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
   y, state = sequence.recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0, reverse=reverse,
-                                 chunk_size=chunk_size, impl="chunked" if grouped else impl, segment_ids=segment_ids)
-  return y, jnp.swapaxes(state, -1, -2)
+                                 chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
+  return y.astype(dtype), jnp.swapaxes(state, -1, -2).astype(dtype)
 
 
 def _noncausal(x, dt, A, B, C, segment_ids=None, chunk_size=64):

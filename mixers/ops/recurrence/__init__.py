@@ -7,40 +7,57 @@ q, k `[B,T,H,K]`, v `[B,T,H,V]`, g (log-decay, <= 0) None | `[H]` | `[B,T,H]` | 
 o_t = scale * q_t^T diag(exp(g_t)) S_{t-1}. `resets` (bool `[B,T]`, packed sequences) restarts the recurrence:
 at a reset token S_{t-1} is replaced by zeros, so each segment runs as its own sequence (S_0 reaches the first
 segment only; the final state is the last segment's). Forms (`impl`): "reference" (materialised T x T matrix),
-"recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (kernels); "auto" picks pallas where a
-kernel supports the backend and shape, else chunked. Invalid decays (g > 0) raise when concrete and become NaN
+"recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (kernels, `kernel_path`: any T, exclusive, mixed dtypes); "auto"
+picks, per platform when the program is lowered, the kernel where one takes the inputs, else chunked. Invalid decays (g > 0) raise when concrete and become NaN
 under jit (`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
 """
+import functools
+
 import jax
-import jax.numpy as jnp
 
 from mixers.ops import checks
-from mixers.ops.recurrence import chunked, recurrent, reference, shapes
+from mixers.ops.recurrence import chunked, kernel_path, recurrent, reference, shapes
 from mixers.ops.recurrence.reference import mixing_matrix
 from mixers.ops.recurrence.recurrent import step
 
 IMPLS = ("auto", "chunked", "recurrent", "reference", "pallas")
 
 
-def _pallas_supported(q, k, v, log_decay, chunk_size, exclusive):
-  if exclusive or jax.default_backend() not in ("gpu", "tpu"):
+# (platform as `lax.platform_dependent` names it, kernel backend)
+_KERNEL_PLATFORMS = (("tpu", "tpu"), ("cuda", "gpu"))
+
+
+def kernel_supported(q, k, v, log_decay, chunk_size, backend):
+  """Whether the `backend` ("tpu" | "gpu") kernel takes these inputs once `kernel_path` has padded T to the chunk and
+  cast v to q and k's dtype."""
+  from mixers import kernels  # pylint: disable=import-outside-toplevel
+  if q.shape[1] == 0:
     return False
-  from mixers import kernels  # pylint: disable=import-outside-toplevel
-  return kernels.supports(q, k, v, log_decay, chunk_size)
+  t = kernel_path.padded_length(q.shape[1], chunk_size)
+  dtype = kernel_path.kernel_dtype(q, k)
+  like = lambda x, d: jax.ShapeDtypeStruct((x.shape[0], t) + tuple(x.shape[2:]), d)
+  g = None if log_decay is None else like(log_decay, log_decay.dtype)
+  return kernels.supports(like(q, dtype), like(k, dtype), like(v, dtype), g, chunk_size, backend)
 
 
-def _pallas(q, k, v, log_decay, *, scale, initial_state, chunk_size, resets=None):
-  """The kernels need T to be a multiple of the chunk: zero-padded tokens (no segment starts) change neither o nor
-  the state."""
-  from mixers import kernels  # pylint: disable=import-outside-toplevel
-  t = q.shape[1]
-  pad = -t % chunk_size
-  if pad:
-    pad_time = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, log_decay, resets = (pad_time(x) for x in (q, k, v, log_decay, resets))
-  o, state = kernels.chunked_recurrence(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                        chunk_size=chunk_size, resets=resets)
-  return o[:, :t], state
+def kernel_platforms(q, k, v, log_decay, chunk_size):
+  """The platforms (as `lax.platform_dependent` names them) whose kernel takes these inputs (arrays or
+  `jax.ShapeDtypeStruct`s)."""
+  return tuple(p for p, backend in _KERNEL_PLATFORMS if kernel_supported(q, k, v, log_decay, chunk_size, backend))
+
+
+def select_at_lowering(args, default, kernel, platforms):
+  """default(*args), or kernel(*args) where the program is lowered for one of `platforms`: the choice is made when
+  lowering (`lax.platform_dependent`), so a program compiled or exported for a GPU or TPU from any host runs the
+  kernel there. Both must return the same shapes and dtypes."""
+  if not platforms:
+    return default(*args)
+  return jax.lax.platform_dependent(*args, default=default, **{p: kernel for p in platforms})
+
+
+def _kernel(q, k, v, log_decay, **kw):
+  o, state = kernel_path.recurrence(q, k, v, log_decay, **kw)
+  return o, state.astype(shapes.compute_dtype(q, k, v))  # the chunked form's dtype
 
 
 def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, exclusive=False,
@@ -58,20 +75,18 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   if log_decay is not None:
     # Decays are often constants (fixed per-head rates); keep XLA from constant-folding their cumsums.
     log_decay = jax.lax.optimization_barrier(log_decay)
-  if impl == "auto":
-    supported = _pallas_supported(q, k, v, log_decay, chunk_size, exclusive)
-    impl = "pallas" if supported else "chunked"
   kw = dict(scale=scale, initial_state=initial_state, exclusive=exclusive, resets=resets)
+  if impl == "auto":
+    return select_at_lowering((q, k, v, log_decay), functools.partial(chunked.recurrence, chunk_size=chunk_size, **kw),
+                              functools.partial(_kernel, chunk_size=chunk_size, **kw),
+                              kernel_platforms(q, k, v, log_decay, chunk_size))
   if impl == "reference":
     return reference.recurrence(q, k, v, log_decay, **kw)
   if impl == "recurrent":
     return recurrent.recurrence(q, k, v, log_decay, **kw)
   if impl == "pallas":
-    if exclusive:
-      raise ValueError("impl='pallas' does not support exclusive=True; use impl='chunked'")
-    return _pallas(q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
-                   resets=resets)
+    return kernel_path.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
   return chunked.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
 
 
-__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS"]
+__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_platforms", "select_at_lowering"]

@@ -1,0 +1,110 @@
+"""The kernel path of the gated linear recurrence (interpret mode): any T, `exclusive` by shifted inputs, mixed dtypes;
+and `impl="auto"` choosing the kernel when a bf16 layer of every family is lowered for CUDA or TPU on this CPU."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mixers
+from mixers.kernels.chunk_gpu import TRITON_CUSTOM_CALL
+from mixers.ops.recurrence import chunked, gated_linear_recurrence, kernel_path
+from tests.conftest import assert_close
+
+B, H, K, V, C = 2, 2, 12, 20, 16
+SCALE = 0.4
+KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "xla.gpu.triton"}
+
+
+def _inputs(t, decay, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q, k = (jax.random.normal(x, (B, t, H, K)) for x in ks[:2])
+  v = jax.random.normal(ks[2], (B, t, H, V))
+  g = None if decay == "none" else -jax.random.uniform(ks[3], (B, t, H, K) if decay == "channel" else (B, t, H))
+  s0 = jax.random.normal(ks[4], (B, H, K, V))
+  cotangents = jax.random.normal(ks[5], (B, t, H, V)), jax.random.normal(ks[6], (B, H, K, V))
+  return (q, k, v, g, s0), cotangents
+
+
+def _resets(t):
+  """Segment starts at 5 and at the 16-token chunk edge in row 0, at t - 1 (the last token) in row 1."""
+  r = np.zeros((B, t), bool)
+  r[0, [5, C]] = True
+  r[1, t - 1] = True
+  return jnp.asarray(r)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "exclusive"))
+def _kernel_and_chunked(args, cotangents, resets, *, backend, exclusive):
+  """[(o, state, d inputs) of the kernel path, the same of the chunked form], one program."""
+  kw = dict(scale=SCALE, chunk_size=C, exclusive=exclusive, resets=resets)
+  forms = (functools.partial(kernel_path.recurrence, backend=backend, interpret=True, **kw),
+           functools.partial(chunked.recurrence, **kw))
+  results = []
+  for form in forms:
+    fn = lambda q, k, v, g, s0: form(q, k, v, g, initial_state=s0)  # pylint: disable=cell-var-from-loop
+    (o, s), vjp = jax.vjp(fn, *args)
+    results.append((o, s) + vjp(cotangents))
+  return results
+
+
+@pytest.mark.parametrize("backend,decay,t,exclusive,packed", [
+    ("gpu", "channel", 37, True, True),   # exclusive, packed, T not a multiple of the chunk, per-channel decay
+    ("tpu", "scalar", 40, True, False),   # exclusive with a scalar decay
+    ("gpu", "none", 23, False, True),     # inclusive, padded, no decay
+])
+def test_kernel_path_equals_chunked_form_with_gradients(backend, decay, t, exclusive, packed):
+  args, cotangents = _inputs(t, decay)
+  if decay == "none":
+    args = args[:3] + (jnp.zeros((B, t, H)),) + args[4:]  # a zero log-decay: the same recurrence, a gradient to read
+  kernel, reference = _kernel_and_chunked(args, cotangents, _resets(t) if packed else None, backend=backend,
+                                          exclusive=exclusive)
+  for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "ds0"), kernel, reference):
+    assert_close(a, b, 1e-4, name)
+
+
+def test_mixed_dtypes_run_the_kernel_in_q_and_k_dtype():
+  """bf16 q, k with float32 values (Mamba2's dt * x): v goes in as bf16, o comes back float32."""
+  (q, k, v, g, s0), _ = _inputs(32, "scalar")
+  q16, k16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  run = jax.jit(lambda *a: (kernel_path.recurrence(*a, scale=SCALE, chunk_size=C, initial_state=s0, backend="gpu",
+                                                   interpret=True),
+                            chunked.recurrence(*a[:2], a[2].astype(jnp.bfloat16), a[3], scale=SCALE, chunk_size=C,
+                                               initial_state=s0)))
+  (o, s), (o_ref, s_ref) = run(q16, k16, v, g)
+  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+  assert_close(o, o_ref, 2e-2, "o")
+  assert_close(s, s_ref, 2e-2, "state")
+
+
+def test_auto_is_the_chunked_form_on_cpu():
+  (q, k, v, g, s0), _ = _inputs(37, "channel")
+  run = jax.jit(lambda impl: gated_linear_recurrence(q, k, v, g, scale=SCALE, initial_state=s0, chunk_size=C,
+                                                     exclusive=True, impl=impl), static_argnums=0)
+  for a, b in zip(run("auto"), run("chunked")):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# Every family whose core is the gated linear recurrence, as a bf16 layer (causal unless it is non-causal only).
+FAMILIES = {"gla": {}, "retention": {}, "linear_attention": {}, "mamba2": {"head_dim": 16},
+            "hydra": {"head_dim": 16}, "lightnet": {}}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_bf16_layers_of_every_family_lower_to_the_kernel(platform):
+  """Exported on this CPU for `platform`, `impl="auto"` layers call the kernel forward and backward: at least three
+  kernel calls (forward, dq, dk/dv) per recurrence in value_and_grad. T = 40 is not a multiple of the chunk."""
+  x = jax.ShapeDtypeStruct((1, 40, 64), jnp.bfloat16)
+  missing = {}
+  for name, kwargs in FAMILIES.items():
+    model = mixers.build_mixer(name, dtype=jnp.bfloat16, **kwargs)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    loss = lambda p, u, m=model: jnp.sum(m.apply(p, u).astype(jnp.float32) ** 2)
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss)), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(params, x)
+    calls = exported.mlir_module().count(KERNEL_CALL[platform])
+    if calls < 3:
+      missing[name] = calls
+  assert not missing, f"layers with fewer than 3 kernel calls when lowered for {platform}: {missing}"
