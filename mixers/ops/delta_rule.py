@@ -10,14 +10,14 @@ keep beta in (0, 1), or (0, 2) for negative eigenvalues); the op takes them as g
 Forms (`impl`): "reference" (a token loop multiplying by the K x K transition matrix; there is no materialised
 T x T form, the transition is not diagonal), "recurrent" (the rank-one update, `lax.scan`), "chunked" (the WY
 form in `mixers/ops/delta_chunked.py`), "pallas" (the WY form with its output and state passes in the Pallas chunk
-kernel, forward and backward); "auto" is "pallas" where that kernel supports the backend, shapes and dtype, else
-"chunked". A sequence split across devices always runs the chunked form: its chunk transitions are what the
+kernel, forward and backward); "auto" is "pallas" where the program is lowered for a GPU or TPU whose kernel takes
+the shapes and dtype (chosen at lowering, `recurrence.select_at_lowering`), else "chunked". A sequence split across devices always runs the chunked form: its chunk transitions are what the
 slices combine.
 """
 import jax
 import jax.numpy as jnp
 
-from mixers.ops import checks, delta_chunked, sequence
+from mixers.ops import checks, delta_chunked, recurrence, sequence
 from mixers.ops.recurrence import shapes
 
 IMPLS = ("auto", "chunked", "recurrent", "reference", "pallas")
@@ -78,18 +78,10 @@ def _reference(q, k, v, beta, log_decay, scale, initial_state, resets=None):
   return _scan_tokens(step, q, k, v, beta, log_decay, initial_state, resets)
 
 
-def _kernel_supported(q, v, log_decay, chunk_size):
-  """Whether `impl="auto"` takes the kernel path: a GPU or TPU default backend whose kernel takes these shapes
-  (T padded to the chunk) in q's dtype."""
-  if jax.default_backend() not in ("gpu", "tpu") or sequence.current_split() is not None:
-    return False
-  from mixers import kernels  # pylint: disable=import-outside-toplevel
-  b, t, h, dk = q.shape
-  padded = -(-t // chunk_size) * chunk_size
-  sds = lambda shape: jax.ShapeDtypeStruct(shape, q.dtype)
-  g = None if log_decay is None else jax.ShapeDtypeStruct((b, padded, h), jnp.float32)
-  return kernels.supports(sds((b, padded, h, dk)), sds((b, padded, h, dk)), sds((b, padded, h, v.shape[-1])), g,
-                          chunk_size)
+def _kernel_platforms(q, v, log_decay, chunk_size):
+  """The platforms whose chunk kernel takes the kernel path's shapes (q, k and U `[B,T,H,*]`, a per-token decay)."""
+  g = None if log_decay is None else jax.ShapeDtypeStruct(log_decay.shape, jnp.float32)
+  return recurrence.kernel_platforms(q, q, v, g, chunk_size)
 
 
 def _empty(q, v, beta, initial_state):
@@ -123,13 +115,18 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
     o, final = _reference(q, k, v, beta, log_decay, scale, initial_state, resets)
   elif impl == "recurrent" and sequence.current_split() is None:
     o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state, resets)
-  elif (impl == "pallas" and sequence.current_split() is None) or (
-      impl == "auto" and _kernel_supported(q, v, log_decay, chunk_size)):
-    o, final = delta_chunked.delta_rule_kernel(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                               chunk_size=chunk_size, resets=resets)
   else:
-    o, final = delta_chunked.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                        chunk_size=chunk_size, resets=resets)
+    kw = dict(scale=scale, initial_state=initial_state, chunk_size=chunk_size, resets=resets)
+    dtypes = shapes.output_dtype(q, k, v), shapes.compute_dtype(q, k, v, beta)
+    cast = lambda form: lambda *a: tuple(x.astype(d) for x, d in zip(form(*a, **kw), dtypes))
+    kernel, chunked = cast(delta_chunked.delta_rule_kernel), cast(delta_chunked.delta_rule)
+    args = (q, k, v, beta, log_decay)
+    if sequence.current_split() is not None or impl == "chunked":
+      o, final = chunked(*args)
+    elif impl == "pallas":
+      o, final = kernel(*args)
+    else:  # auto: the kernel where the program is lowered for a platform that has one for these shapes
+      o, final = recurrence.select_at_lowering(args, chunked, kernel, _kernel_platforms(q, v, log_decay, chunk_size))
   o = o.astype(shapes.output_dtype(q, k, v))
   return (o, final) if return_state else o
 

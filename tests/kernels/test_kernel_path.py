@@ -86,9 +86,9 @@ def test_auto_is_the_chunked_form_on_cpu():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# Every family whose core is the gated linear recurrence, as a bf16 layer (causal unless it is non-causal only).
+# Every family whose core is the gated linear recurrence (and the delta rule's WY form, whose passes run on it), as a bf16 layer (causal unless it is non-causal only).
 FAMILIES = {"gla": {}, "retention": {}, "linear_attention": {}, "mamba2": {"head_dim": 16},
-            "hydra": {"head_dim": 16}, "lightnet": {}}
+            "hydra": {"head_dim": 16}, "lightnet": {}, "delta_net": {}, "gated_delta_net": {}}
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
