@@ -63,7 +63,7 @@ def _params(num_warps=4):
 
 
 def _specs(t, dk, bv, per_channel, n):
-  seq = lambda d: pl.BlockSpec((None, t, d), lambda b, j: (b, 0, 0))
+  seq = lambda d, group=1: pl.BlockSpec((None, t, d), chunk_math.group_rows(lambda b, j: (b, 0, 0), group))
   val = pl.BlockSpec((None, t, bv), lambda b, j: (b, 0, j))
   g = seq(dk if per_channel else 1)
   if per_channel:
@@ -80,10 +80,12 @@ def _chunk(q, k, v, g, aux, r, i, *, chunk, dk, per_channel, dtype):
       base=i * chunk, tot_base=i * dk, size=chunk, sub=16, per_channel=per_channel, dtype=dtype, r=r)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None):
-  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`."""
-  bh, t, dk = q.shape
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`.
+  q, k `[BH/group,T,K]`: row bh of v reads row bh // group of q and k."""
+  t, dk = q.shape[1:]
+  bh = v.shape[0]
   dv = v.shape[-1]
   bv, n = value_block(dv), t // chunk
 
@@ -100,7 +102,8 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   return pl.pallas_call(
       kernel,
       grid=(bh, dv // bv),
-      in_specs=chunk_math.with_optional(r, [seq(dk), seq(dk), val, g_spec, aux_spec, state], seq(1), at=5),
+      in_specs=chunk_math.with_optional(r, [seq(dk, group), seq(dk, group), val, g_spec, aux_spec, state], seq(1),
+                                        at=5),
       out_specs=[val, state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
@@ -110,10 +113,12 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, s0], r, at=5))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None):
-  """Returns (dq, dk `[BH,T,K]` float32, dv `[BH,T,V]` float32, dS0 `[BH,K,V]` float32)."""
-  bh, t, dk = q.shape
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+  """Returns (dq, dk `[BH,T,K]` float32 per head (summed over a group by the caller), dv `[BH,T,V]` float32,
+  dS0 `[BH,K,V]` float32)."""
+  t, dk = q.shape[1:]
+  bh = v.shape[0]
   dv = v.shape[-1]
   bv, n = value_block(dv), t // chunk
   nvb = dv // bv
@@ -144,7 +149,7 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   dq = pl.pallas_call(
       dq_kernel,
       grid=(bh, nvb),
-      in_specs=chunk_math.with_optional(r, [seq(dk), val, g_spec, aux_spec, state, val], seq(1), at=4),
+      in_specs=chunk_math.with_optional(r, [seq(dk, group), val, g_spec, aux_spec, state, val], seq(1), at=4),
       out_specs=partial_spec,
       out_shape=partial_shape,
       compiler_params=_params(),
@@ -154,7 +159,8 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,
       grid=(bh, nvb),
-      in_specs=chunk_math.with_optional(r, [seq(dk), seq(dk), val, g_spec, aux_spec, val, state], seq(1), at=5),
+      in_specs=chunk_math.with_optional(r, [seq(dk, group), seq(dk, group), val, g_spec, aux_spec, val, state],
+                                        seq(1), at=5),
       out_specs=[partial_spec, val, state],
       out_shape=[partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)],

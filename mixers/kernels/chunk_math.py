@@ -73,6 +73,15 @@ class Chunk:
     return None if self.r is None else _select_row(self.segments(0, self.size), self.size - 1)
 
 
+def group_rows(index_map, group):
+  """A BlockSpec index map over the rows of v (batch x heads) for an operand with one row per group of `group`
+  consecutive heads (SSD's B and C): row bh reads row bh // group."""
+  if group == 1:
+    return index_map
+  # lax.div (b >= 0): floor division would lower through sign(), which Mosaic resolves per TPU generation.
+  return lambda b, *rest: index_map(lax.div(b, group), *rest)
+
+
 def with_optional(optional, items, item, *, at):
   """`items` (operands or their BlockSpecs) with `item` inserted at `at` when `optional` is not None."""
   return list(items) if optional is None else list(items[:at]) + [item] + list(items[at:])

@@ -60,10 +60,12 @@ def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None):
-  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`."""
-  bh, t, dk = q.shape
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`.
+  q, k `[BH/group,T,K]`: row bh of v reads row bh // group of q and k."""
+  t, dk = q.shape[1:]
+  bh = v.shape[0]
   dv = v.shape[-1]
   n = t // chunk
 
@@ -85,12 +87,13 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
 
   same = lambda i: i
   g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, same)
-  row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, i, 0))
+  row = lambda d, group=1: pl.BlockSpec((None, chunk, d), chunk_math.group_rows(lambda b, i: (b, i, 0), group))
   state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
   return pl.pallas_call(
       kernel,
       grid=(bh, n),
-      in_specs=chunk_math.with_optional(r, [row(dk), row(dk), row(dv), g_spec, aux_spec, state], row(1), at=5),
+      in_specs=chunk_math.with_optional(r, [row(dk, group), row(dk, group), row(dv), g_spec, aux_spec, state],
+                                        row(1), at=5),
       out_specs=[row(dv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
@@ -101,10 +104,12 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, s0], r, at=5))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret"))
-def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None):
-  """Returns (dq, dk `[BH,T,K]` float32, dv `[BH,T,V]` float32, dS0 `[BH,K,V]` float32)."""
-  bh, t, dk = q.shape
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+  """Returns (dq, dk `[BH,T,K]` float32 per head (summed over a group by the caller), dv `[BH,T,V]` float32,
+  dS0 `[BH,K,V]` float32)."""
+  t, dk = q.shape[1:]
+  bh = v.shape[0]
   dv = v.shape[-1]
   n = t // chunk
   f32 = jnp.float32
@@ -140,12 +145,12 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
   scratch = [pltpu.VMEM((dk, dv), f32)]
 
-  fwd_row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, i, 0))
+  fwd_row = lambda d, group=1: pl.BlockSpec((None, chunk, d), chunk_math.group_rows(lambda b, i: (b, i, 0), group))
   g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, lambda i: i)
   dq = pl.pallas_call(
       dq_kernel,
       grid=(bh, n),
-      in_specs=chunk_math.with_optional(r, [fwd_row(dk), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
+      in_specs=chunk_math.with_optional(r, [fwd_row(dk, group), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
                                         fwd_row(1), at=4),
       out_specs=fwd_row(dk),
       out_shape=jax.ShapeDtypeStruct((bh, t, dk), f32),
@@ -155,13 +160,15 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
       name="chunk_recurrence_bwd_dq",
   )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
 
-  rev_row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i: (b, n - 1 - i, 0))
+  rev_row = lambda d, group=1: pl.BlockSpec((None, chunk, d), chunk_math.group_rows(
+      lambda b, i: (b, n - 1 - i, 0), group))
   g_spec, aux_spec = _decay_specs(g, g_aux, per_channel, chunk, dk, lambda i: n - 1 - i)
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,
       grid=(bh, n),
       in_specs=chunk_math.with_optional(
-          r, [rev_row(dk), rev_row(dk), rev_row(dv), g_spec, aux_spec, rev_row(dv), state], rev_row(1), at=5),
+          r, [rev_row(dk, group), rev_row(dk, group), rev_row(dv), g_spec, aux_spec, rev_row(dv), state], rev_row(1),
+          at=5),
       out_specs=[rev_row(dk), rev_row(dv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dk), f32), jax.ShapeDtypeStruct((bh, t, dv), f32),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)],

@@ -41,18 +41,21 @@ class KernelConfig(NamedTuple):
   per_channel: bool
   interpret: bool
   backend: Optional[str]  # "tpu" | "gpu", or None: chosen per platform at lowering
+  group: int = 1  # heads per group of q and k (SSD's B and C): head h reads q and k's group h // group
 _PLATFORM_TO_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}
 
 
 def _check_inputs(q, k, v, log_decay, initial_state, chunk_size, resets=None):
   """Raises ValueError on a bad shape; returns whether the decay is per key channel."""
   if q.ndim != 4:
-    raise ValueError(f"q must be [B,T,H,K], got shape {q.shape}")
-  b, t, h, dk = q.shape
+    raise ValueError(f"q must be [B,T,G,K], got shape {q.shape}")
+  b, t, groups, dk = q.shape
   if k.shape != q.shape:
     raise ValueError(f"k must have q's shape {q.shape}, got {k.shape}")
-  if v.ndim != 4 or v.shape[:3] != (b, t, h):
-    raise ValueError(f"v must be [B,T,H,V] = [{b},{t},{h},V], got shape {v.shape}")
+  if v.ndim != 4 or v.shape[:2] != (b, t) or v.shape[2] % groups:
+    raise ValueError(f"v must be [B,T,H,V] = [{b},{t},H,V] with H a multiple of q's {groups} groups, got shape "
+                     f"{v.shape}")
+  h = v.shape[2]
   if log_decay is not None and log_decay.shape not in ((b, t, h), (b, t, h, dk)):
     raise ValueError(f"log_decay must be None, [B,T,H] = {(b, t, h)} or [B,T,H,K] = "
                      f"{(b, t, h, dk)}, got shape {log_decay.shape}")
@@ -90,7 +93,9 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
   """Chunked gated linear recurrence on Pallas kernels; returns (o in q's dtype, final state f32).
 
   Args:
-    q, k: `[B,T,H,K]`; v: `[B,T,H,V]`; T a multiple of chunk_size (ValueError otherwise).
+    q, k: `[B,T,G,K]`; v: `[B,T,H,V]`, H a multiple of G (head h reads group h // (H // G): SSD's B and C are
+      indexed by group inside the kernel, never broadcast to heads); T a multiple of chunk_size (ValueError
+      otherwise).
     log_decay: None, `[B,T,H]` (per token and head) or `[B,T,H,K]` (per key channel), all <= 0.
     scale: multiplies q. initial_state: None or `[B,H,K,V]` (float32).
     chunk_size: tokens per chunk (see `supports` for what each backend accepts).
@@ -106,11 +111,12 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
     raise ValueError(f"backend must be None, 'tpu' or 'gpu', got {backend!r}")
   if interpret and backend is None:
     backend = "gpu"
-  b, t, h, dk = q.shape
+  b, t, groups, dk = q.shape
+  h = v.shape[2]
   g = (jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay)
   s0 = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend)
+  config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend, h // groups)
   starts = None if resets is None else resets.astype(jnp.float32)  # a float operand: its cotangent is zeros
   return _recurrence(config, q, k, v.astype(q.dtype), g, s0, starts)
 
@@ -150,7 +156,8 @@ def _segment_rows(resets, chunk, heads):
 def _prepare(backend, config, q, k, v, g, s0):
   """Kernel operands: rows of q, k, v, within-chunk cumulative decay and its auxiliary layout."""
   chunk, per_channel = config.chunk, config.per_channel
-  b, t, h, dk = q.shape
+  b, t, _, dk = q.shape
+  h = v.shape[2]
   kp, vp = _padded(backend, dk), _padded(backend, v.shape[-1])
   n = t // chunk
   if per_channel:
@@ -169,32 +176,42 @@ def _module(backend):
 
 
 def _kernel_forward(backend, config, q, k, v, g, s0, resets):
-  b, _, h, dk = q.shape
-  dv = v.shape[-1]
+  b, _, h, dv = v.shape
+  dk = q.shape[-1]
   o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=config.scale,
                                    chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
-                                   r=_segment_rows(resets, config.chunk, h))
+                                   r=_segment_rows(resets, config.chunk, h), group=config.group)
   return _from_rows(o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
-  b, _, h, dk = q.shape
-  dv = v.shape[-1]
+  """(dq, dk per head `[B,T,H,K]`, dv, dS0): the group sums are taken by the caller."""
+  b, _, h, dv = v.shape
+  dk = q.shape[-1]
   ops = _prepare(backend, config, q, k, v, g, s0)
   kp, vp = ops[0].shape[-1], ops[2].shape[-1]
   dq, dk_, dv_, ds0 = _module(backend).backward(
       *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale, chunk=config.chunk,
-      per_channel=config.per_channel, interpret=config.interpret, r=_segment_rows(resets, config.chunk, h))
+      per_channel=config.per_channel, interpret=config.interpret, r=_segment_rows(resets, config.chunk, h),
+      group=config.group)
   return (_from_rows(dq, b, h, dk), _from_rows(dk_, b, h, dk), _from_rows(dv_, b, h, dv),
           ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 
 
+def _heads(x, group):
+  """`[B,T,G,K]` -> `[B,T,H,K]`, head h reading group h // group."""
+  return x if group == 1 else jnp.repeat(x, group, axis=2)
+
+
 def _reference_forward(config, q, k, v, g, s0, resets):
-  return recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0, resets=resets)
+  return recurrence_reference(_heads(q, config.group), _heads(k, config.group), v, g, scale=config.scale,
+                              initial_state=s0, resets=resets)
 
 
 def _reference_backward(config, q, k, v, g, s0, resets, do, ds):
-  forward = lambda *args: _reference_forward(config, *args, resets)
+  forward = lambda q, k, v, g, s0: recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0,
+                                                         resets=resets)
+  q, k = _heads(q, config.group), _heads(k, config.group)
   _, vjp = jax.vjp(forward, q, k, v, g.astype(jnp.float32), s0)
   dq, dk, dv, _, ds0 = vjp((do, ds))
   return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32), ds0
@@ -227,13 +244,15 @@ def _recurrence_bwd(config, res, cotangents):
   dq, dk, dv, ds0 = _per_platform(_kernel_backward, _reference_backward, config, q, k, v, g, s0,
                                   resets, do, ds)
   f32 = lambda x: x.astype(jnp.float32)
-  dc = f32(q) * dq - f32(k) * dk
+  dc = f32(_heads(q, config.group)) * dq - f32(_heads(k, config.group)) * dk
   # The final state's rows scale with exp(c_T): their share lands on the last token.
   dc = dc.at[:, -1].add(jnp.sum(st * ds, axis=-1))
   if g.ndim == 3:
     dc = dc.sum(-1)
   dg = jnp.flip(jnp.cumsum(jnp.flip(dc, 1), axis=1), 1)
   d_resets = None if resets is None else jnp.zeros_like(resets)
+  by_group = lambda d: d.reshape(d.shape[:2] + (q.shape[2], config.group, d.shape[-1])).sum(3)
+  dq, dk = by_group(dq), by_group(dk)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, d_resets)
 
 

@@ -11,8 +11,8 @@ Forms (`impl`): "reference" (a token loop multiplying by the K x K transition ma
 T x T form, the transition is not diagonal), "recurrent" (the rank-one update, `lax.scan`), "chunked" (the WY
 form in `mixers/ops/delta_chunked.py`), "pallas" (the WY form with its output and state passes in the Pallas chunk
 kernel, forward and backward); "auto" is "pallas" where the program is lowered for a GPU or TPU whose kernel takes
-the shapes and dtype (chosen at lowering, `recurrence.select_at_lowering`), else "chunked". A sequence split across devices always runs the chunked form: its chunk transitions are what the
-slices combine.
+the shapes and dtype (chosen at lowering, `recurrence.select_at_lowering`), else "chunked". A sequence split across
+devices always runs the chunked form: its chunk transitions are what the slices combine.
 """
 import jax
 import jax.numpy as jnp

@@ -7,9 +7,10 @@ The causal form is the gated linear recurrence with q = C, k = B, v = dt x, log-
 state S_t = a_t S_{t-1} + (dt_t x_t) B_t^T is `[B,H,P,N]` here (the core keeps it as `[B,H,N,P]`).
 impl="chunked" (and "auto" except where a kernel runs) is SSD's own chunked form, which keeps B and C per group:
 the intra-chunk scores C B^T are computed once per group (not per head), and the chunk states are combined by an
-associative scan (log-depth, cheap to differentiate). "recurrent", "reference", "pallas" (and "auto" where the
-program is lowered for a GPU or TPU whose kernel takes the shapes) go through the core, with B and C broadcast from
-groups to heads. The non-causal form needs no scan: S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
+associative scan (log-depth, cheap to differentiate). "pallas" (and "auto" where the program is lowered for a GPU
+or TPU whose kernel takes the shapes) runs the Pallas kernel, which reads B and C by group; "recurrent" and
+"reference" go through the core, with B and C broadcast from groups to heads. The non-causal form needs no scan:
+S = sum_s (-A dt_s x_s) B_s^T, then y_t = S C_t (two matmuls).
 """
 import functools
 
@@ -19,7 +20,7 @@ from einops import rearrange, repeat
 
 from mixers.ops import checks, recurrence, sequence
 from mixers.ops.attention import same_segment
-from mixers.ops.recurrence import shapes
+from mixers.ops.recurrence import kernel_path, shapes
 from mixers.ops.recurrence.reference import chunk_segment_index
 
 IMPLS = recurrence.IMPLS
@@ -135,15 +136,15 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
     return _core_scan(x, dt, A, B, C, impl=impl, **kw)
   if impl == "chunked":
     return _grouped_scan(x, dt, A, B, C, **kw)
+  if impl == "pallas":
+    return _kernel_scan(x, dt, A, B, C, **kw)
   if impl != "auto":
     return _core_scan(x, dt, A, B, C, impl=impl, **kw)
-  h, dtype = x.shape[2], shapes.compute_dtype(x, dt, B, C)
-  like = lambda a, width, d: jax.ShapeDtypeStruct(a.shape[:2] + (h, width), d)
-  core_inputs = (like(C, C.shape[-1], C.dtype), like(B, B.shape[-1], B.dtype), like(x, x.shape[-1], dtype),
-                 jax.ShapeDtypeStruct(dt.shape, dtype))
+  dtype = shapes.compute_dtype(x, dt, B, C)
+  kernel_inputs = (C, B, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(dt.shape, dtype))
   return recurrence.select_at_lowering(
-      (x, dt, A, B, C), functools.partial(_grouped_scan, **kw), functools.partial(_core_scan, impl="pallas", **kw),
-      recurrence.kernel_platforms(*core_inputs, chunk_size))
+      (x, dt, A, B, C), functools.partial(_grouped_scan, **kw), functools.partial(_kernel_scan, **kw),
+      recurrence.kernel_platforms(*kernel_inputs, chunk_size))
 
 
 def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):
@@ -152,6 +153,19 @@ def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment
   y, state = _chunked(flip(x), flip(dt), A, flip(B), flip(C), chunk_size=chunk_size, initial_state=initial_state,
                       resets=None if resets is None else flip(resets))
   return flip(y), state
+
+
+def _kernel_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):
+  """The Pallas kernel with q = C, k = B, read by group inside it (never broadcast to heads), v = dt x, log-decay =
+  dt A."""
+  dtype = shapes.compute_dtype(x, dt, B, C)
+  dt = dt.astype(dtype)
+  flip = (lambda a: None if a is None else jnp.flip(a, axis=1)) if reverse else (lambda a: a)
+  s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
+  y, state = kernel_path.recurrence(flip(C), flip(B), flip(dt[..., None] * x.astype(dtype)), flip(dt * A.astype(dtype)),
+                                    scale=1.0, initial_state=s0, chunk_size=chunk_size,
+                                    resets=flip(sequence.segment_starts(segment_ids, reverse)))
+  return flip(y).astype(dtype), jnp.swapaxes(state, -1, -2).astype(dtype)
 
 
 def _core_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids, impl):

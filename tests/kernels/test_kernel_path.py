@@ -108,3 +108,41 @@ def test_bf16_layers_of_every_family_lower_to_the_kernel(platform):
     if calls < 3:
       missing[name] = calls
   assert not missing, f"layers with fewer than 3 kernel calls when lowered for {platform}: {missing}"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_ssd_kernel_reads_b_and_c_by_group(monkeypatch, backend):
+  """SSD with 4 heads over 2 groups through the interpreted kernel: B and C reach it as 2 groups (no broadcast to
+  heads) and the outputs, final state and gradients equal the grouped chunked form; T = 37 is padded inside."""
+  from mixers import kernels, ops  # pylint: disable=import-outside-toplevel
+  operand_heads = []
+  original = kernels.chunked_recurrence
+
+  def interpreted(q, k, v, *args, **kwargs):
+    operand_heads.append((q.shape[2], v.shape[2]))
+    return original(q, k, v, *args, **{**kwargs, "interpret": True, "backend": backend})
+
+  monkeypatch.setattr(kernels, "chunked_recurrence", interpreted)
+  t, h, g, p, n = 37, 4, 2, 6, 8
+  ks = jax.random.split(jax.random.PRNGKey(5), 7)
+  x = jax.random.normal(ks[0], (B, t, h, p))
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (B, t, h)))
+  a = -jnp.exp(jax.random.normal(ks[2], (h,)))
+  bc = jax.random.normal(ks[3], (2, B, t, g, n))
+  s0 = jax.random.normal(ks[4], (B, h, p, n))
+  cotangents = jax.random.normal(ks[5], (B, t, h, p)), jax.random.normal(ks[6], (B, h, p, n))
+
+  @jax.jit
+  def forms(x, dt, a, bc, s0):
+    results = []
+    for impl in ("pallas", "chunked"):
+      fn = lambda x, dt, a, bc, s0: ops.ssd(x, dt, a, bc[0], bc[1], chunk_size=C, initial_state=s0,  # pylint: disable=cell-var-from-loop
+                                            return_state=True, impl=impl)
+      out, vjp = jax.vjp(fn, x, dt, a, bc, s0)
+      results.append(out + vjp(cotangents))
+    return results
+
+  kernel, reference = forms(x, dt, a, bc, s0)
+  assert operand_heads and all(heads == (g, h) for heads in operand_heads), operand_heads
+  for name, u, w in zip(("y", "state", "dx", "ddt", "dA", "dBC", "ds0"), kernel, reference):
+    assert_close(u, w, 1e-4, name)

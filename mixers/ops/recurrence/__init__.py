@@ -7,9 +7,10 @@ q, k `[B,T,H,K]`, v `[B,T,H,V]`, g (log-decay, <= 0) None | `[H]` | `[B,T,H]` | 
 o_t = scale * q_t^T diag(exp(g_t)) S_{t-1}. `resets` (bool `[B,T]`, packed sequences) restarts the recurrence:
 at a reset token S_{t-1} is replaced by zeros, so each segment runs as its own sequence (S_0 reaches the first
 segment only; the final state is the last segment's). Forms (`impl`): "reference" (materialised T x T matrix),
-"recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (kernels, `kernel_path`: any T, exclusive, mixed dtypes); "auto"
-picks, per platform when the program is lowered, the kernel where one takes the inputs, else chunked. Invalid decays (g > 0) raise when concrete and become NaN
-under jit (`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
+"recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (the kernels through `kernel_path`: any T,
+exclusive, mixed dtypes); "auto" picks, per platform when the program is lowered, the kernel where one takes the
+inputs, else chunked. Invalid decays (g > 0) raise when concrete and become NaN under jit
+(`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
 """
 import functools
 

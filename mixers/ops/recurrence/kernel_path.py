@@ -1,6 +1,7 @@
 """The gated linear recurrence on the Pallas chunk kernels, for any T, `exclusive` and mixed input dtypes.
 
 The kernels take T a multiple of the chunk, one dtype for q, k, v and the inclusive read o_t = q_t^T S_t. Here:
+- q and k may have fewer heads than v (G groups of H // G heads, SSD's C and B): the kernels index them by group;
 - T is zero-padded to the chunk (padded tokens write nothing and keep the state: k = v = 0, g = 0);
 - q, k, v go in at q and k's promoted dtype (a bfloat16 model whose values were promoted to float32, as Mamba2's
   dt * x, runs the bfloat16 kernel; the kernels accumulate in float32) and o comes back in the inputs' dtype;
@@ -53,7 +54,8 @@ def _last_write(state, k, v, log_decay, resets):
 
 def recurrence(q, k, v, log_decay=None, *, scale, initial_state=None, exclusive=False, chunk_size=64, resets=None,
                backend=None, interpret=False):
-  """(o `[B,T,H,V]` in the inputs' dtype, final state `[B,H,K,V]` float32) through `kernels.chunked_recurrence`.
+  """(o `[B,T,H,V]` in the inputs' dtype, final state `[B,H,K,V]` float32) through `kernels.chunked_recurrence`;
+  q, k `[B,T,G,K]` with G dividing H.
 
   backend: None (the kernel picked per platform at lowering), "tpu" or "gpu"; interpret: the Pallas interpreter.
   """
@@ -63,6 +65,8 @@ def recurrence(q, k, v, log_decay=None, *, scale, initial_state=None, exclusive=
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   t = q.shape[1]
   if exclusive:
+    if q.shape[2] != v.shape[2]:  # q's read is scaled per head
+      q, k = (jnp.repeat(x, v.shape[2] // q.shape[2], axis=2) for x in (q, k))
     shifted = _exclusive_inputs(q, k, v, log_decay, resets)
   else:
     shifted = (q, k, v, log_decay, resets)
