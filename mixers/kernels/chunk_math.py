@@ -26,8 +26,9 @@ pair is formed elementwise as a `[sub, sub, K]` tensor.
 Refs hold rows of one (batch, head): q, k `[rows, K]`; v, do, o `[rows, Vb]`; g `[rows, K]` (per channel)
 or `[rows, 1]` (scalar) and, for scalar decays, `g_row` `[1, rows]` (the same values along lanes); for
 per-channel decays `g_tot` `[chunks * K, 1]` holds each chunk's Gam as a column. `base` is the chunk's first
-row in those refs (0 on TPU, where each grid step sees one chunk; `t * C` on GPU, where a loop walks the
-chunks) and `tot_base` the first row of its Gam column. `r` (packed sequences only, else None) holds the
+row in those refs (a loop walks the chunks of the refs: all of T on GPU, one grid step's block on TPU) and
+`tot_base` the first row of its Gam column; `row_base` (TPU) the chunk's first lane in g_row when g_row holds
+only this chunk. `r` (packed sequences only, else None) holds the
 in-chunk segment counter as a float32 column `[rows, 1]`; where a mask needs it along lanes, the row is built
 in the kernel from the column (`_row_of`, an exact masked sum), so no lane slice at a sub-chunk offset is
 needed, and every mask is compared at its full shape (no boolean broadcasts). Matmul operands are cast to the
@@ -60,6 +61,7 @@ class Chunk:
   per_channel: bool
   dtype: Any
   r: Any = None  # packed sequences only: the in-chunk segment counter `[rows, 1]`
+  row_base: Any = None  # where the chunk starts along g_row's lanes (None: at `base`)
 
   def rows(self, ref, r0, n):
     return ref[pl.ds(self.base + r0, n), :].astype(_F32)
@@ -156,7 +158,7 @@ def _diag_decay(g):
 def _scalar_decays(c: Chunk):
   """(G column `[C,1]`, causal decay matrix `[C,C]` (0 across segments), Gam `[1,1]`) for a scalar decay."""
   g_col = c.rows(c.g, 0, c.size)
-  g_row = c.g_row[:, pl.ds(c.base, c.size)].astype(_F32)
+  g_row = c.g_row[:, pl.ds(c.base if c.row_base is None else c.row_base, c.size)].astype(_F32)
   r = c.segments(0, c.size)
   keep = _causal_mask(c.size)
   if r is not None:

@@ -146,3 +146,23 @@ def test_ssd_kernel_reads_b_and_c_by_group(monkeypatch, backend):
   assert operand_heads and all(heads == (g, h) for heads in operand_heads), operand_heads
   for name, u, w in zip(("y", "state", "dx", "ddt", "dA", "dBC", "ds0"), kernel, reference):
     assert_close(u, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_tpu_kernel_walks_several_chunks_per_grid_step(monkeypatch, decay):
+  """TPU blocks of 2 chunks (BLOCK_TOKENS lowered to 32 for T = 64, chunks of 16: 2 grid steps of 2 chunks), packed,
+  exclusive reads: equal to the chunked form, outputs, state and gradients."""
+  from mixers.kernels import chunk_tpu  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(chunk_tpu, "BLOCK_TOKENS", 2 * C)
+  assert chunk_tpu.chunks_per_step(64, C) == 2
+  args, cotangents = _inputs(64, decay, seed=2)
+  kernel, reference = _kernel_and_chunked(args, cotangents, _resets(64), backend="tpu", exclusive=True)
+  for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "ds0"), kernel, reference):
+    assert_close(a, b, 1e-4, name)
+
+
+def test_tpu_grid_steps_per_head():
+  """Blocks of up to 512 tokens: T = 8192 in chunks of 64 takes 16 grid steps per head (8 chunks each), not 128."""
+  from mixers.kernels import chunk_tpu  # pylint: disable=import-outside-toplevel
+  assert [chunk_tpu.chunks_per_step(t, 64) for t in (8192, 640, 704, 64)] == [8, 5, 1, 1]
+  assert chunk_tpu.chunks_per_step(8192, 128) == 4 and chunk_tpu.chunks_per_step(48, 16) == 3
