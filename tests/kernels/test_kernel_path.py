@@ -35,10 +35,10 @@ def _resets(t):
   return jnp.asarray(r)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "exclusive"))
-def _kernel_and_chunked(args, cotangents, resets, *, backend, exclusive):
+@functools.partial(jax.jit, static_argnames=("backend", "exclusive", "chunk"))
+def _kernel_and_chunked(args, cotangents, resets, *, backend, exclusive, chunk=C):
   """[(o, state, d inputs) of the kernel path, the same of the chunked form], one program."""
-  kw = dict(scale=SCALE, chunk_size=C, exclusive=exclusive, resets=resets)
+  kw = dict(scale=SCALE, chunk_size=chunk, exclusive=exclusive, resets=resets)
   forms = (functools.partial(kernel_path.recurrence, backend=backend, interpret=True, **kw),
            functools.partial(chunked.recurrence, **kw))
   results = []
@@ -49,17 +49,18 @@ def _kernel_and_chunked(args, cotangents, resets, *, backend, exclusive):
   return results
 
 
-@pytest.mark.parametrize("backend,decay,t,exclusive,packed", [
-    ("gpu", "channel", 37, True, True),   # exclusive, packed, T not a multiple of the chunk, per-channel decay
-    ("tpu", "scalar", 40, True, False),   # exclusive with a scalar decay
-    ("gpu", "none", 23, False, True),     # inclusive, padded, no decay
+@pytest.mark.parametrize("backend,decay,t,exclusive,packed,chunk", [
+    ("gpu", "channel", 37, True, True, C),   # exclusive, packed, T not a multiple of the chunk, per-channel decay
+    ("gpu", "channel", 70, False, True, 32),  # chunks of 2 sub-chunks: the per-channel off-diagonal blocks
+    ("tpu", "scalar", 40, True, False, C),    # exclusive with a scalar decay
+    ("gpu", "none", 23, False, True, C),      # inclusive, padded, no decay
 ])
-def test_kernel_path_equals_chunked_form_with_gradients(backend, decay, t, exclusive, packed):
+def test_kernel_path_equals_chunked_form_with_gradients(backend, decay, t, exclusive, packed, chunk):
   args, cotangents = _inputs(t, decay)
   if decay == "none":
     args = args[:3] + (jnp.zeros((B, t, H)),) + args[4:]  # a zero log-decay: the same recurrence, a gradient to read
   kernel, reference = _kernel_and_chunked(args, cotangents, _resets(t) if packed else None, backend=backend,
-                                          exclusive=exclusive)
+                                          exclusive=exclusive, chunk=chunk)
   for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "ds0"), kernel, reference):
     assert_close(a, b, 1e-4, name)
 
