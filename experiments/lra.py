@@ -50,6 +50,7 @@ def define_flags():
   """The command-line flags (defined by the program only, so that importing the module defines none)."""
   define_study_flags("lra", "grid")
   flags.DEFINE_list("tasks", None, "override the tasks (listops, pathfinder)")
+  flags.DEFINE_integer("num_steps", None, "override every task's training steps")
   flags.DEFINE_string("data_dir", None, "where the generated datasets are stored")
 
 
@@ -131,6 +132,8 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   grid, out = study_grid("lra", QUICK, FULL)
+  if FLAGS.num_steps:
+    grid["num_steps"] = {task: FLAGS.num_steps for task in grid["num_steps"]}
   start = time.time()
   rows = read_runs(out) if FLAGS.plot_only else run_grid(grid, out, FLAGS.tasks or TASKS, FLAGS.data_dir)
   table = table_markdown(rows)
