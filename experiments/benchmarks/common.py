@@ -23,9 +23,10 @@ def time_fn(fn, *args, repeats=5, min_time=0.0):
 
 
 def peak_bytes(fn, *args):
-  """Peak bytes XLA plans for one call of jit(fn): arguments + outputs + temporaries (None if unknown)."""
+  """Peak bytes XLA plans for one call of jit(fn): arguments + outputs + temporaries (None if unknown). A jitted fn
+  is lowered as it is (wrapping it in another jit would compile a second program)."""
   try:
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    stats = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).compile().memory_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if stats is None:
