@@ -30,6 +30,7 @@ from mixers.kernels import chunk_gpu
 from mixers.kernels import chunk_tpu
 from mixers.kernels.reference import recurrence_reference
 from mixers.ops.recurrence.reference import chunk_segment_index
+from mixers.ops.recurrence.shapes import heads_from_groups
 
 BACKENDS = ("tpu", "gpu")
 
@@ -198,20 +199,16 @@ def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
           ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 
 
-def _heads(x, group):
-  """`[B,T,G,K]` -> `[B,T,H,K]`, head h reading group h // group."""
-  return x if group == 1 else jnp.repeat(x, group, axis=2)
-
-
 def _reference_forward(config, q, k, v, g, s0, resets):
-  return recurrence_reference(_heads(q, config.group), _heads(k, config.group), v, g, scale=config.scale,
+  h = v.shape[2]
+  return recurrence_reference(heads_from_groups(q, h), heads_from_groups(k, h), v, g, scale=config.scale,
                               initial_state=s0, resets=resets)
 
 
 def _reference_backward(config, q, k, v, g, s0, resets, do, ds):
   forward = lambda q, k, v, g, s0: recurrence_reference(q, k, v, g, scale=config.scale, initial_state=s0,
                                                          resets=resets)
-  q, k = _heads(q, config.group), _heads(k, config.group)
+  q, k = heads_from_groups(q, v.shape[2]), heads_from_groups(k, v.shape[2])
   _, vjp = jax.vjp(forward, q, k, v, g.astype(jnp.float32), s0)
   dq, dk, dv, _, ds0 = vjp((do, ds))
   return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32), ds0
@@ -244,7 +241,7 @@ def _recurrence_bwd(config, res, cotangents):
   dq, dk, dv, ds0 = _per_platform(_kernel_backward, _reference_backward, config, q, k, v, g, s0,
                                   resets, do, ds)
   f32 = lambda x: x.astype(jnp.float32)
-  dc = f32(_heads(q, config.group)) * dq - f32(_heads(k, config.group)) * dk
+  dc = f32(heads_from_groups(q, v.shape[2])) * dq - f32(heads_from_groups(k, v.shape[2])) * dk
   # The final state's rows scale with exp(c_T): their share lands on the last token.
   dc = dc.at[:, -1].add(jnp.sum(st * ds, axis=-1))
   if g.ndim == 3:

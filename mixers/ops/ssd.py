@@ -16,11 +16,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange, repeat
+from einops import rearrange
 
 from mixers.ops import checks, recurrence, sequence
 from mixers.ops.attention import same_segment
 from mixers.ops.recurrence import kernel_path, shapes
+from mixers.ops.recurrence.shapes import heads_from_groups
 from mixers.ops.recurrence.reference import chunk_segment_index
 
 IMPLS = recurrence.IMPLS
@@ -49,12 +50,6 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, name_suffix=""):
 def checked_rates(A, dt):
   """A <= 0 and dt >= 0: raised when concrete; under jit the offending entries become NaN (so do the outputs)."""
   return checks.nonpositive_or_nan("A", A), checks.nonnegative_or_nan("dt", dt)
-
-
-def heads_from_groups(a, heads):
-  """[B,T,G,N] -> [B,T,H,N]: head h reads group h // (H // G) (materialised broadcast)."""
-  g = a.shape[2]
-  return a if g == heads else repeat(a, "b t g n -> b t (g r) n", r=heads // g)
 
 
 def skip(x, D):
@@ -155,30 +150,30 @@ def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment
   return flip(y), state
 
 
-def _kernel_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):
-  """The Pallas kernel with q = C, k = B, read by group inside it (never broadcast to heads), v = dt x, log-decay =
-  dt A."""
+def _core_inputs(x, dt, A, B, C, initial_state):
+  """(dtype, v = dt x, log-decay = dt A, the initial state in the core's `[B,H,N,P]` layout) of the causal scan."""
   dtype = shapes.compute_dtype(x, dt, B, C)
   dt = dt.astype(dtype)
-  flip = (lambda a: None if a is None else jnp.flip(a, axis=1)) if reverse else (lambda a: a)
   s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-  y, state = kernel_path.recurrence(flip(C), flip(B), flip(dt[..., None] * x.astype(dtype)), flip(dt * A.astype(dtype)),
-                                    scale=1.0, initial_state=s0, chunk_size=chunk_size,
-                                    resets=flip(sequence.segment_starts(segment_ids, reverse)))
+  return dtype, dt[..., None] * x.astype(dtype), dt * A.astype(dtype), s0
+
+
+def _kernel_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):
+  """The Pallas kernel with q = C, k = B, read by group inside it (never broadcast to heads)."""
+  dtype, v, log_decay, s0 = _core_inputs(x, dt, A, B, C, initial_state)
+  flip = (lambda a: None if a is None else jnp.flip(a, axis=1)) if reverse else (lambda a: a)
+  y, state = kernel_path.recurrence(flip(C), flip(B), flip(v), flip(log_decay), scale=1.0, initial_state=s0,
+                                    chunk_size=chunk_size, resets=flip(sequence.segment_starts(segment_ids, reverse)))
   return flip(y).astype(dtype), jnp.swapaxes(state, -1, -2).astype(dtype)
 
 
 def _core_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids, impl):
-  """Through the core: q = C, k = B (broadcast from groups to heads), v = dt x, log-decay = dt A."""
+  """Through the core: q = C, k = B (broadcast from groups to heads)."""
+  dtype, v, log_decay, s0 = _core_inputs(x, dt, A, B, C, initial_state)
   h = x.shape[2]
-  dtype = shapes.compute_dtype(x, dt, B, C)
-  dt = dt.astype(dtype)
-  q, k = heads_from_groups(C, h), heads_from_groups(B, h)
-  v = dt[..., None] * x.astype(dtype)
-  log_decay = dt * A.astype(dtype)
-  s0 = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-  y, state = sequence.recurrence(q, k, v, log_decay, scale=1.0, initial_state=s0, reverse=reverse,
-                                 chunk_size=chunk_size, impl=impl, segment_ids=segment_ids)
+  y, state = sequence.recurrence(heads_from_groups(C, h), heads_from_groups(B, h), v, log_decay, scale=1.0,
+                                 initial_state=s0, reverse=reverse, chunk_size=chunk_size, impl=impl,
+                                 segment_ids=segment_ids)
   return y.astype(dtype), jnp.swapaxes(state, -1, -2).astype(dtype)
 
 

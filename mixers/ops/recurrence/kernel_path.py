@@ -24,9 +24,10 @@ def padded_length(t, chunk_size):
   return t + (-t % chunk_size)
 
 
-def _shift(x, fill=0):
-  """x `[B,T,...]` one token later along time: x'_0 = fill, x'_t = x_{t-1}."""
-  return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+def _shift(x):
+  """x `[B,T,...]` one token later along time on one device: x'_0 = 0, x'_t = x_{t-1} (`sequence.shift` would read
+  the previous slice's last row under a split, where each slice's recurrence starts from zeros)."""
+  return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
 
 def _decay_factor(log_decay, like):
@@ -65,8 +66,8 @@ def recurrence(q, k, v, log_decay=None, *, scale, initial_state=None, exclusive=
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   t = q.shape[1]
   if exclusive:
-    if q.shape[2] != v.shape[2]:  # q's read is scaled per head
-      q, k = (jnp.repeat(x, v.shape[2] // q.shape[2], axis=2) for x in (q, k))
+    # q's read is scaled per head: the groups go in broadcast to heads
+    q, k = (shapes.heads_from_groups(x, v.shape[2]) for x in (q, k))
     shifted = _exclusive_inputs(q, k, v, log_decay, resets)
   else:
     shifted = (q, k, v, log_decay, resets)

@@ -13,6 +13,12 @@ def output_dtype(*xs):
   return jnp.result_type(*xs)
 
 
+def heads_from_groups(a, heads):
+  """[B,T,G,N] -> [B,T,H,N]: head h reads group h // (H // G) (materialised broadcast)."""
+  g = a.shape[2]
+  return a if g == heads else jnp.repeat(a, heads // g, axis=2)
+
+
 def check_qkv(q, k, v, *, cross=False):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]`; with `cross`, k `[B,Tk,H,K]` and v `[B,Tk,H,V]` of their own length Tk."""
   checks.check_float(q=q, k=k, v=v)
