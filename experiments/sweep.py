@@ -1,6 +1,6 @@
 """MQAR study (Zoology, arXiv 2312.04927): recall accuracy versus model width, one line per mixer.
 
-    python -m experiments.sweep --quick                 # small grid, < 15 minutes on 2 CPU cores
+    python -m experiments.sweep --quick                 # small grid, 108 runs: 48 minutes on 2 CPU cores
     python -m experiments.sweep --extended              # Zoology's trend on a CPU: (T, pairs) up to (256, 16)
     python -m experiments.sweep                         # the full grid (T=256, 16..64 pairs): a bigger machine
     python -m experiments.sweep --plot_only --out results/mqar_sweep_quick

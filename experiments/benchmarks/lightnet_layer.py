@@ -36,9 +36,7 @@ LAYERS = (
 def _layer_times(name, kwargs, x, repeats):
   model = mixers.build_mixer(name, causal=True, num_heads=max(1, x.shape[-1] // HEAD_DIM), **kwargs)
   params = jax.jit(model.init)(jax.random.key(0), x[:, :64])
-  fwd = jax.jit(lambda p, u: model.apply(p, u))
-  return (common.time_fn(fwd, params, x, repeats=repeats),
-          common.time_fn(common.fwd_bwd(lambda p, u: model.apply(p, u)), params, x, repeats=repeats))
+  return _part_times(lambda p, u: model.apply(p, u), (params, x), repeats)
 
 
 def _normaliser(k):
