@@ -9,7 +9,7 @@ import pytest
 
 import mixers
 from mixers.kernels.chunk_gpu import TRITON_CUSTOM_CALL
-from mixers.ops.recurrence import chunked, gated_linear_recurrence, kernel_path
+from mixers.ops.recurrence import chunked, gated_linear_recurrence, kernel_path, lower_kernels_for
 from tests.conftest import assert_close
 
 B, H, K, V, C = 2, 2, 12, 20, 16
@@ -79,32 +79,38 @@ def test_mixed_dtypes_run_the_kernel_in_q_and_k_dtype():
   assert_close(s, s_ref, 2e-2, "state")
 
 
-def test_auto_is_the_chunked_form_on_cpu():
+def test_auto_is_the_chunked_form_on_cpu_and_has_forward_mode():
   (q, k, v, g, s0), _ = _inputs(37, "channel")
   run = jax.jit(lambda impl: gated_linear_recurrence(q, k, v, g, scale=SCALE, initial_state=s0, chunk_size=C,
                                                      exclusive=True, impl=impl), static_argnums=0)
   for a, b in zip(run("auto"), run("chunked")):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # No kernel branch is traced without a local GPU/TPU, so forward-mode autodiff works.
+  tangent = jax.jvp(lambda x: gated_linear_recurrence(x, k, v, g, chunk_size=C)[0], (q,), (q,))[1]
+  assert bool(jnp.all(jnp.isfinite(tangent)))
 
 
-# Every family whose core is the gated linear recurrence (and the delta rule's WY form, whose passes run on it), as a bf16 layer (causal unless it is non-causal only).
+# Every family whose core is the gated linear recurrence (and the delta rule's WY form, whose passes run on it), as a
+# bf16 layer (causal unless it is non-causal only).
 FAMILIES = {"gla": {}, "retention": {}, "linear_attention": {}, "mamba2": {"head_dim": 16},
             "hydra": {"head_dim": 16}, "lightnet": {}, "delta_net": {}, "gated_delta_net": {}}
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_bf16_layers_of_every_family_lower_to_the_kernel(platform):
-  """Exported on this CPU for `platform`, `impl="auto"` layers call the kernel forward and backward: at least three
-  kernel calls (forward, dq, dk/dv) per recurrence in value_and_grad. T = 40 is not a multiple of the chunk."""
+  """Exported on this CPU for `platform` (offered with `lower_kernels_for`), `impl="auto"` layers call the kernel
+  forward and backward: at least three kernel calls (forward, dq, dk/dv) per recurrence in value_and_grad. T = 40 is
+  not a multiple of the chunk."""
   x = jax.ShapeDtypeStruct((1, 40, 64), jnp.bfloat16)
   missing = {}
   for name, kwargs in FAMILIES.items():
     model = mixers.build_mixer(name, dtype=jnp.bfloat16, **kwargs)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     loss = lambda p, u, m=model: jnp.sum(m.apply(p, u).astype(jnp.float32) ** 2)
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss)), platforms=[platform],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(params, x)
+    with lower_kernels_for(platform):
+      exported = jax.export.export(
+          jax.jit(jax.value_and_grad(loss)), platforms=[platform],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(params, x)
     calls = exported.mlir_module().count(KERNEL_CALL[platform])
     if calls < 3:
       missing[name] = calls

@@ -9,10 +9,12 @@ at a reset token S_{t-1} is replaced by zeros, so each segment runs as its own s
 segment only; the final state is the last segment's). Forms (`impl`): "reference" (materialised T x T matrix),
 "recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (the kernels through `kernel_path`: any T,
 exclusive, mixed dtypes); "auto" picks, per platform when the program is lowered, the kernel where one takes the
-inputs, else chunked. Invalid decays (g > 0) raise when concrete and become NaN under jit
+inputs, else chunked (kernels offered for the platforms with local devices, others with `lower_kernels_for`). Invalid decays (g > 0) raise when concrete and become NaN under jit
 (`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
 """
+import contextlib
 import functools
+import threading
 
 import jax
 
@@ -26,6 +28,37 @@ IMPLS = ("auto", "chunked", "recurrent", "reference", "pallas")
 
 # (platform as `lax.platform_dependent` names it, kernel backend)
 _KERNEL_PLATFORMS = (("tpu", "tpu"), ("cuda", "gpu"))
+_offered = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _platforms_with_devices():
+  """The kernel platforms this process has devices for."""
+  found = []
+  for platform, backend in _KERNEL_PLATFORMS:
+    try:
+      jax.devices(backend)
+      found.append(platform)
+    except RuntimeError:
+      pass
+  return tuple(found)
+
+
+@contextlib.contextmanager
+def lower_kernels_for(*platforms):
+  """Within the block, `impl="auto"` also offers the kernels of `platforms` ("cuda", "tpu") to programs traced here,
+  for exporting or compiling them for a platform this process has no device of (`jax.export` from a CPU host).
+  Outside it only the platforms with local devices are offered: a kernel branch is traced even where it is not
+  lowered, and its custom VJP has no forward mode (`jax.jvp`, `jax.jacfwd`)."""
+  unknown = [p for p in platforms if p not in dict(_KERNEL_PLATFORMS)]
+  if unknown:
+    raise ValueError(f"platforms must be among {[p for p, _ in _KERNEL_PLATFORMS]}, got {unknown}")
+  previous = getattr(_offered, "platforms", ())
+  _offered.platforms = previous + tuple(platforms)
+  try:
+    yield
+  finally:
+    _offered.platforms = previous
 
 
 def kernel_supported(q, k, v, log_decay, chunk_size, backend):
@@ -42,9 +75,11 @@ def kernel_supported(q, k, v, log_decay, chunk_size, backend):
 
 
 def kernel_platforms(q, k, v, log_decay, chunk_size):
-  """The platforms (as `lax.platform_dependent` names them) whose kernel takes these inputs (arrays or
-  `jax.ShapeDtypeStruct`s)."""
-  return tuple(p for p, backend in _KERNEL_PLATFORMS if kernel_supported(q, k, v, log_decay, chunk_size, backend))
+  """The platforms (as `lax.platform_dependent` names them) offered here (local devices, `lower_kernels_for`) whose
+  kernel takes these inputs (arrays or `jax.ShapeDtypeStruct`s)."""
+  offered = set(_platforms_with_devices()) | set(getattr(_offered, "platforms", ()))
+  return tuple(p for p, backend in _KERNEL_PLATFORMS
+               if p in offered and kernel_supported(q, k, v, log_decay, chunk_size, backend))
 
 
 def select_at_lowering(args, default, kernel, platforms):
@@ -90,4 +125,5 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   return chunked.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
 
 
-__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_platforms", "select_at_lowering"]
+__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_platforms", "lower_kernels_for",
+           "select_at_lowering"]
