@@ -140,6 +140,8 @@ def _check_values(c):
       raise ValueError(f"config.optimizer.{name}={o[name]}: expected {expected}")
   if not isinstance(o.accumulate_steps, int):
     raise ValueError(f"config.optimizer.accumulate_steps={o.accumulate_steps!r}: expected an integer")
+  for name in ("lr_mults", "wd_mults"):
+    optimizer_lib.check_mults(name, o[name])
   for axis, size in c.mesh.items():
     if not isinstance(size, int) or isinstance(size, bool):
       raise ValueError(f"config.mesh.{axis}={size!r}: expected an integer (-1: every remaining device)")
