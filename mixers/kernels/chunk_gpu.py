@@ -1,11 +1,18 @@
-"""GPU (Pallas on Triton) kernels for the chunked gated linear recurrence: forward, dq, dk/dv/dS0.
+"""GPU (Pallas on Triton) kernels for the chunked gated linear recurrence, in two phases each way.
 
-Grid `(batch*heads, V / Vb)`: every program owns one (batch, head) and one block of value columns and walks
-the chunks in a loop inside the kernel, carrying its float32 state block `[K, Vb]` (or its gradient) in
-registers, so the state never goes back to HBM between chunks. The recurrence is independent per value
-column, so value blocks parallelise it exactly; dq and dk are sums over value blocks and come back as
-per-block partials `[V/Vb, BH, T, K]` that `backward` adds up. The math per chunk lives in `chunk_math`,
-shared with the TPU kernels.
+Forward:
+  1. state pass, grid `(batch*heads, K / Kb, V / Vb)`: each program walks the chunks carrying one float32 block
+     `[Kb, Vb]` of the state (the recurrence is independent per key and per value column once the decays are
+     known) and stores the state at every chunk's start, `[BH, T/C, K, V]` float32, and the final state;
+  2. output kernel, grid `(batch*heads, T/C, V / Vb)`: every chunk's outputs from its starting state, all chunks
+     in parallel (B=1, H=16, T=8192, C=64, V=128: 4,096 programs where a one-pass kernel has 32).
+Backward:
+  1. the state pass again (the chunk states are recomputed rather than kept between forward and backward);
+  2. reverse pass, the state pass's grid: dS carried from the last chunk to the first, stored at every chunk's end,
+     and dS0;
+  3. gradient kernel, grid `(batch*heads, T/C, V / Vb)`: the chunk's dq, dk (per value block partials
+     `[V/Vb, BH, T, K]` that `backward` adds up) and dv from its state and state gradient.
+The math per chunk lives in `chunk_math` (shared with the TPU kernels, which run it in one pass).
 
 Why Triton rather than Mosaic GPU, although Mosaic GPU is where Pallas on Hopper is heading: in this JAX
 (0.10) Mosaic GPU has no lowering for a plain `dot_general` on values; every matmul is a `wgmma` on
@@ -20,7 +27,8 @@ for `cuda` on a CPU machine. Whether a Mosaic GPU port pays has not been measure
 Packed sequences add one operand, the in-chunk segment counter `r` `[BH,T,1]` (float32), read like g.
 
 Constraints (`supports_gpu`): C a power of two in [16, 128], K and V padded to powers of two >= 16 by the
-caller, K <= 256.
+caller, K <= 256. Not yet chosen per shape: warps and pipeline stages (4 warps, 1 stage everywhere), and the
+operands stay in the `[BH, T, D]` rows that `dispatch` lays out.
 """
 import functools
 
@@ -47,6 +55,10 @@ def value_block(dv):
   return min(dv, 64)
 
 
+def key_block(dk):
+  return min(dk, 64)
+
+
 def supports_gpu(t, dk, dv, chunk_size, dtype, per_channel):
   """Shape constraints of the GPU kernels (dk, dv before padding)."""
   del dv, per_channel
@@ -62,22 +74,92 @@ def _params(num_warps=4):
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _specs(t, dk, bv, per_channel, n):
-  seq = lambda d, group=1: pl.BlockSpec((None, t, d), chunk_math.group_rows(lambda b, j: (b, 0, 0), group))
-  val = pl.BlockSpec((None, t, bv), lambda b, j: (b, 0, j))
-  g = seq(dk if per_channel else 1)
-  if per_channel:
-    aux = pl.BlockSpec((None, n * dk, 1), lambda b, j: (b, 0, 0))
-  else:
-    aux = pl.BlockSpec((None, 1, t), lambda b, j: (b, 0, 0))
-  state = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
-  return seq, val, g, aux, state
-
-
-def _chunk(q, k, v, g, aux, r, i, *, chunk, dk, per_channel, dtype):
+def _chunk(q, k, v, g, aux, r, *, base, tot_base, chunk, per_channel, dtype):
   return chunk_math.Chunk(
       q=q, k=k, v=v, g=g, g_row=None if per_channel else aux, g_tot=aux if per_channel else None,
-      base=i * chunk, tot_base=i * dk, size=chunk, sub=16, per_channel=per_channel, dtype=dtype, r=r)
+      base=base, tot_base=tot_base, size=chunk, sub=16, per_channel=per_channel, dtype=dtype, r=r,
+      row_loop=True)
+
+
+def _walk_specs(state_shape, *, t, chunk, per_channel, bk, group):
+  """(in_specs, r's spec, out_specs, out_shape) of a pass over every chunk on grid (BH, K/Kb, V/Vb): keys (k
+  forward, q reverse) by key block, values (v or do) by value block, g, its auxiliary array whole, and the state
+  (S0 or dS_T) by block; out: the state at every chunk edge `[BH, T/C, K, V]` and the last one."""
+  bh, dk, dv = state_shape
+  n = t // chunk
+  bv = value_block(dv)
+  keys = pl.BlockSpec((None, t, bk), chunk_math.group_rows(lambda b, kk, j: (b, 0, kk), group))
+  values = pl.BlockSpec((None, t, bv), lambda b, kk, j: (b, 0, j))
+  if per_channel:
+    g = pl.BlockSpec((None, t, bk), lambda b, kk, j: (b, 0, kk))
+    aux = pl.BlockSpec((None, n * dk, 1), lambda b, kk, j: (b, 0, 0))
+  else:
+    g = pl.BlockSpec((None, t, 1), lambda b, kk, j: (b, 0, 0))
+    aux = pl.BlockSpec((None, 1, t), lambda b, kk, j: (b, 0, 0))
+  r = pl.BlockSpec((None, t, 1), lambda b, kk, j: (b, 0, 0))
+  state = pl.BlockSpec((None, bk, bv), lambda b, kk, j: (b, kk, j))
+  edges = pl.BlockSpec((None, n, bk, bv), lambda b, kk, j: (b, 0, kk, j))
+  f32 = jnp.float32
+  return ([keys, values, g, aux, state], r, [edges, state],
+          [jax.ShapeDtypeStruct((bh, n, dk, dv), f32), jax.ShapeDtypeStruct((bh, dk, dv), f32)])
+
+
+def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=None, group=1, q=None, do=None,
+               scale=1.0):
+  """(states at every chunk edge `[BH, T/C, K, V]` float32, last state `[BH, K, V]` float32).
+
+  Forward (q and do None): S before chunk i from S0, then the state after the last chunk. Reverse (q and do given,
+  k and v unused): dS' after chunk i from dS_T (in s0), walking from the last chunk, then dS0."""
+  reverse = q is not None
+  keys_in, values_in = (q, do) if reverse else (k, v)
+  t, dk = keys_in.shape[1:]
+  bh, _, dv = s0.shape
+  bk, bv, n = key_block(dk), value_block(dv), t // chunk
+  in_specs, r_spec, out_specs, out_shape = _walk_specs(s0.shape, t=t, chunk=chunk, per_channel=per_channel, bk=bk,
+                                                       group=group)
+
+  def kernel(*refs):
+    keys_ref, values_ref, g_ref, aux_ref, r_ref, s_ref, edges_ref, last_ref = chunk_math.optional_ref(refs, r, 4)
+    kk = pl.program_id(1)
+
+    def step(j, s):
+      i = n - 1 - j if reverse else j
+      edges_ref[i] = s
+      c = _chunk(keys_ref if reverse else None, None if reverse else keys_ref, None if reverse else values_ref,
+                 g_ref, aux_ref, r_ref, base=i * chunk, tot_base=i * dk + kk * bk, chunk=chunk,
+                 per_channel=per_channel, dtype=keys_in.dtype)
+      if reverse:
+        return chunk_math.previous_dstate(c, s, values_ref, scale=scale)
+      return chunk_math.next_state(c, s)
+    last_ref[...] = lax.fori_loop(0, n, step, s_ref[...].astype(jnp.float32))
+
+  return pl.pallas_call(
+      kernel,
+      grid=(bh, dk // bk, dv // bv),
+      in_specs=chunk_math.with_optional(r, in_specs, r_spec, at=4),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_params(),
+      interpret=interpret,
+      name="chunk_recurrence_dstate_pass" if reverse else "chunk_recurrence_state_pass",
+  )(*chunk_math.with_optional(r, [keys_in, values_in, g, g_aux, s0], r, at=4))
+
+
+def _per_chunk_specs(t, chunk, dk, dv, per_channel, group):
+  """BlockSpecs on grid (BH, T/C, V/Vb) for one chunk: (q/k by group, values by block, g, aux, r, state edge)."""
+  bv = value_block(dv)
+  keys = pl.BlockSpec((None, chunk, dk), chunk_math.group_rows(lambda b, i, j: (b, i, 0), group))
+  values = pl.BlockSpec((None, chunk, bv), lambda b, i, j: (b, i, j))
+  if per_channel:
+    g = pl.BlockSpec((None, chunk, dk), lambda b, i, j: (b, i, 0))
+    aux = pl.BlockSpec((None, dk, 1), lambda b, i, j: (b, i, 0))
+  else:
+    g = pl.BlockSpec((None, chunk, 1), lambda b, i, j: (b, i, 0))
+    aux = pl.BlockSpec((None, 1, chunk), lambda b, i, j: (b, 0, i))
+  r = pl.BlockSpec((None, chunk, 1), lambda b, i, j: (b, i, 0))
+  edge = pl.BlockSpec((None, None, dk, bv), lambda b, i, j: (b, i, 0, j))
+  del t
+  return keys, values, g, aux, r, edge
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
@@ -85,32 +167,28 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`.
   q, k `[BH/group,T,K]`: row bh of v reads row bh // group of q and k."""
   t, dk = q.shape[1:]
-  bh = v.shape[0]
-  dv = v.shape[-1]
-  bv, n = value_block(dv), t // chunk
+  bh, dv = v.shape[0], v.shape[-1]
+  states, last = state_pass(k, v, g, g_aux, s0, chunk=chunk, per_channel=per_channel, interpret=interpret, r=r,
+                            group=group)
+  keys, values, g_spec, aux_spec, r_spec, edge = _per_chunk_specs(t, chunk, dk, dv, per_channel, group)
 
   def kernel(*refs):
-    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, o_ref, st_ref = chunk_math.optional_ref(refs, r, 5)
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s_ref, o_ref = chunk_math.optional_ref(refs, r, 5)
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, base=0, tot_base=0, chunk=chunk,
+               per_channel=per_channel, dtype=q.dtype)
+    chunk_math.chunk_output(c, s_ref[...], o_ref, scale=scale)
 
-    def step(i, s):
-      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, i, chunk=chunk, dk=dk,
-                 per_channel=per_channel, dtype=q.dtype)
-      return chunk_math.forward_chunk(c, s, o_ref, scale=scale)
-    st_ref[...] = lax.fori_loop(0, n, step, s0_ref[...].astype(jnp.float32))
-
-  seq, val, g_spec, aux_spec, state = _specs(t, dk, bv, per_channel, n)
-  return pl.pallas_call(
+  o = pl.pallas_call(
       kernel,
-      grid=(bh, dv // bv),
-      in_specs=chunk_math.with_optional(r, [seq(dk, group), seq(dk, group), val, g_spec, aux_spec, state], seq(1),
-                                        at=5),
-      out_specs=[val, state],
-      out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
-                 jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
+      grid=(bh, t // chunk, dv // value_block(dv)),
+      in_specs=chunk_math.with_optional(r, [keys, keys, values, g_spec, aux_spec, edge], r_spec, at=5),
+      out_specs=values,
+      out_shape=jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_fwd",
-  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, s0], r, at=5))
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, states], r, at=5))
+  return o, last
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
@@ -118,54 +196,33 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   """Returns (dq, dk `[BH,T,K]` float32 per head (summed over a group by the caller), dv `[BH,T,V]` float32,
   dS0 `[BH,K,V]` float32)."""
   t, dk = q.shape[1:]
-  bh = v.shape[0]
-  dv = v.shape[-1]
-  bv, n = value_block(dv), t // chunk
-  nvb = dv // bv
+  bh, dv = v.shape[0], v.shape[-1]
+  nvb = dv // value_block(dv)
   f32 = jnp.float32
-  seq, val, g_spec, aux_spec, state = _specs(t, dk, bv, per_channel, n)
-  partial_spec = pl.BlockSpec((None, None, t, dk), lambda b, j: (j, b, 0, 0))
+  walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group)
+  states, _ = state_pass(k, v, g, g_aux, s0, **walk)
+  dstates, ds0 = state_pass(None, None, g, g_aux, ds_final, q=q, do=do, scale=scale, **walk)
+  keys, values, g_spec, aux_spec, r_spec, edge = _per_chunk_specs(t, chunk, dk, dv, per_channel, group)
+  partial_spec = pl.BlockSpec((None, None, chunk, dk), lambda b, i, j: (j, b, i, 0))
   partial_shape = jax.ShapeDtypeStruct((nvb, bh, t, dk), f32)
 
-  def dq_kernel(*refs):
-    k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, do_ref, dq_ref = chunk_math.optional_ref(refs, r, 4)
-
-    def step(i, s):
-      c = _chunk(None, k_ref, v_ref, g_ref, aux_ref, r_ref, i, chunk=chunk, dk=dk,
-                 per_channel=per_channel, dtype=q.dtype)
-      return chunk_math.dq_chunk(c, s, do_ref, dq_ref, scale=scale)
-    lax.fori_loop(0, n, step, s0_ref[...].astype(f32))
-
-  def dkdv_kernel(*refs):
-    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref = (
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, s_ref, ds_ref, dq_ref, dk_ref, dv_ref = (
         chunk_math.optional_ref(refs, r, 5))
+    c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, base=0, tot_base=0, chunk=chunk,
+               per_channel=per_channel, dtype=q.dtype)
+    chunk_math.dq_output(c, s_ref[...], do_ref, dq_ref, scale=scale)
+    chunk_math.dkdv_output(c, ds_ref[...], do_ref, dk_ref, dv_ref, scale=scale)
 
-    def step(i, ds):
-      c = _chunk(q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, n - 1 - i, chunk=chunk, dk=dk,
-                 per_channel=per_channel, dtype=q.dtype)
-      return chunk_math.dkdv_chunk(c, ds, do_ref, dk_ref, dv_ref, scale=scale)
-    ds0_ref[...] = lax.fori_loop(0, n, step, dsf_ref[...].astype(f32))
-
-  dq = pl.pallas_call(
-      dq_kernel,
-      grid=(bh, nvb),
-      in_specs=chunk_math.with_optional(r, [seq(dk, group), val, g_spec, aux_spec, state, val], seq(1), at=4),
-      out_specs=partial_spec,
-      out_shape=partial_shape,
+  dq, dk_, dv_ = pl.pallas_call(
+      kernel,
+      grid=(bh, t // chunk, nvb),
+      in_specs=chunk_math.with_optional(r, [keys, keys, values, g_spec, aux_spec, values, edge, edge], r_spec,
+                                        at=5),
+      out_specs=[partial_spec, partial_spec, values],
+      out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32)],
       compiler_params=_params(),
       interpret=interpret,
-      name="chunk_recurrence_bwd_dq",
-  )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
-  dk_, dv_, ds0 = pl.pallas_call(
-      dkdv_kernel,
-      grid=(bh, nvb),
-      in_specs=chunk_math.with_optional(r, [seq(dk, group), seq(dk, group), val, g_spec, aux_spec, val, state],
-                                        seq(1), at=5),
-      out_specs=[partial_spec, val, state],
-      out_shape=[partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32),
-                 jax.ShapeDtypeStruct((bh, dk, dv), f32)],
-      compiler_params=_params(),
-      interpret=interpret,
-      name="chunk_recurrence_bwd_dkdv",
-  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, ds_final], r, at=5))
+      name="chunk_recurrence_bwd",
+  )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, states, dstates], r, at=5))
   return dq.sum(0), dk_.sum(0), dv_, ds0

@@ -23,6 +23,12 @@ whole chunk, so the chunk is cut into sub-chunks of `sub` rows: an off-diagonal 
 factors through the first row r of sub-chunk a (`e^{G_i - G_r}` and `e^{G_r - G_j}`, both <= 1); a diagonal
 pair is formed elementwise as a `[sub, sub, K]` tensor.
 
+Each step has an output part (`chunk_output`, `dq_output`, `dkdv_output`: from the state or its gradient at the
+chunk's edge) and a state part (`next_state`, `previous_dstate`). Single-pass kernels (TPU) run both per chunk while
+they walk the chunks; the GPU's two-phase kernels run the state part alone in a sequential pass that stores the state
+at every chunk edge, then the output parts for all chunks in parallel. The state parts read only a block of key
+columns (and of value columns), so that pass can be tiled over both.
+
 Refs hold rows of one (batch, head): q, k `[rows, K]`; v, do, o `[rows, Vb]`; g `[rows, K]` (per channel)
 or `[rows, 1]` (scalar) and, for scalar decays, `g_row` `[1, rows]` (the same values along lanes); for
 per-channel decays `g_tot` `[chunks * K, 1]` holds each chunk's Gam as a column. `base` is the chunk's first
@@ -62,6 +68,7 @@ class Chunk:
   dtype: Any
   r: Any = None  # packed sequences only: the in-chunk segment counter `[rows, 1]`
   row_base: Any = None  # where the chunk starts along g_row's lanes (None: at `base`)
+  row_loop: bool = False  # per-channel diagonal blocks one row at a time (GPU), not as `[sub, sub, K]` tensors
 
   def rows(self, ref, r0, n):
     return ref[pl.ds(self.base + r0, n), :].astype(_F32)
@@ -155,6 +162,62 @@ def _diag_decay(g):
   return jnp.exp(jnp.where(_causal_mask(n, n, (d,)), diff, -jnp.inf))
 
 
+def _col_of(row):
+  """A row `[1, n]` as a column `[n, 1]` (a masked sum over lanes: exact, no transpose)."""
+  n = row.shape[1]
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(row, (n, n)), 0.0), axis=1, keepdims=True)
+
+
+def _select_col(x, j):
+  """Column j of x `[n, m]` as `[n, 1]` (a masked sum)."""
+  cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _decay_to(g, g_s):
+  """`e^{min(G - G_s, 0)}`: the decay from row s to the rows of g at or after it (1 before it; masked by callers)."""
+  return jnp.exp(jnp.minimum(g - g_s, 0.0))
+
+
+def _diag_scores(c: Chunk, x, y_ref, r0, n):
+  """`[n, n]`: `sum_k x_ik y_jk e^{G_ik - G_jk}` for i >= j, else 0, over rows r0..r0+n of a per-channel chunk (x:
+  those rows of a q-like operand, y_ref: a k-like ref). Row by row with `row_loop` (no `[n, n, K]` tensor)."""
+  g = c.rows(c.g, r0, n)
+  if not c.row_loop:
+    return jnp.sum(x[:, None, :] * c.rows(y_ref, r0, n)[None, :, :] * _diag_decay(g), axis=2)
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  a = jnp.zeros((n, n), _F32)
+  for j in range(n):
+    col = jnp.sum(x * c.rows(y_ref, r0 + j, 1) * _decay_to(g, c.rows(c.g, r0 + j, 1)), axis=1, keepdims=True)
+    a = a + jnp.where(cols == j, jnp.broadcast_to(col, (n, n)), 0.0)
+  return jnp.where(_causal_mask(n), a, 0.0)
+
+
+def _diag_apply(c: Chunk, coef, y_ref, r0, n, *, later, y_scale=1.0):
+  """`[n, K]` over rows r0..r0+n of a per-channel chunk, coef `[n, n]` indexed (later row i, earlier row j):
+  later=False: row i is `sum_{j<=i} coef_ij y_j e^{G_i - G_j}`; later=True: row j is
+  `sum_{i>=j} coef_ij y_i e^{G_i - G_j}`; y = y_scale * rows of y_ref. Row by row with `row_loop`."""
+  g = c.rows(c.g, r0, n)
+  if not c.row_loop:
+    y = c.rows(y_ref, r0, n) * y_scale
+    if later:
+      return jnp.sum(coef[:, :, None] * y[:, None, :] * _diag_decay(g), axis=0)
+    return jnp.sum(coef[:, :, None] * y[None, :, :] * _diag_decay(g), axis=1)
+  index = lax.broadcasted_iota(jnp.int32, (n, 1), 0)
+  out = jnp.zeros(g.shape, _F32)
+  for s in range(n):
+    y_s, g_s = c.rows(y_ref, r0 + s, 1) * y_scale, c.rows(c.g, r0 + s, 1)
+    if later:  # row s is the later one: coef's row s, as a column over the earlier rows j <= s
+      weight = jnp.where(index <= s, _col_of(_select_row(coef, s)), 0.0)
+      out = out + weight * y_s * jnp.exp(jnp.minimum(g_s - g, 0.0))
+    else:  # row s is the earlier one: coef's column s, over the later rows i >= s
+      weight = jnp.where(index >= s, _select_col(coef, s), 0.0)
+      out = out + weight * y_s * _decay_to(g, g_s)
+  return out
+
+
 def _scalar_decays(c: Chunk):
   """(G column `[C,1]`, causal decay matrix `[C,C]` (0 across segments), Gam `[1,1]`) for a scalar decay."""
   g_col = c.rows(c.g, 0, c.size)
@@ -190,27 +253,44 @@ def _carry(c: Chunk, gam, s):
   return jnp.exp(_where(_equal(c.last_segment(), 0.0, gam.shape), gam, -jnp.inf)) * s
 
 
-def _state_update(c: Chunk, s, scale_rows):
-  """`e^{Gam} * S + sum_j (k_j * e^{Gam - G_j}) v_j^T` (packed: see the module docstring)."""
+def _scalar_totals(c: Chunk):
+  """(G column `[C,1]`, Gam `[1,1]`) for a scalar decay."""
+  g_col = c.rows(c.g, 0, c.size)
+  return g_col, _select_row(g_col, c.size - 1)
+
+
+def next_state(c: Chunk, s):
+  """The state after the chunk from the state s before it: `e^{Gam} * S + sum_j (k_j * e^{Gam - G_j}) v_j^T`
+  (packed: see the module docstring). k and the decays may be a block of key columns, v a block of value columns."""
   k, v = c.rows(c.k, 0, c.size), c.rows(c.v, 0, c.size)
   if c.per_channel:
     g, gam_row, gam_col = _channel_totals(c)
     return _carry(c, gam_col, s) + mm_tn(k * _to_end(c, gam_row, g, 0, c.size), v, c.dtype)
-  g_col, _, gam = scale_rows
+  g_col, gam = _scalar_totals(c)
   return _carry(c, gam, s) + mm_tn(k * _to_end(c, gam, g_col, 0, c.size), v, c.dtype)
 
 
-def forward_chunk(c: Chunk, s, o_ref, *, scale):
-  """Writes the chunk's outputs into o_ref rows and returns the state after the chunk."""
+def previous_dstate(c: Chunk, ds, do_ref, *, scale):
+  """dS before the chunk from dS' after it: `e^{Gam} * dS' + sum_i scale (q_i * e^{G_i}) do_i^T` (packed: see the
+  module docstring). q and the decays may be a block of key columns, do a block of value columns."""
+  q = c.rows(c.q, 0, c.size) * scale
+  if c.per_channel:
+    g, _, gam = _channel_totals(c)
+  else:
+    g, gam = _scalar_totals(c)
+  return _carry(c, gam, ds) + mm_tn(q * _inflow(c, g, 0, c.size), c.rows(do_ref, 0, c.size), c.dtype)
+
+
+def chunk_output(c: Chunk, s, o_ref, *, scale):
+  """Writes the chunk's outputs into o_ref rows from the state s before the chunk."""
   n, dt = c.sub, c.dtype
   if not c.per_channel:
-    scalar = _scalar_decays(c)
-    g_col, decay, _ = scalar
+    g_col, decay, _ = _scalar_decays(c)
     q = c.rows(c.q, 0, c.size) * scale
     a = mm_nt(q, c.rows(c.k, 0, c.size), dt) * decay
     o = mm(a, c.rows(c.v, 0, c.size), dt) + mm(q * _inflow(c, g_col, 0, c.size), s, dt)
     o_ref[pl.ds(c.base, c.size), :] = o.astype(o_ref.dtype)
-    return _state_update(c, s, scalar)
+    return
   for ia in range(c.size // n):
     q = c.rows(c.q, ia * n, n) * scale
     g = c.rows(c.g, ia * n, n)
@@ -223,23 +303,27 @@ def forward_chunk(c: Chunk, s, o_ref, *, scale):
       a = _where(_same_segment(r_a, c.segments(ib * n, n)), mm_nt(q_ref, k_ref, dt), 0.0)
       o = o + mm(a, c.rows(c.v, ib * n, n), dt)
     k = c.rows(c.k, ia * n, n)
-    a = _where(_same_segment(r_a, r_a), jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(g), axis=2), 0.0)
+    a = _where(_same_segment(r_a, r_a), _diag_scores(c, q, c.k, ia * n, n), 0.0)
     o = o + mm(a, c.rows(c.v, ia * n, n), dt)
     o_ref[pl.ds(c.base + ia * n, n), :] = o.astype(o_ref.dtype)
-  return _state_update(c, s, None)
 
 
-def dq_chunk(c: Chunk, s, do_ref, dq_ref, *, scale):
-  """Writes the chunk's dq (this value block's share) and returns the state after the chunk."""
+def forward_chunk(c: Chunk, s, o_ref, *, scale):
+  """Writes the chunk's outputs into o_ref rows and returns the state after the chunk."""
+  chunk_output(c, s, o_ref, scale=scale)
+  return next_state(c, s)
+
+
+def dq_output(c: Chunk, s, do_ref, dq_ref, *, scale):
+  """Writes the chunk's dq (this value block's share) from the state s before the chunk."""
   n, dt = c.sub, c.dtype
   if not c.per_channel:
-    scalar = _scalar_decays(c)
-    g_col, decay, _ = scalar
+    g_col, decay, _ = _scalar_decays(c)
     do = c.rows(do_ref, 0, c.size)
     b = mm_nt(do, c.rows(c.v, 0, c.size), dt) * decay
     dq = mm(b, c.rows(c.k, 0, c.size), dt) + _inflow(c, g_col, 0, c.size) * mm_nt(do, s, dt)
     dq_ref[pl.ds(c.base, c.size), :] = (scale * dq).astype(dq_ref.dtype)
-    return _state_update(c, s, scalar)
+    return
   for ia in range(c.size // n):
     do = c.rows(do_ref, ia * n, n)
     g = c.rows(c.g, ia * n, n)
@@ -253,14 +337,18 @@ def dq_chunk(c: Chunk, s, do_ref, dq_ref, *, scale):
       acc = acc + mm(b, k_ref, dt)
     dq = dq + jnp.exp(g - g_ref) * acc
     b = _where(_same_segment(r_a, r_a), mm_nt(do, c.rows(c.v, ia * n, n), dt), 0.0)
-    k = c.rows(c.k, ia * n, n)
-    dq = dq + jnp.sum(b[:, :, None] * k[None, :, :] * _diag_decay(g), axis=1)
+    dq = dq + _diag_apply(c, b, c.k, ia * n, n, later=False)
     dq_ref[pl.ds(c.base + ia * n, n), :] = (scale * dq).astype(dq_ref.dtype)
-  return _state_update(c, s, None)
 
 
-def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
-  """Writes the chunk's dk (this value block's share) and dv; returns dS before the chunk."""
+def dq_chunk(c: Chunk, s, do_ref, dq_ref, *, scale):
+  """Writes the chunk's dq (this value block's share) and returns the state after the chunk."""
+  dq_output(c, s, do_ref, dq_ref, scale=scale)
+  return next_state(c, s)
+
+
+def dkdv_output(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
+  """Writes the chunk's dk (this value block's share) and dv from dS', the state gradient after the chunk."""
   n, dt = c.sub, c.dtype
   if not c.per_channel:
     g_col, decay, gam = _scalar_decays(c)
@@ -273,8 +361,8 @@ def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
     dk = mm_tn(b, q, dt) + to_end * mm_nt(v, ds, dt)
     dk_ref[pl.ds(c.base, c.size), :] = dk.astype(dk_ref.dtype)
     dv_ref[pl.ds(c.base, c.size), :] = dv.astype(dv_ref.dtype)
-    return _carry(c, gam, ds) + mm_tn(q * _inflow(c, g_col, 0, c.size), do, dt)
-  g_all, gam_row, gam_col = _channel_totals(c)
+    return
+  _, gam_row, _ = _channel_totals(c)
   blocks = c.size // n
   for ib in range(blocks):
     k, v, do, g = (c.rows(r, ib * n, n) for r in (c.k, c.v, do_ref, c.g))
@@ -292,12 +380,16 @@ def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
       same = _same_segment(c.segments(ia * n, n), r_b)
       dv = dv + mm_tn(_where(same, mm_nt(q_ref, k * from_ref, dt), 0.0), do_a, dt)
       dk = dk + from_ref * mm_tn(_where(same, mm_nt(do_a, v, dt), 0.0), q_ref, dt)
-    decay, same = _diag_decay(g), _same_segment(r_b, r_b)
-    a = _where(same, jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2), 0.0)
+    same = _same_segment(r_b, r_b)
+    a = _where(same, _diag_scores(c, q, c.k, ib * n, n), 0.0)
     dv = dv + mm_tn(a, do, dt)
     b = _where(same, mm_nt(do, v, dt), 0.0)
-    dk = dk + jnp.sum(b[:, :, None] * q[:, None, :] * decay, axis=0)
+    dk = dk + _diag_apply(c, b, c.q, ib * n, n, later=True, y_scale=scale)
     dk_ref[pl.ds(c.base + ib * n, n), :] = dk.astype(dk_ref.dtype)
     dv_ref[pl.ds(c.base + ib * n, n), :] = dv.astype(dv_ref.dtype)
-  q_all = c.rows(c.q, 0, c.size) * scale
-  return _carry(c, gam_col, ds) + mm_tn(q_all * _inflow(c, g_all, 0, c.size), c.rows(do_ref, 0, c.size), dt)
+
+
+def dkdv_chunk(c: Chunk, ds, do_ref, dk_ref, dv_ref, *, scale):
+  """Writes the chunk's dk (this value block's share) and dv; returns dS before the chunk."""
+  dkdv_output(c, ds, do_ref, dk_ref, dv_ref, scale=scale)
+  return previous_dstate(c, ds, do_ref, scale=scale)

@@ -11,8 +11,9 @@ The backend is picked when the function is lowered (`lax.platform_dependent`): t
 `jax.export(..., platforms=["tpu"])` on a CPU machine lowers the TPU kernel. `backend="tpu"|"gpu"` forces a
 kernel (with `interpret=True` it runs on CPU).
 
-Gradients: dq, dk, dv and dS0 come from a second pair of kernels (dq walks the chunks forward recomputing
-the state; dk, dv, dS0 walk them backward carrying dS). The log-decay gradient needs no kernel: with
+Gradients: dq, dk, dv and dS0 come from backward kernels (TPU: dq walks the chunks forward recomputing the state,
+dk, dv, dS0 walk them backward carrying dS; GPU: the state pass again, a reverse pass storing dS at every chunk
+edge, then one chunk-parallel kernel for dq, dk and dv, see `chunk_gpu`). The log-decay gradient needs no kernel: with
 `c_t = sum_{r<=t} g_r`, the output depends on c only through `q_t * e^{c_t}` and `k_s * e^{-c_s}`, plus
 `e^{c_T}` scaling the final state's rows, so `dL/dc_t = q_t * dq_t - k_t * dk_t (+ rowsum(S_T * dS_T) at
 t = T)` and `dg_t = sum_{t' >= t} dL/dc_t'` (summed over K for a scalar decay). Resets keep this true: inside a
