@@ -1,8 +1,10 @@
 """TPU (Mosaic) kernels for the chunked gated linear recurrence: forward, dq, and dk/dv/dS0.
 
-Grid `(batch*heads, blocks)`: the head axis is parallel (split across TensorCores), the block axis is
-sequential ("arbitrary") and carries the float32 state `[K, V]` (or its gradient) in a VMEM scratch
-buffer, so the state never leaves the chip between blocks. Each grid step sees a block of m chunks (up to
+Grid `(batch*heads, V / Vb, blocks)`: the head and value-tile axes are parallel (split across TensorCores: the
+recurrence is independent per value column), the block axis is sequential ("arbitrary") and carries the float32
+state `[K, Vb]` (or its gradient) in a VMEM scratch buffer, so the state never leaves the chip between blocks. Value
+tiles are 128 lanes (`value_tile`) when V is wider; each tile recomputes the chunk's scores (C x C x K), and dq and
+dk, sums over V, come back as per-tile partials that `backward` adds up. Each grid step sees a block of m chunks (up to
 BLOCK_TOKENS tokens, `chunks_per_step`), `[m C, K]` / `[m C, V]` tiles, and walks its chunks in a loop, so a
 step's fixed cost is paid once per m chunks (T=8192 in chunks of 64: 16 steps per head instead of 128); the math
 per chunk lives in `chunk_math`. Layout constraints (checked by `supports_tpu`): K and V
@@ -39,6 +41,11 @@ def supports_tpu(t, dk, dv, chunk_size, dtype, per_channel):
   return dk <= 512 and dv <= 512
 
 
+def value_tile(dv):
+  """Vb: the value columns of one grid program (a multiple of 128 lanes, dv when it is no wider)."""
+  return min(dv, LANES)
+
+
 def chunks_per_step(t, chunk):
   """m: the most chunks per grid step that divide the T / chunk chunks within BLOCK_TOKENS tokens (at least 1)."""
   n = t // chunk
@@ -52,12 +59,21 @@ def _sub_size(chunk):
 def _decay_specs(per_channel, chunk, m, dk, tile):
   """BlockSpecs for g and its auxiliary array; `tile(i)` is the block index of grid step i."""
   width = dk if per_channel else 1
-  g_spec = pl.BlockSpec((None, m * chunk, width), lambda bh, i: (bh, tile(i), 0))
+  g_spec = pl.BlockSpec((None, m * chunk, width), lambda bh, j, i: (bh, tile(i), 0))
   if per_channel:
-    aux_spec = pl.BlockSpec((None, m * dk, 1), lambda bh, i: (bh, tile(i), 0))
+    aux_spec = pl.BlockSpec((None, m * dk, 1), lambda bh, j, i: (bh, tile(i), 0))
   else:
-    aux_spec = pl.BlockSpec((None, m, 1, chunk), lambda bh, i: (bh, tile(i), 0, 0))
+    aux_spec = pl.BlockSpec((None, m, 1, chunk), lambda bh, j, i: (bh, tile(i), 0, 0))
   return g_spec, aux_spec
+
+
+def _row_specs(m, chunk, tile, group):
+  """(keys(d): q/k rows by group, values(d): rows of a value tile, partial(d): per-tile partial rows) for block
+  `tile(i)` on grid (BH, V/Vb, blocks)."""
+  keys = lambda d: pl.BlockSpec((None, m * chunk, d), chunk_math.group_rows(lambda b, j, i: (b, tile(i), 0), group))
+  values = lambda d: pl.BlockSpec((None, m * chunk, d), lambda b, j, i: (b, tile(i), j))
+  partial = lambda d: pl.BlockSpec((None, None, m * chunk, d), lambda b, j, i: (j, b, tile(i), 0))
+  return keys, values, partial
 
 
 def _chunk(q, k, v, g, aux, r, j, *, chunk, dk, per_channel, dtype):
@@ -69,7 +85,7 @@ def _chunk(q, k, v, g, aux, r, j, *, chunk, dk, per_channel, dtype):
 
 
 def _params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
@@ -77,14 +93,13 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`.
   q, k `[BH/group,T,K]`: row bh of v reads row bh // group of q and k."""
   t, dk = q.shape[1:]
-  bh = v.shape[0]
-  dv = v.shape[-1]
-  m = chunks_per_step(t, chunk)
+  bh, dv = v.shape[0], v.shape[-1]
+  bv, m = value_tile(dv), chunks_per_step(t, chunk)
   steps = t // (m * chunk)
 
   def kernel(*refs):
     q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, o_ref, st_ref, s_scr = chunk_math.optional_ref(refs, r, 5)
-    i = pl.program_id(1)
+    i = pl.program_id(2)
 
     @pl.when(i == 0)
     def _():
@@ -101,17 +116,17 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
       st_ref[...] = s_scr[...]
 
   g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, lambda i: i)
-  row = lambda d, group=1: pl.BlockSpec((None, m * chunk, d), chunk_math.group_rows(lambda b, i: (b, i, 0), group))
-  state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
+  keys, values, _ = _row_specs(m, chunk, lambda i: i, group)
+  state = pl.BlockSpec((None, dk, bv), lambda b, j, i: (b, 0, j))
   return pl.pallas_call(
       kernel,
-      grid=(bh, steps),
-      in_specs=chunk_math.with_optional(r, [row(dk, group), row(dk, group), row(dv), g_spec, aux_spec, state],
-                                        row(1), at=5),
-      out_specs=[row(dv), state],
+      grid=(bh, dv // bv, steps),
+      in_specs=chunk_math.with_optional(r, [keys(dk), keys(dk), values(bv), g_spec, aux_spec, state],
+                                        _row_specs(m, chunk, lambda i: i, 1)[0](1), at=5),
+      out_specs=[values(bv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((dk, bv), jnp.float32)],
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_fwd",
@@ -123,17 +138,16 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   """Returns (dq, dk `[BH,T,K]` float32 per head (summed over a group by the caller), dv `[BH,T,V]` float32,
   dS0 `[BH,K,V]` float32)."""
   t, dk = q.shape[1:]
-  bh = v.shape[0]
-  dv = v.shape[-1]
-  m = chunks_per_step(t, chunk)
-  steps = t // (m * chunk)
+  bh, dv = v.shape[0], v.shape[-1]
+  bv, m = value_tile(dv), chunks_per_step(t, chunk)
+  nvb, steps = dv // bv, t // (m * chunk)
   f32 = jnp.float32
   chunk_at = functools.partial(_chunk, chunk=chunk, dk=dk, per_channel=per_channel, dtype=q.dtype)
 
   def dq_kernel(*refs):
     k_ref, v_ref, g_ref, aux_ref, r_ref, s0_ref, do_ref, dq_ref, s_scr = chunk_math.optional_ref(refs, r, 4)
 
-    @pl.when(pl.program_id(1) == 0)
+    @pl.when(pl.program_id(2) == 0)
     def _():
       s_scr[...] = s0_ref[...]
 
@@ -145,7 +159,7 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   def dkdv_kernel(*refs):
     q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref, ds_scr = (
         chunk_math.optional_ref(refs, r, 5))
-    i = pl.program_id(1)
+    i = pl.program_id(2)
 
     @pl.when(i == 0)
     def _():
@@ -160,40 +174,40 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
     def _():
       ds0_ref[...] = ds_scr[...]
 
-  state = pl.BlockSpec((None, dk, dv), lambda b, i: (b, 0, 0))
-  scratch = [pltpu.VMEM((dk, dv), f32)]
+  state = pl.BlockSpec((None, dk, bv), lambda b, j, i: (b, 0, j))
+  scratch = [pltpu.VMEM((dk, bv), f32)]
+  partial_shape = jax.ShapeDtypeStruct((nvb, bh, t, dk), f32)
 
-  fwd_row = lambda d, group=1: pl.BlockSpec((None, m * chunk, d), chunk_math.group_rows(lambda b, i: (b, i, 0),
-                                                                                          group))
+  keys, values, partial = _row_specs(m, chunk, lambda i: i, group)
+  segments = _row_specs(m, chunk, lambda i: i, 1)[0](1)
   g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, lambda i: i)
   dq = pl.pallas_call(
       dq_kernel,
-      grid=(bh, steps),
-      in_specs=chunk_math.with_optional(r, [fwd_row(dk, group), fwd_row(dv), g_spec, aux_spec, state, fwd_row(dv)],
-                                        fwd_row(1), at=4),
-      out_specs=fwd_row(dk),
-      out_shape=jax.ShapeDtypeStruct((bh, t, dk), f32),
+      grid=(bh, nvb, steps),
+      in_specs=chunk_math.with_optional(r, [keys(dk), values(bv), g_spec, aux_spec, state, values(bv)], segments,
+                                        at=4),
+      out_specs=partial(dk),
+      out_shape=partial_shape,
       scratch_shapes=scratch,
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dq",
   )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
 
-  rev_row = lambda d, group=1: pl.BlockSpec((None, m * chunk, d), chunk_math.group_rows(
-      lambda b, i: (b, steps - 1 - i, 0), group))
-  g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, lambda i: steps - 1 - i)
+  backwards = lambda i: steps - 1 - i
+  keys, values, partial = _row_specs(m, chunk, backwards, group)
+  segments = _row_specs(m, chunk, backwards, 1)[0](1)
+  g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, backwards)
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,
-      grid=(bh, steps),
+      grid=(bh, nvb, steps),
       in_specs=chunk_math.with_optional(
-          r, [rev_row(dk, group), rev_row(dk, group), rev_row(dv), g_spec, aux_spec, rev_row(dv), state], rev_row(1),
-          at=5),
-      out_specs=[rev_row(dk), rev_row(dv), state],
-      out_shape=[jax.ShapeDtypeStruct((bh, t, dk), f32), jax.ShapeDtypeStruct((bh, t, dv), f32),
-                 jax.ShapeDtypeStruct((bh, dk, dv), f32)],
+          r, [keys(dk), keys(dk), values(bv), g_spec, aux_spec, values(bv), state], segments, at=5),
+      out_specs=[partial(dk), values(bv), state],
+      out_shape=[partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32), jax.ShapeDtypeStruct((bh, dk, dv), f32)],
       scratch_shapes=scratch,
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd_dkdv",
   )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, ds_final], r, at=5))
-  return dq, dk_, dv_, ds0
+  return dq.sum(0), dk_.sum(0), dv_, ds0

@@ -1,0 +1,107 @@
+"""How the kernels tile the work (interpret mode): the GPU's two phases (a state pass tiled over key and value blocks,
+chunk-parallel outputs and gradients) and the TPU's value tiles, against the chunked XLA form; and the grids each
+kernel launches at the target shape."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixers import kernels
+from mixers.kernels import chunk_gpu
+from mixers.kernels import chunk_tpu
+from mixers.ops.recurrence import gated_linear_recurrence
+from tests.conftest import assert_close
+
+# K = 72 pads to 128 and V = 136 to 256: on the GPU two key blocks and four value blocks of 64, on the TPU two value
+# tiles of 128 lanes; T = 48 in chunks of 16: three chunks.
+B, T, H, K, V, C = 1, 48, 1, 72, 136, 16
+SCALE = 0.3
+
+
+def _inputs(decay, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q, k = (jax.random.normal(x, (B, T, H, K)) for x in ks[:2])
+  v = jax.random.normal(ks[2], (B, T, H, V))
+  g = -jax.random.uniform(ks[3], (B, T, H, K) if decay == "channel" else (B, T, H))
+  s0 = jax.random.normal(ks[4], (B, H, K, V))
+  cotangents = jax.random.normal(ks[5], (B, T, H, V)), jax.random.normal(ks[6], (B, H, K, V))
+  return (q, k, v, g, s0), cotangents
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def _kernel_and_chunked(args, cotangents, resets, *, backend):
+  kw = dict(scale=SCALE, chunk_size=C, resets=resets)
+  kernel = lambda q, k, v, g, s0: kernels.chunked_recurrence(q, k, v, g, initial_state=s0, interpret=True,
+                                                             backend=backend, **kw)
+  chunked = lambda q, k, v, g, s0: gated_linear_recurrence(q, k, v, g, initial_state=s0, impl="chunked", **kw)
+  results = []
+  for fn in (kernel, chunked):
+    (o, s), vjp = jax.vjp(fn, *args)
+    results.append((o, s) + vjp(cotangents))
+  return results
+
+
+@pytest.mark.parametrize("backend,decay,packed", [("gpu", "scalar", True), ("gpu", "channel", False),
+                                                  ("tpu", "channel", True)])
+def test_tiled_kernels_equal_the_chunked_form(backend, decay, packed):
+  """Outputs, final state, dq, dk, dv, dlog_decay and dS0 (a random cotangent); packed rows start segments inside
+  the second chunk and exactly at the third chunk's edge (t = 32)."""
+  args, cotangents = _inputs(decay)
+  resets = (jnp.zeros((B, T), bool).at[:, 21].set(True).at[:, 32].set(True) if packed else None)
+  got, want = _kernel_and_chunked(args, cotangents, resets, backend=backend)
+  for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "ds0"), got, want):
+    assert a.shape == b.shape, name
+    assert_close(a, b, 1e-5, name)
+
+
+def _grids(fn, *args):
+  """{kernel name: grid} of the pallas_calls in fn's jaxpr (inside its jits)."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found[str(eqn.params["name"]).split(" ")[0]] = tuple(eqn.params["grid_mapping"].grid)
+      elif "jaxpr" in eqn.params:
+        walk(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def _operands(per_channel, *, bh=16, t=8192, d=128, c=64, tpu=False):
+  """ShapeDtypeStructs of (q, k, v, g, aux, S0) as `dispatch` lays them out, K = V = d."""
+  rows = lambda width, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((bh, t, width), dtype)
+  g = rows(d if per_channel else 1, jnp.float32)
+  n = t // c
+  aux = ((bh, n * d, 1) if per_channel else (bh, n, 1, c) if tpu else (bh, 1, t))
+  return rows(d), rows(d), rows(d), g, jax.ShapeDtypeStruct(aux, jnp.float32), jax.ShapeDtypeStruct((bh, d, d),
+                                                                                                    jnp.float32)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gpu_programs_per_phase_at_the_target_shape(per_channel):
+  """B=1, H=16, T=8192, K=V=128, chunks of 64: the state passes are tiled (16 heads x 2 key x 2 value blocks), the
+  output and gradient kernels run every (head, chunk, value block) in parallel: 16 * 128 * 2 = 4,096 programs."""
+  kw = dict(scale=1.0, chunk=64, per_channel=per_channel)
+  q, k, v, g, aux, state = _operands(per_channel)
+  forward = _grids(lambda *a: chunk_gpu.forward(*a, **kw), q, k, v, g, aux, state)
+  assert forward == {"chunk_recurrence_state_pass": (16, 2, 2), "chunk_recurrence_fwd": (16, 128, 2)}
+  assert np.prod(forward["chunk_recurrence_fwd"]) == 4096
+  backward = _grids(lambda *a: chunk_gpu.backward(*a, **kw), q, k, v, g, aux, state, v, state)
+  assert backward == {"chunk_recurrence_state_pass": (16, 2, 2), "chunk_recurrence_dstate_pass": (16, 2, 2),
+                      "chunk_recurrence_bwd": (16, 128, 2)}
+
+
+@pytest.mark.parametrize("d,tiles", [(128, 1), (256, 2)])
+def test_tpu_grid_at_the_target_shape(d, tiles):
+  """B=1, H=16, T=8192 in chunks of 64: 16 blocks of 512 tokens per head and value tile; V=256 is two parallel
+  tiles of 128 lanes, forward and backward."""
+  q, k, v, g, aux, state = _operands(True, d=d, tpu=True)
+  kw = dict(scale=1.0, chunk=64, per_channel=True)
+  assert _grids(lambda *a: chunk_tpu.forward(*a, **kw), q, k, v, g, aux, state) == {
+      "chunk_recurrence_fwd": (16, tiles, 16)}
+  assert _grids(lambda *a: chunk_tpu.backward(*a, **kw), q, k, v, g, aux, state, v, state) == {
+      "chunk_recurrence_bwd_dq": (16, tiles, 16), "chunk_recurrence_bwd_dkdv": (16, tiles, 16)}
