@@ -27,8 +27,9 @@ for `cuda` on a CPU machine. Whether a Mosaic GPU port pays has not been measure
 Packed sequences add one operand, the in-chunk segment counter `r` `[BH,T,1]` (float32), read like g.
 
 Constraints (`supports_gpu`): C a power of two in [16, 128], K and V padded to powers of two >= 16 by the
-caller, K <= 256. Not yet chosen per shape: warps and pipeline stages (4 warps, 1 stage everywhere), and the
-operands stay in the `[BH, T, D]` rows that `dispatch` lays out.
+caller, K <= 256. q, k, v, do and the outputs stay in the models' `[B,T,H,D]` layout (BlockSpecs pick a head's
+rows; no transposes around the calls), as does a per-channel decay; scalar decays, the chunk totals and the segment
+counter are small `[B*H, ...]` rows. Not yet chosen per shape: warps and pipeline stages (4 warps, 1 stage).
 """
 import functools
 
@@ -81,27 +82,36 @@ def _chunk(q, k, v, g, aux, r, *, base, tot_base, chunk, per_channel, dtype):
       row_loop=True)
 
 
-def _walk_specs(state_shape, *, t, chunk, per_channel, bk, group):
+def _heads(heads, group):
+  """bh -> (batch, head, q/k group) of grid row bh over batch x heads (lax.div: b >= 0)."""
+  def split(bh):
+    h = lax.rem(bh, heads)
+    return lax.div(bh, heads), h, lax.div(h, group)
+  return split
+
+
+def _walk_specs(shapes, *, chunk, per_channel, bk, group):
   """(in_specs, r's spec, out_specs, out_shape) of a pass over every chunk on grid (BH, K/Kb, V/Vb): keys (k
-  forward, q reverse) by key block, values (v or do) by value block, g, its auxiliary array whole, and the state
-  (S0 or dS_T) by block; out: the state at every chunk edge `[BH, T/C, K, V]` and the last one."""
-  bh, dk, dv = state_shape
-  n = t // chunk
-  bv = value_block(dv)
-  keys = pl.BlockSpec((None, t, bk), chunk_math.group_rows(lambda b, kk, j: (b, 0, kk), group))
-  values = pl.BlockSpec((None, t, bv), lambda b, kk, j: (b, 0, j))
+  forward, q reverse) `[B,T,G,K]` by key block, values (v or do) `[B,T,H,V]` by value block, g (`[B,T,H,K]`
+  per channel, rows `[BH,T,1]` scalar), its auxiliary rows whole, and the state (S0 or dS_T) `[BH,K,V]` by block;
+  out: the state at every chunk edge `[BH, T/C, K, V]` and the last one."""
+  (b, t, _, dk), (_, _, heads, dv) = shapes
+  n, bv = t // chunk, value_block(dv)
+  split = _heads(heads, group)
+  keys = pl.BlockSpec((None, t, None, bk), lambda bh, kk, j: (split(bh)[0], 0, split(bh)[2], kk))
+  values = pl.BlockSpec((None, t, None, bv), lambda bh, kk, j: (split(bh)[0], 0, split(bh)[1], j))
   if per_channel:
-    g = pl.BlockSpec((None, t, bk), lambda b, kk, j: (b, 0, kk))
-    aux = pl.BlockSpec((None, n * dk, 1), lambda b, kk, j: (b, 0, 0))
+    g = pl.BlockSpec((None, t, None, bk), lambda bh, kk, j: (split(bh)[0], 0, split(bh)[1], kk))
+    aux = pl.BlockSpec((None, n * dk, 1), lambda bh, kk, j: (bh, 0, 0))
   else:
-    g = pl.BlockSpec((None, t, 1), lambda b, kk, j: (b, 0, 0))
-    aux = pl.BlockSpec((None, 1, t), lambda b, kk, j: (b, 0, 0))
-  r = pl.BlockSpec((None, t, 1), lambda b, kk, j: (b, 0, 0))
-  state = pl.BlockSpec((None, bk, bv), lambda b, kk, j: (b, kk, j))
-  edges = pl.BlockSpec((None, n, bk, bv), lambda b, kk, j: (b, 0, kk, j))
+    g = pl.BlockSpec((None, t, 1), lambda bh, kk, j: (bh, 0, 0))
+    aux = pl.BlockSpec((None, 1, t), lambda bh, kk, j: (bh, 0, 0))
+  r = pl.BlockSpec((None, t, 1), lambda bh, kk, j: (bh, 0, 0))
+  state = pl.BlockSpec((None, bk, bv), lambda bh, kk, j: (bh, kk, j))
+  edges = pl.BlockSpec((None, n, bk, bv), lambda bh, kk, j: (bh, 0, kk, j))
   f32 = jnp.float32
   return ([keys, values, g, aux, state], r, [edges, state],
-          [jax.ShapeDtypeStruct((bh, n, dk, dv), f32), jax.ShapeDtypeStruct((bh, dk, dv), f32)])
+          [jax.ShapeDtypeStruct((b * heads, n, dk, dv), f32), jax.ShapeDtypeStruct((b * heads, dk, dv), f32)])
 
 
 def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=None, group=1, q=None, do=None,
@@ -112,11 +122,11 @@ def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=Non
   k and v unused): dS' after chunk i from dS_T (in s0), walking from the last chunk, then dS0."""
   reverse = q is not None
   keys_in, values_in = (q, do) if reverse else (k, v)
-  t, dk = keys_in.shape[1:]
+  t, dk = keys_in.shape[1], keys_in.shape[3]
   bh, _, dv = s0.shape
   bk, bv, n = key_block(dk), value_block(dv), t // chunk
-  in_specs, r_spec, out_specs, out_shape = _walk_specs(s0.shape, t=t, chunk=chunk, per_channel=per_channel, bk=bk,
-                                                       group=group)
+  in_specs, r_spec, out_specs, out_shape = _walk_specs((keys_in.shape, values_in.shape), chunk=chunk,
+                                                       per_channel=per_channel, bk=bk, group=group)
 
   def kernel(*refs):
     keys_ref, values_ref, g_ref, aux_ref, r_ref, s_ref, edges_ref, last_ref = chunk_math.optional_ref(refs, r, 4)
@@ -145,32 +155,34 @@ def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=Non
   )(*chunk_math.with_optional(r, [keys_in, values_in, g, g_aux, s0], r, at=4))
 
 
-def _per_chunk_specs(t, chunk, dk, dv, per_channel, group):
-  """BlockSpecs on grid (BH, T/C, V/Vb) for one chunk: (q/k by group, values by block, g, aux, r, state edge)."""
-  bv = value_block(dv)
-  keys = pl.BlockSpec((None, chunk, dk), chunk_math.group_rows(lambda b, i, j: (b, i, 0), group))
-  values = pl.BlockSpec((None, chunk, bv), lambda b, i, j: (b, i, j))
+def _per_chunk_specs(chunk, dk, dv, heads, per_channel, group):
+  """BlockSpecs on grid (BH, T/C, V/Vb) for one chunk: (q/k by group, values by block, g, aux, r, state edge,
+  per-value-block partials `[V/Vb, B, T, H, K]`)."""
+  bv, split = value_block(dv), _heads(heads, group)
+  keys = pl.BlockSpec((None, chunk, None, dk), lambda bh, i, j: (split(bh)[0], i, split(bh)[2], 0))
+  values = pl.BlockSpec((None, chunk, None, bv), lambda bh, i, j: (split(bh)[0], i, split(bh)[1], j))
   if per_channel:
-    g = pl.BlockSpec((None, chunk, dk), lambda b, i, j: (b, i, 0))
-    aux = pl.BlockSpec((None, dk, 1), lambda b, i, j: (b, i, 0))
+    g = pl.BlockSpec((None, chunk, None, dk), lambda bh, i, j: (split(bh)[0], i, split(bh)[1], 0))
+    aux = pl.BlockSpec((None, dk, 1), lambda bh, i, j: (bh, i, 0))
   else:
-    g = pl.BlockSpec((None, chunk, 1), lambda b, i, j: (b, i, 0))
-    aux = pl.BlockSpec((None, 1, chunk), lambda b, i, j: (b, 0, i))
-  r = pl.BlockSpec((None, chunk, 1), lambda b, i, j: (b, i, 0))
-  edge = pl.BlockSpec((None, None, dk, bv), lambda b, i, j: (b, i, 0, j))
-  del t
-  return keys, values, g, aux, r, edge
+    g = pl.BlockSpec((None, chunk, 1), lambda bh, i, j: (bh, i, 0))
+    aux = pl.BlockSpec((None, 1, chunk), lambda bh, i, j: (bh, 0, i))
+  r = pl.BlockSpec((None, chunk, 1), lambda bh, i, j: (bh, i, 0))
+  edge = pl.BlockSpec((None, None, dk, bv), lambda bh, i, j: (bh, i, 0, j))
+  partial = pl.BlockSpec((None, None, chunk, None, dk), lambda bh, i, j: (j, split(bh)[0], i, split(bh)[1], 0))
+  return keys, values, g, aux, r, edge, partial
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
 def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
-  """Returns (o `[BH,T,V]`, final state `[BH,K,V]` float32); r: None or the segment counter `[BH,T,1]`.
-  q, k `[BH/group,T,K]`: row bh of v reads row bh // group of q and k."""
-  t, dk = q.shape[1:]
-  bh, dv = v.shape[0], v.shape[-1]
+  """Returns (o `[B,T,H,V]`, final state `[BH,K,V]` float32). q, k `[B,T,H/group,K]`, v `[B,T,H,V]` (head h reads
+  q and k's group h // group); g `[B,T,H,K]` (per channel) or rows `[BH,T,1]`; r: None or the segment counter
+  `[BH,T,1]`."""
+  b, t, heads, dv = v.shape
+  dk = q.shape[-1]
   states, last = state_pass(k, v, g, g_aux, s0, chunk=chunk, per_channel=per_channel, interpret=interpret, r=r,
                             group=group)
-  keys, values, g_spec, aux_spec, r_spec, edge = _per_chunk_specs(t, chunk, dk, dv, per_channel, group)
+  keys, values, g_spec, aux_spec, r_spec, edge, _ = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)
 
   def kernel(*refs):
     q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, s_ref, o_ref = chunk_math.optional_ref(refs, r, 5)
@@ -180,10 +192,10 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
 
   o = pl.pallas_call(
       kernel,
-      grid=(bh, t // chunk, dv // value_block(dv)),
+      grid=(b * heads, t // chunk, dv // value_block(dv)),
       in_specs=chunk_math.with_optional(r, [keys, keys, values, g_spec, aux_spec, edge], r_spec, at=5),
       out_specs=values,
-      out_shape=jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
+      out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_fwd",
@@ -193,18 +205,17 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
 def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
-  """Returns (dq, dk `[BH,T,K]` float32 per head (summed over a group by the caller), dv `[BH,T,V]` float32,
+  """Returns (dq, dk `[B,T,H,K]` float32 per head (summed over a group by the caller), dv `[B,T,H,V]` float32,
   dS0 `[BH,K,V]` float32)."""
-  t, dk = q.shape[1:]
-  bh, dv = v.shape[0], v.shape[-1]
+  b, t, heads, dv = v.shape
+  dk = q.shape[-1]
   nvb = dv // value_block(dv)
   f32 = jnp.float32
   walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group)
   states, _ = state_pass(k, v, g, g_aux, s0, **walk)
   dstates, ds0 = state_pass(None, None, g, g_aux, ds_final, q=q, do=do, scale=scale, **walk)
-  keys, values, g_spec, aux_spec, r_spec, edge = _per_chunk_specs(t, chunk, dk, dv, per_channel, group)
-  partial_spec = pl.BlockSpec((None, None, chunk, dk), lambda b, i, j: (j, b, i, 0))
-  partial_shape = jax.ShapeDtypeStruct((nvb, bh, t, dk), f32)
+  keys, values, g_spec, aux_spec, r_spec, edge, partial = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)
+  partial_shape = jax.ShapeDtypeStruct((nvb, b, t, heads, dk), f32)
 
   def kernel(*refs):
     q_ref, k_ref, v_ref, g_ref, aux_ref, r_ref, do_ref, s_ref, ds_ref, dq_ref, dk_ref, dv_ref = (
@@ -216,11 +227,11 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
 
   dq, dk_, dv_ = pl.pallas_call(
       kernel,
-      grid=(bh, t // chunk, nvb),
+      grid=(b * heads, t // chunk, nvb),
       in_specs=chunk_math.with_optional(r, [keys, keys, values, g_spec, aux_spec, values, edge, edge], r_spec,
                                         at=5),
-      out_specs=[partial_spec, partial_spec, values],
-      out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct((bh, t, dv), f32)],
+      out_specs=[partial, partial, values],
+      out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct(v.shape, f32)],
       compiler_params=_params(),
       interpret=interpret,
       name="chunk_recurrence_bwd",

@@ -124,21 +124,33 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layout: [B,T,H,D] <-> [B*H, T, D], padded to the backend's tile widths.
+# Layout: GPU kernels read [B,T,H,D] (padded to a power of two); TPU kernels rows [B*H, T, D] (padded to lanes).
 
 
 def _padded(backend, d):
   return -(-d // chunk_tpu.LANES) * chunk_tpu.LANES if backend == "tpu" else chunk_gpu.padded_width(d)
 
 
+def _pad_last(x, width):
+  return x if x.shape[-1] == width else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
 def _to_rows(x, width):
   b, t, h, d = x.shape
-  x = x.transpose(0, 2, 1, 3).reshape(b * h, t, d)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, width - d)))
+  return _pad_last(x.transpose(0, 2, 1, 3).reshape(b * h, t, d), width)
 
 
 def _from_rows(x, b, h, d):
   return x[..., :d].reshape(b, h, x.shape[1], d).transpose(0, 2, 1, 3)
+
+
+def _to_layout(backend, x, width):
+  """x `[B,T,H,D]` as the backend's kernels read it: GPU `[B,T,H,width]` (padded), TPU rows `[B*H,T,width]`."""
+  return _pad_last(x, width) if backend == "gpu" else _to_rows(x, width)
+
+
+def _from_layout(backend, x, b, h, d):
+  return x[..., :d] if backend == "gpu" else _from_rows(x, b, h, d)
 
 
 def _pad_state(s, kp, vp):
@@ -156,21 +168,22 @@ def _segment_rows(resets, chunk, heads):
 
 
 def _prepare(backend, config, q, k, v, g, s0):
-  """Kernel operands: rows of q, k, v, within-chunk cumulative decay and its auxiliary layout."""
+  """Kernel operands: q, k, v in the backend's layout, the within-chunk cumulative decay and its auxiliary rows."""
   chunk, per_channel = config.chunk, config.per_channel
   b, t, _, dk = q.shape
   h = v.shape[2]
   kp, vp = _padded(backend, dk), _padded(backend, v.shape[-1])
   n = t // chunk
   if per_channel:
-    gc = _to_rows(g.astype(jnp.float32), kp).reshape(b * h, n, chunk, kp).cumsum(2)
-    aux = gc[:, :, -1, :].reshape(b * h, n * kp, 1)
-    gc = gc.reshape(b * h, t, 1 * kp)
+    gc = _pad_last(g.astype(jnp.float32), kp).reshape(b, n, chunk, h, kp).cumsum(2)
+    aux = gc[:, :, -1].transpose(0, 2, 1, 3).reshape(b * h, n * kp, 1)
+    gc = _to_layout(backend, gc.reshape(b, t, h, kp), kp)
   else:
     gc = g.astype(jnp.float32).transpose(0, 2, 1).reshape(b * h, n, chunk).cumsum(2)
     aux = gc.reshape(b * h, n, 1, chunk) if backend == "tpu" else gc.reshape(b * h, 1, t)
     gc = gc.reshape(b * h, t, 1)
-  return (_to_rows(q, kp), _to_rows(k, kp), _to_rows(v, vp), gc, aux, _pad_state(s0, kp, vp))
+  return (_to_layout(backend, q, kp), _to_layout(backend, k, kp), _to_layout(backend, v, vp), gc, aux,
+          _pad_state(s0, kp, vp))
 
 
 def _module(backend):
@@ -183,7 +196,7 @@ def _kernel_forward(backend, config, q, k, v, g, s0, resets):
   o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=config.scale,
                                    chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
                                    r=_segment_rows(resets, config.chunk, h), group=config.group)
-  return _from_rows(o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
+  return _from_layout(backend, o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
@@ -193,11 +206,11 @@ def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
   ops = _prepare(backend, config, q, k, v, g, s0)
   kp, vp = ops[0].shape[-1], ops[2].shape[-1]
   dq, dk_, dv_, ds0 = _module(backend).backward(
-      *ops, _to_rows(do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale, chunk=config.chunk,
-      per_channel=config.per_channel, interpret=config.interpret, r=_segment_rows(resets, config.chunk, h),
-      group=config.group)
-  return (_from_rows(dq, b, h, dk), _from_rows(dk_, b, h, dk), _from_rows(dv_, b, h, dv),
-          ds0[:, :dk, :dv].reshape(b, h, dk, dv))
+      *ops, _to_layout(backend, do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale,
+      chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
+      r=_segment_rows(resets, config.chunk, h), group=config.group)
+  return (_from_layout(backend, dq, b, h, dk), _from_layout(backend, dk_, b, h, dk),
+          _from_layout(backend, dv_, b, h, dv), ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 
 
 def _reference_forward(config, q, k, v, g, s0, resets):

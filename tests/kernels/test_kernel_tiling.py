@@ -70,15 +70,15 @@ def _grids(fn, *args):
   return found
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
 def _operands(per_channel, *, bh=16, t=8192, d=128, c=64, tpu=False):
-  """ShapeDtypeStructs of (q, k, v, g, aux, S0) as `dispatch` lays them out, K = V = d."""
-  rows = lambda width, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((bh, t, width), dtype)
-  g = rows(d if per_channel else 1, jnp.float32)
+  """ShapeDtypeStructs of (q, k, v, g, aux, S0) as `dispatch` lays them out for the backend, B=1, K = V = d: GPU
+  `[B,T,H,D]` (per-channel g too), TPU rows `[B*H,T,D]`."""
+  f32 = jnp.float32
+  seq = lambda width, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((bh, t, width) if tpu else (1, t, bh, width), dtype)
+  g = seq(d, f32) if per_channel else jax.ShapeDtypeStruct((bh, t, 1), f32)
   n = t // c
   aux = ((bh, n * d, 1) if per_channel else (bh, n, 1, c) if tpu else (bh, 1, t))
-  return rows(d), rows(d), rows(d), g, jax.ShapeDtypeStruct(aux, jnp.float32), jax.ShapeDtypeStruct((bh, d, d),
-                                                                                                    jnp.float32)
+  return seq(d), seq(d), seq(d), g, jax.ShapeDtypeStruct(aux, f32), jax.ShapeDtypeStruct((bh, d, d), f32)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
