@@ -36,7 +36,7 @@ row in those refs (a loop walks the chunks of the refs: all of T on GPU, one gri
 `tot_base` the first row of its Gam column; `row_base` (TPU) the chunk's first lane in g_row when g_row holds
 only this chunk. `r` (packed sequences only, else None) holds the
 in-chunk segment counter as a float32 column `[rows, 1]`; where a mask needs it along lanes, the row is built
-in the kernel from the column (`_row_of`, an exact masked sum), so no lane slice at a sub-chunk offset is
+in the kernel from the column (`_flip`, an exact masked sum), so no lane slice at a sub-chunk offset is
 needed, and every mask is compared at its full shape (no boolean broadcasts). Matmul operands are cast to the
 input dtype with float32 accumulation; the state stays float32.
 """
@@ -129,12 +129,12 @@ def _select_row(x, i):
   return jnp.sum(jnp.where(rows == i, x, 0.0), axis=0, keepdims=True)
 
 
-def _row_of(col):
-  """A column `[n, 1]` as a row `[1, n]` (a masked sum over sublanes: exact, no transpose)."""
-  n = col.shape[0]
+def _flip(vec):
+  """A column `[n, 1]` as a row `[1, n]`, or a row as a column (a masked sum: exact, no transpose)."""
+  n, axis = (vec.shape[0], 0) if vec.shape[1] == 1 else (vec.shape[1], 1)
   rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
   cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(col, (n, n)), 0.0), axis=0, keepdims=True)
+  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(vec, (n, n)), 0.0), axis=axis, keepdims=True)
 
 
 def _same_segment(r_a, r_b):
@@ -142,7 +142,7 @@ def _same_segment(r_a, r_b):
   if r_a is None:
     return None
   shape = (r_a.shape[0], r_b.shape[0])
-  return jnp.broadcast_to(r_a, shape) == jnp.broadcast_to(_row_of(r_b), shape)
+  return jnp.broadcast_to(r_a, shape) == jnp.broadcast_to(_flip(r_b), shape)
 
 
 def _equal(r, value, shape):
@@ -160,14 +160,6 @@ def _diag_decay(g):
   n, d = g.shape
   diff = g[:, None, :] - g[None, :, :]
   return jnp.exp(jnp.where(_causal_mask(n, n, (d,)), diff, -jnp.inf))
-
-
-def _col_of(row):
-  """A row `[1, n]` as a column `[n, 1]` (a masked sum over lanes: exact, no transpose)."""
-  n = row.shape[1]
-  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(row, (n, n)), 0.0), axis=1, keepdims=True)
 
 
 def _select_col(x, j):
@@ -210,7 +202,7 @@ def _diag_apply(c: Chunk, coef, y_ref, r0, n, *, later, y_scale=1.0):
   for s in range(n):
     y_s, g_s = c.rows(y_ref, r0 + s, 1) * y_scale, c.rows(c.g, r0 + s, 1)
     if later:  # row s is the later one: coef's row s, as a column over the earlier rows j <= s
-      weight = jnp.where(index <= s, _col_of(_select_row(coef, s)), 0.0)
+      weight = jnp.where(index <= s, _flip(_select_row(coef, s)), 0.0)
       out = out + weight * y_s * jnp.exp(jnp.minimum(g_s - g, 0.0))
     else:  # row s is the earlier one: coef's column s, over the later rows i >= s
       weight = jnp.where(index >= s, _select_col(coef, s), 0.0)
