@@ -76,31 +76,21 @@ def multipliers(params, mults, default, *, name):
 
 
 def scale_by_multipliers(make_mults):
-  """Multiplies each update by its parameter's multiplier, `make_mults(params)` (python floats, built once)."""
-  def init(params):
+  """Multiplies each update by its parameter's multiplier, `make_mults(updates)` (python floats, built at trace)."""
+  def scale(updates, params):
     del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    mults = make_mults(updates)
-    return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, mults), state
-
-  return optax.GradientTransformation(init, update)
+    return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, make_mults(updates))
+  return optax.stateless(scale)
 
 
 def add_decayed_weights(weight_decay, make_mults):
   """updates + weight_decay * multiplier * params (decoupled weight decay, per-parameter)."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
+  def decay(updates, params):
     if params is None:
       raise ValueError("add_decayed_weights needs the parameters")
-    mults = make_mults(params)
-    return jax.tree.map(lambda u, p, m: u if m == 0.0 else u + (weight_decay * m) * p, updates, params, mults), state
-
-  return optax.GradientTransformation(init, update)
+    return jax.tree.map(lambda u, p, m: u if m == 0.0 else u + (weight_decay * m) * p, updates, params,
+                        make_mults(params))
+  return optax.stateless(decay)
 
 
 def make_optimizer(config, num_steps):

@@ -21,7 +21,7 @@ Every exponent is <= 0 before `exp` (masked to -inf above the diagonal), so stro
 instead of overflowing. Per-channel decays cannot factor `e^{G_i - G_j}` into a q side and a k side over a
 whole chunk, so the chunk is cut into sub-chunks of `sub` rows: an off-diagonal pair (rows a, columns b < a)
 factors through the first row r of sub-chunk a (`e^{G_i - G_r}` and `e^{G_r - G_j}`, both <= 1); a diagonal
-pair is formed elementwise as a `[sub, sub, K]` tensor.
+pair is formed elementwise as a `[sub, sub, K]` tensor, or one row at a time (`row_loop`, the GPU kernels).
 
 Each step has an output part (`chunk_output`, `dq_output`, `dkdv_output`: from the state or its gradient at the
 chunk's edge) and a state part (`next_state`, `previous_dstate`). Single-pass kernels (TPU) run both per chunk while
@@ -169,7 +169,7 @@ def _select_col(x, j):
 
 
 def _decay_to(g, g_s):
-  """`e^{min(G - G_s, 0)}`: the decay from row s to the rows of g at or after it (1 before it; masked by callers)."""
+  """`e^{min(g - g_s, 0)}`: the decay from row s to the rows of g at or after it (1 before it; masked by callers)."""
   return jnp.exp(jnp.minimum(g - g_s, 0.0))
 
 
@@ -203,23 +203,29 @@ def _diag_apply(c: Chunk, coef, y_ref, r0, n, *, later, y_scale=1.0):
     y_s, g_s = c.rows(y_ref, r0 + s, 1) * y_scale, c.rows(c.g, r0 + s, 1)
     if later:  # row s is the later one: coef's row s, as a column over the earlier rows j <= s
       weight = jnp.where(index <= s, _flip(_select_row(coef, s)), 0.0)
-      out = out + weight * y_s * jnp.exp(jnp.minimum(g_s - g, 0.0))
+      out = out + weight * y_s * _decay_to(g_s, g)
     else:  # row s is the earlier one: coef's column s, over the later rows i >= s
       weight = jnp.where(index >= s, _select_col(coef, s), 0.0)
       out = out + weight * y_s * _decay_to(g, g_s)
   return out
 
 
+def _scalar_totals(c: Chunk):
+  """(G column `[C,1]`, Gam `[1,1]`) for a scalar decay."""
+  g_col = c.rows(c.g, 0, c.size)
+  return g_col, _select_row(g_col, c.size - 1)
+
+
 def _scalar_decays(c: Chunk):
   """(G column `[C,1]`, causal decay matrix `[C,C]` (0 across segments), Gam `[1,1]`) for a scalar decay."""
-  g_col = c.rows(c.g, 0, c.size)
+  g_col, gam = _scalar_totals(c)
   g_row = c.g_row[:, pl.ds(c.base if c.row_base is None else c.row_base, c.size)].astype(_F32)
   r = c.segments(0, c.size)
   keep = _causal_mask(c.size)
   if r is not None:
     keep = keep & _same_segment(r, r)
   decay = jnp.exp(jnp.where(keep, g_col - g_row, -jnp.inf))
-  return g_col, decay, _select_row(g_col, c.size - 1)
+  return g_col, decay, gam
 
 
 def _channel_totals(c: Chunk):
@@ -243,12 +249,6 @@ def _to_end(c: Chunk, gam, g, r0, n):
 def _carry(c: Chunk, gam, s):
   """`e^{Gam} * S`, or 0 when a segment starts in the chunk."""
   return jnp.exp(_where(_equal(c.last_segment(), 0.0, gam.shape), gam, -jnp.inf)) * s
-
-
-def _scalar_totals(c: Chunk):
-  """(G column `[C,1]`, Gam `[1,1]`) for a scalar decay."""
-  g_col = c.rows(c.g, 0, c.size)
-  return g_col, _select_row(g_col, c.size - 1)
 
 
 def next_state(c: Chunk, s):
@@ -294,7 +294,6 @@ def chunk_output(c: Chunk, s, o_ref, *, scale):
       k_ref = c.rows(c.k, ib * n, n) * jnp.exp(g_ref - c.rows(c.g, ib * n, n))
       a = _where(_same_segment(r_a, c.segments(ib * n, n)), mm_nt(q_ref, k_ref, dt), 0.0)
       o = o + mm(a, c.rows(c.v, ib * n, n), dt)
-    k = c.rows(c.k, ia * n, n)
     a = _where(_same_segment(r_a, r_a), _diag_scores(c, q, c.k, ia * n, n), 0.0)
     o = o + mm(a, c.rows(c.v, ia * n, n), dt)
     o_ref[pl.ds(c.base + ia * n, n), :] = o.astype(o_ref.dtype)

@@ -68,12 +68,13 @@ def _decay_specs(per_channel, chunk, m, dk, tile):
 
 
 def _row_specs(m, chunk, tile, group):
-  """(keys(d): q/k rows by group, values(d): rows of a value tile, partial(d): per-tile partial rows) for block
-  `tile(i)` on grid (BH, V/Vb, blocks)."""
+  """(keys(d): q/k rows by group, values(d): rows of a value tile, partial(d): per-tile partial rows, segments: the
+  segment counter's rows) for block `tile(i)` on grid (BH, V/Vb, blocks)."""
   keys = lambda d: pl.BlockSpec((None, m * chunk, d), chunk_math.group_rows(lambda b, j, i: (b, tile(i), 0), group))
   values = lambda d: pl.BlockSpec((None, m * chunk, d), lambda b, j, i: (b, tile(i), j))
   partial = lambda d: pl.BlockSpec((None, None, m * chunk, d), lambda b, j, i: (j, b, tile(i), 0))
-  return keys, values, partial
+  segments = pl.BlockSpec((None, m * chunk, 1), lambda b, j, i: (b, tile(i), 0))
+  return keys, values, partial, segments
 
 
 def _chunk(q, k, v, g, aux, r, j, *, chunk, dk, per_channel, dtype):
@@ -116,13 +117,13 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
       st_ref[...] = s_scr[...]
 
   g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, lambda i: i)
-  keys, values, _ = _row_specs(m, chunk, lambda i: i, group)
+  keys, values, _, segments = _row_specs(m, chunk, lambda i: i, group)
   state = pl.BlockSpec((None, dk, bv), lambda b, j, i: (b, 0, j))
   return pl.pallas_call(
       kernel,
       grid=(bh, dv // bv, steps),
-      in_specs=chunk_math.with_optional(r, [keys(dk), keys(dk), values(bv), g_spec, aux_spec, state],
-                                        _row_specs(m, chunk, lambda i: i, 1)[0](1), at=5),
+      in_specs=chunk_math.with_optional(r, [keys(dk), keys(dk), values(bv), g_spec, aux_spec, state], segments,
+                                        at=5),
       out_specs=[values(bv), state],
       out_shape=[jax.ShapeDtypeStruct((bh, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
@@ -178,8 +179,7 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   scratch = [pltpu.VMEM((dk, bv), f32)]
   partial_shape = jax.ShapeDtypeStruct((nvb, bh, t, dk), f32)
 
-  keys, values, partial = _row_specs(m, chunk, lambda i: i, group)
-  segments = _row_specs(m, chunk, lambda i: i, 1)[0](1)
+  keys, values, partial, segments = _row_specs(m, chunk, lambda i: i, group)
   g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, lambda i: i)
   dq = pl.pallas_call(
       dq_kernel,
@@ -195,8 +195,7 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
   )(*chunk_math.with_optional(r, [k, v, g, g_aux, s0, do], r, at=4))
 
   backwards = lambda i: steps - 1 - i
-  keys, values, partial = _row_specs(m, chunk, backwards, group)
-  segments = _row_specs(m, chunk, backwards, 1)[0](1)
+  keys, values, partial, segments = _row_specs(m, chunk, backwards, group)
   g_spec, aux_spec = _decay_specs(per_channel, chunk, m, dk, backwards)
   dk_, dv_, ds0 = pl.pallas_call(
       dkdv_kernel,

@@ -9,8 +9,9 @@ at a reset token S_{t-1} is replaced by zeros, so each segment runs as its own s
 segment only; the final state is the last segment's). Forms (`impl`): "reference" (materialised T x T matrix),
 "recurrent" (token loop), "chunked" (sub-quadratic pure JAX), "pallas" (the kernels through `kernel_path`: any T,
 exclusive, mixed dtypes); "auto" picks, per platform when the program is lowered, the kernel where one takes the
-inputs, else chunked (kernels offered for the platforms with local devices, others with `lower_kernels_for`). Invalid decays (g > 0) raise when concrete and become NaN under jit
-(`checks.nonpositive_or_nan`); a chunked form's NaN also reaches the earlier outputs of its chunk.
+inputs, else chunked (kernels offered for the platforms with local devices, others with `lower_kernels_for`).
+Invalid decays (g > 0) raise when concrete and become NaN under jit (`checks.nonpositive_or_nan`); a chunked form's
+NaN also reaches the earlier outputs of its chunk.
 """
 import contextlib
 import functools
