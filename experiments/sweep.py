@@ -29,8 +29,8 @@ from experiments.study_runs import (  # pylint: disable=g-import-not-at-top,wron
 MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "delta_net", "gated_delta_net", "m2",
           "lightnet")
 
-# Full grid: Zoology's MQAR setting at T=256 (vocabulary 8192, 16..64 pairs, 2 layers, widths 32..256,
-# a log-spaced learning-rate sweep).
+# Full grid: Zoology's MQAR setting at T=256 (vocabulary 8192, 16..64 pairs, widths 32..256, a log-spaced
+# learning-rate sweep), with 2 layers for every mixer (Zoology's Figure 2: 2 for attention, 4 for the others).
 FULL = dict(mixers=MIXERS, d_models=(32, 64, 128, 256), seq_lens=(256,), num_pairs=(16, 32, 64),
             learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2), seeds=(0, 1, 2), vocab_size=8192, num_train=100_000,
             num_validation=3_000, batch_size=64, num_steps=20_000, warmup_steps=500)

@@ -29,16 +29,21 @@ from mixers.registry import register
 class ImplicitFilter(nn.Module):
   """Filter `[n, d]` at integer lags: `k[j] = MLP(z(j)) * exp(-|delta| j / length_scale)`.
 
-  z(j) = [j/L, cos(2 pi f j / L), sin(2 pi f j / L)] for (emb_dim-1)/2 frequencies f; the MLP is
-  Dense-sin-Dense-sin-Dense with `sin(freq * .)` activations (freq learned, initialised to `sin_freq`).
-  Decay rates span `log(target)/fast_decay_pct .. log(target)/slow_decay_pct` across channels. Computed in
-  float32 whatever the parameters' dtype (`param_dtype`): sines of large arguments need the precision.
+  z(j) = [j/L, cos(2 pi f j / L), sin(2 pi f j / L)] for (emb_dim-1)/2 frequencies f (L = length_scale); the MLP
+  is Dense-sin, `inner_layers` x (Dense-sin), Dense, with `sin(freq * .)` activations (one freq vector, learned,
+  initialised to `sin_freq`), as Hyena's (num_inner_mlps=2). learn_positions: z is a `[L, emb_dim]` parameter
+  initialised to those features (Hyena registers it as a parameter; Zoology's trainer trains it at the model's
+  rate), so lags must be < L. Decay rates span `log(target)/fast_decay_pct .. log(target)/slow_decay_pct` across
+  channels. Computed in float32 whatever the parameters' dtype (`param_dtype`): sines of large arguments need the
+  precision.
   """
   features: int
   order: int = 64
   emb_dim: int = 5
   length_scale: int = 2048
   sin_freq: float = 1.0
+  inner_layers: int = 2
+  learn_positions: bool = False
   fast_decay_pct: float = 0.3
   slow_decay_pct: float = 1.5
   decay_target: float = 1e-2
@@ -55,12 +60,20 @@ class ImplicitFilter(nn.Module):
   def __call__(self, lags):
     if self.emb_dim < 3 or self.emb_dim % 2 == 0:
       raise ValueError(f"emb_dim must be odd and >= 3 (time, cosine and sine), got {self.emb_dim}")
+    if self.learn_positions and lags.shape[0] > self.length_scale:
+      raise ValueError(f"learn_positions: a table of length_scale={self.length_scale} positions cannot give "
+                       f"{lags.shape[0]} lags")
     t, z = self.positional_features(lags)
+    if self.learn_positions:
+      features = lambda _, shape, dtype: self.positional_features(jnp.arange(shape[0]))[1].astype(dtype)
+      table = self.param("positions", nn.with_logical_partitioning(features, (None, None)),
+                         (self.length_scale, self.emb_dim), self.param_dtype)
+      z = jnp.take(table.astype(jnp.float32), lags, axis=0)
     freq = self.param("sin_freq", nn.with_logical_partitioning(
         nn.initializers.constant(self.sin_freq), (None,)), (self.order,), self.param_dtype)
     dense = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
     h = z
-    for i in range(2):
+    for i in range(1 + self.inner_layers):
       h = nn.Dense(self.order, name=f"dense_{i}", kernel_init=nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), (None, None)), **dense)(h)
       h = jnp.sin(freq.astype(jnp.float32) * h)
@@ -82,6 +95,9 @@ class MonarchMixer(nn.Module):
     NaN under jit). filter_order / emb_dim / sin_freq: the implicit filter's MLP width, number of
     positional features and sine frequency (1, as Zoology's Hyena: at 10, M2-BERT's value, which M2-BERT pairs
     with a 1e-3 filter learning rate, one Adam step at 1e-2 moves the filter by more than its own norm).
+    filter_inner_layers: the MLP's hidden order x order layers (2, Hyena's num_inner_mlps).
+    filter_learn_positions: the filter's positional features are a learned `[max_len, emb_dim]` table (initialised
+    to the fixed features; T <= max_len), as Zoology trains Hyena's.
     short_width: the short conv's window.
   max_segments: the most segments a row of packed `segment_ids` holds (None: counted from concrete ids; required
     when they are traced, under jit). A packed long convolution costs max_segments plain ones (one row per segment);
@@ -101,6 +117,8 @@ class MonarchMixer(nn.Module):
   filter_order: int = 64
   emb_dim: int = 5
   sin_freq: float = 1.0
+  filter_inner_layers: int = 2
+  filter_learn_positions: bool = False
   short_width: int = 3
   max_segments: Optional[int] = None
   conv_impl: str = "fft"
@@ -130,7 +148,8 @@ class MonarchMixer(nn.Module):
 
   def _filters(self, t, d):
     kw = dict(features=d, order=self.filter_order, emb_dim=self.emb_dim, length_scale=self.max_len,
-              sin_freq=self.sin_freq, param_dtype=self.filter_param_dtype or self.param_dtype)
+              sin_freq=self.sin_freq, inner_layers=self.filter_inner_layers,
+              learn_positions=self.filter_learn_positions, param_dtype=self.filter_param_dtype or self.param_dtype)
     lags = jnp.arange(t)
     k = ImplicitFilter(**kw, name="filter")(lags)
     k_rev = None if self.causal else ImplicitFilter(**kw, name="filter_rev")(lags)

@@ -193,11 +193,32 @@ def _filter_steps(sin_freq, steps=4, lr=1e-2, t=32, d=16):
 
 def test_filter_trains_gently_at_the_mqar_learning_rate_and_reaches_every_lag():
   """At the MQAR configs' learning rate (1e-2), after Adam's first step (which moves every weight by the full
-  rate), each step moves the default filter by well under its norm (measured: 0.45, 0.33, 0.27, 0.23, 0.20);
-  at the former default frequency 10 every step moved it by more than its norm (1.2-1.3: it never settled)."""
+  rate), each step moves the default filter by under its norm (measured: 0.48, 0.60, 0.58, 0.39, 0.34); at the
+  former default frequency 10 every step moved it by more than its norm (1.2-1.7: it never settled)."""
   changes, k = _filter_steps(sin_freq=MonarchMixer.sin_freq, steps=6)
-  assert np.mean(changes[1:]) < 0.5, changes
+  assert np.mean(changes[1:]) < 0.7, changes
   reach = jnp.max(jnp.abs(k), axis=1)  # [lags]
   assert float(jnp.min(reach)) > 1e-3 * float(jnp.max(reach)), "some lag gets no filter weight"
   old, _ = _filter_steps(sin_freq=10.0, steps=6)
   assert np.mean(old[1:]) > 1.0, old
+
+
+def test_filter_depth_and_learned_positions():
+  """inner_layers sets the MLP's hidden layers (Hyena's num_inner_mlps); a learned position table starts at the fixed
+  features, so the filter is the same function at init, and then trains (its gradient is not zero)."""
+  lags = jnp.arange(T)
+  fixed, learned = (ImplicitFilter(features=D, order=8, emb_dim=5, length_scale=16, inner_layers=3,
+                                   learn_positions=flag) for flag in (False, True))
+  p = nn.unbox(jax.jit(learned.init)(jax.random.PRNGKey(0), lags)["params"])
+  assert sorted(k for k in p if k.startswith("dense_")) == ["dense_0", "dense_1", "dense_2", "dense_3", "dense_out"]
+  assert p["positions"].shape == (16, 5)
+  without = {k: v for k, v in p.items() if k != "positions"}
+  k_fixed, k_learned = fixed.apply({"params": without}, lags), learned.apply({"params": p}, lags)
+  np.testing.assert_allclose(k_learned, k_fixed, rtol=1e-6, atol=1e-7)
+  grad = jax.grad(lambda q: jnp.sum(learned.apply({"params": q}, lags) ** 2))(p)["positions"]
+  assert float(jnp.abs(grad[:T]).min(axis=1).max()) > 0 and float(jnp.abs(grad[T:]).max()) == 0
+  with pytest.raises(ValueError, match="length_scale=16 positions cannot give 17 lags"):
+    learned.apply({"params": p}, jnp.arange(17))
+  layer = MonarchMixer(causal=True, filter_learn_positions=True, **KW)
+  with pytest.raises(ValueError, match="cannot give 17 lags"):
+    jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 17, D)))
