@@ -60,6 +60,8 @@ class ImplicitFilter(nn.Module):
   def __call__(self, lags):
     if self.emb_dim < 3 or self.emb_dim % 2 == 0:
       raise ValueError(f"emb_dim must be odd and >= 3 (time, cosine and sine), got {self.emb_dim}")
+    if self.inner_layers < 0:
+      raise ValueError(f"inner_layers must be >= 0 (hidden layers of the filter's MLP), got {self.inner_layers}")
     if self.learn_positions and lags.shape[0] > self.length_scale:
       raise ValueError(f"learn_positions: a table of length_scale={self.length_scale} positions cannot give "
                        f"{lags.shape[0]} lags")

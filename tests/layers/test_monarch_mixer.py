@@ -219,6 +219,8 @@ def test_filter_depth_and_learned_positions():
   assert float(jnp.abs(grad[:T]).min(axis=1).max()) > 0 and float(jnp.abs(grad[T:]).max()) == 0
   with pytest.raises(ValueError, match="length_scale=16 positions cannot give 17 lags"):
     learned.apply({"params": p}, jnp.arange(17))
+  with pytest.raises(ValueError, match="inner_layers must be >= 0"):
+    ImplicitFilter(features=D, inner_layers=-1).init(jax.random.PRNGKey(0), lags)
   layer = MonarchMixer(causal=True, filter_learn_positions=True, **KW)
   with pytest.raises(ValueError, match="cannot give 17 lags"):
     jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 17, D)))
