@@ -27,6 +27,9 @@ MIXER_KWARGS = {
     "lightnet": dict(num_heads=2, short_conv=True),
     "delta_net": dict(num_heads=2),
     "gated_delta_net": dict(num_heads=2),
+    # m2: the layer's defaults, listed so that the command line can change them
+    # (--config.model.per_mixer_kwargs.m2.emb_dim=3)
+    "m2": dict(emb_dim=5, filter_order=64, filter_inner_layers=2, filter_learn_positions=False, short_width=3),
 }
 
 
