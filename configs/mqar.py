@@ -12,6 +12,7 @@ query positions only. The paper's setting is `--config.data.vocab_size=8192`, lo
 `--config.data.seq_len=256 --config.data.num_pairs=16`.
 """
 import configs
+from mixers import registry
 
 SIZES = {"tiny": (32, 2), "small": (64, 2), "base": (128, 2)}
 
@@ -27,9 +28,10 @@ MIXER_KWARGS = {
     "lightnet": dict(num_heads=2, short_conv=True),
     "delta_net": dict(num_heads=2),
     "gated_delta_net": dict(num_heads=2),
-    # m2: the layer's defaults, listed so that the command line can change them
+    # m2: the layer's own defaults, listed so that the command line can change them
     # (--config.model.per_mixer_kwargs.m2.emb_dim=3)
-    "m2": dict(emb_dim=5, filter_order=64, filter_inner_layers=2, filter_learn_positions=False, short_width=3),
+    "m2": {name: getattr(registry.get("m2"), name)
+           for name in ("emb_dim", "filter_order", "filter_inner_layers", "filter_learn_positions", "short_width")},
 }
 
 
