@@ -3,7 +3,8 @@
 Forward:
   1. state pass, grid `(batch*heads, K / Kb, V / Vb)`: each program walks the chunks carrying one float32 block
      `[Kb, Vb]` of the state (the recurrence is independent per key and per value column once the decays are
-     known) and stores the state at every chunk's start, `[BH, T/C, K, V]` float32, and the final state;
+     known) and stores the state at every chunk's start, `[BH, T/C, K, V]` (float32, or the inputs' dtype when it is
+     16-bit: `edge_dtype`), and the final state (float32);
   2. output kernel, grid `(batch*heads, T/C, V / Vb)`: every chunk's outputs from its starting state, all chunks
      in parallel (B=1, H=16, T=8192, C=64, V=128: 4,096 programs where a one-pass kernel has 32).
 Backward:
@@ -71,6 +72,14 @@ def supports_gpu(t, dk, dv, chunk_size, dtype, per_channel):
   return padded_width(dk) <= 256
 
 
+def edge_dtype(dtype):
+  """The dtype of the chunk-edge states the state passes store for the chunk-parallel kernels: the inputs' dtype when
+  it is 16-bit, else float32. The carried state is float32 either way, and the output and gradient kernels only read
+  an edge state as a matmul operand cast to the inputs' dtype, so 16-bit edges give the same bits at half the
+  memory and bandwidth of float32 ones."""
+  return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)
+
+
 def _params(num_warps=4):
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
 
@@ -90,11 +99,11 @@ def _heads(heads, group):
   return split
 
 
-def _walk_specs(shapes, *, chunk, per_channel, bk, group):
+def _walk_specs(shapes, *, chunk, per_channel, bk, group, edges_dtype):
   """(in_specs, r's spec, out_specs, out_shape) of a pass over every chunk on grid (BH, K/Kb, V/Vb): keys (k
   forward, q reverse) `[B,T,G,K]` by key block, values (v or do) `[B,T,H,V]` by value block, g (`[B,T,H,K]`
   per channel, rows `[BH,T,1]` scalar), its auxiliary rows whole, and the state (S0 or dS_T) `[BH,K,V]` by block;
-  out: the state at every chunk edge `[BH, T/C, K, V]` and the last one."""
+  out: the state at every chunk edge `[BH, T/C, K, V]` (in `edges_dtype`) and the last one (float32)."""
   (b, t, _, dk), (_, _, heads, dv) = shapes
   n, bv = t // chunk, value_block(dv)
   split = _heads(heads, group)
@@ -111,12 +120,12 @@ def _walk_specs(shapes, *, chunk, per_channel, bk, group):
   edges = pl.BlockSpec((None, n, bk, bv), lambda bh, kk, j: (bh, 0, kk, j))
   f32 = jnp.float32
   return ([keys, values, g, aux, state], r, [edges, state],
-          [jax.ShapeDtypeStruct((b * heads, n, dk, dv), f32), jax.ShapeDtypeStruct((b * heads, dk, dv), f32)])
+          [jax.ShapeDtypeStruct((b * heads, n, dk, dv), edges_dtype), jax.ShapeDtypeStruct((b * heads, dk, dv), f32)])
 
 
 def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=None, group=1, q=None, do=None,
-               scale=1.0):
-  """(states at every chunk edge `[BH, T/C, K, V]` float32, last state `[BH, K, V]` float32).
+               scale=1.0, edges_dtype=None):
+  """(states at every chunk edge `[BH, T/C, K, V]` in `edge_dtype(inputs)`, last state `[BH, K, V]` float32).
 
   Forward (q and do None): S before chunk i from S0, then the state after the last chunk. Reverse (q and do given,
   k and v unused): dS' after chunk i from dS_T (in s0), walking from the last chunk, then dS0."""
@@ -126,7 +135,8 @@ def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=Non
   bh, _, dv = s0.shape
   bk, bv, n = key_block(dk), value_block(dv), t // chunk
   in_specs, r_spec, out_specs, out_shape = _walk_specs((keys_in.shape, values_in.shape), chunk=chunk,
-                                                       per_channel=per_channel, bk=bk, group=group)
+                                                       per_channel=per_channel, bk=bk, group=group,
+                                                       edges_dtype=edges_dtype or edge_dtype(keys_in.dtype))
 
   def kernel(*refs):
     keys_ref, values_ref, g_ref, aux_ref, r_ref, s_ref, edges_ref, last_ref = chunk_math.optional_ref(refs, r, 4)
@@ -134,7 +144,7 @@ def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=Non
 
     def step(j, s):
       i = n - 1 - j if reverse else j
-      edges_ref[i] = s
+      edges_ref[i] = s.astype(edges_ref.dtype)
       c = _chunk(keys_ref if reverse else None, None if reverse else keys_ref, None if reverse else values_ref,
                  g_ref, aux_ref, r_ref, base=i * chunk, tot_base=i * dk + kk * bk, chunk=chunk,
                  per_channel=per_channel, dtype=keys_in.dtype)
@@ -173,15 +183,15 @@ def _per_chunk_specs(chunk, dk, dv, heads, per_channel, group):
   return keys, values, g, aux, r, edge, partial
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype"))
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1, edges_dtype=None):
   """Returns (o `[B,T,H,V]`, final state `[BH,K,V]` float32). q, k `[B,T,H/group,K]`, v `[B,T,H,V]` (head h reads
   q and k's group h // group); g `[B,T,H,K]` (per channel) or rows `[BH,T,1]`; r: None or the segment counter
-  `[BH,T,1]`."""
+  `[BH,T,1]`; edges_dtype: the stored chunk-edge states' (None: `edge_dtype(q.dtype)`)."""
   b, t, heads, dv = v.shape
   dk = q.shape[-1]
   states, last = state_pass(k, v, g, g_aux, s0, chunk=chunk, per_channel=per_channel, interpret=interpret, r=r,
-                            group=group)
+                            group=group, edges_dtype=edges_dtype)
   keys, values, g_spec, aux_spec, r_spec, edge, _ = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)
 
   def kernel(*refs):
@@ -203,15 +213,16 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
   return o, last
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group"))
-def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype"))
+def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1,
+             edges_dtype=None):
   """Returns (dq, dk `[B,T,H,K]` float32 per head (summed over a group by the caller), dv `[B,T,H,V]` float32,
   dS0 `[BH,K,V]` float32)."""
   b, t, heads, dv = v.shape
   dk = q.shape[-1]
   nvb = dv // value_block(dv)
   f32 = jnp.float32
-  walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group)
+  walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group, edges_dtype=edges_dtype)
   states, _ = state_pass(k, v, g, g_aux, s0, **walk)
   dstates, ds0 = state_pass(None, None, g, g_aux, ds_final, q=q, do=do, scale=scale, **walk)
   keys, values, g_spec, aux_spec, r_spec, edge, partial = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)

@@ -10,6 +10,7 @@ import pytest
 
 from mixers import kernels
 from mixers.kernels import chunk_gpu
+from mixers.kernels import dispatch
 from mixers.kernels import chunk_tpu
 from mixers.ops.recurrence import gated_linear_recurrence
 from tests.conftest import assert_close
@@ -105,3 +106,42 @@ def test_tpu_grid_at_the_target_shape(d, tiles):
       "chunk_recurrence_fwd": (16, tiles, 16)}
   assert _grids(lambda *a: chunk_tpu.backward(*a, **kw), q, k, v, g, aux, state, v, state) == {
       "chunk_recurrence_bwd_dq": (16, tiles, 16), "chunk_recurrence_bwd_dkdv": (16, tiles, 16)}
+
+
+def _edge_dtypes(fn, *args):
+  """The dtypes of the chunk-edge states the state passes of fn's jaxpr store (their first output)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call" and "state_pass" in str(eqn.params["name"]):
+        found.append(eqn.outvars[0].aval.dtype)
+      elif "jaxpr" in eqn.params:
+        walk(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_gpu_bf16_edge_states_give_the_float32_edges_bits(decay):
+  """bf16 inputs: the state passes (forward, and both in the backward) store the chunk-edge states in bf16, half of
+  float32's bytes, and the outputs, final state, dq, dk, dv and dS0 are bit-identical to float32 edges: an edge is
+  read only as a matmul operand cast to the inputs' dtype. Float32 inputs keep float32 edges."""
+  (q, k, v, g, s0), (do, ds) = _inputs(decay)
+  q, k, v, do = (x[..., :32].astype(jnp.bfloat16) for x in (q, k, v, do))
+  s0, ds = s0[:, :, :32, :32], ds[:, :, :32, :32]
+  g = g[..., :32] if decay == "channel" else g
+  config = dispatch.KernelConfig(SCALE, C, decay == "channel", True, "gpu")
+  ops = dispatch._prepare("gpu", config, q, k, v, g, s0)  # pylint: disable=protected-access
+  ds = ds.reshape(ops[-1].shape)
+  kw = dict(scale=SCALE, chunk=C, per_channel=decay == "channel", interpret=True)
+  run = lambda edges_dtype: (chunk_gpu.forward(*ops, edges_dtype=edges_dtype, **kw),
+                             chunk_gpu.backward(*ops, do, ds, edges_dtype=edges_dtype, **kw))
+  half, full = run(None), run(jnp.float32)
+  for a, b in zip(jax.tree_util.tree_leaves(half), jax.tree_util.tree_leaves(full)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  bwd = lambda *a: chunk_gpu.backward(*a, **kw)
+  assert _edge_dtypes(lambda *a: chunk_gpu.forward(*a, **kw), *ops) == [jnp.bfloat16]
+  assert _edge_dtypes(bwd, *ops, do, ds) == [jnp.bfloat16, jnp.bfloat16]
+  f32_ops = [x.astype(jnp.float32) for x in ops]
+  assert _edge_dtypes(bwd, *f32_ops, do.astype(jnp.float32), ds) == [jnp.float32, jnp.float32]
