@@ -14,6 +14,7 @@ log decay g `[BH,T,K]` or `[BH,T,1]`, plus `g_row` `[BH,n,1,C]` (scalar) or `g_t
 (per channel), and for packed sequences the in-chunk segment counter `r` `[BH,T,1]` (float32), tiled like g.
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,26 @@ from mixers.kernels import chunk_math
 
 LANES = 128
 BLOCK_TOKENS = 512  # tokens per grid step at most (a block of whole chunks)
+
+
+def mxu_width(device_kind):
+  """Rows of a TPU generation's matrix unit, from its `device_kind` ("TPU v5 lite", "TPU v6 lite", "TPU7x"): 256
+  from v6e (Trillium) on, 128 on v2-v5p and when the generation is unknown (None: no TPU attached)."""
+  found = re.search(r"tpu\s*v?(\d+)", (device_kind or "").lower())
+  return 256 if found and int(found.group(1)) >= 6 else 128
+
+
+def preferred_chunk(t, chunk_size, device_kind):
+  """The chunk `impl="auto"` runs the TPU kernels in: the largest of chunk_size, 2 chunk_size, ... up to the
+  generation's MXU width (`mxu_width`; the chunk is the contraction and row dimension of every chunk matmul) whose
+  zero-padding of T adds no more than T/16 tokens over chunk_size's; chunk_size when it is already wider."""
+  fits = lambda c: -(-t // c) * c <= -(-t // chunk_size) * chunk_size + t // 16
+  best, c = chunk_size, 2 * chunk_size
+  while c <= mxu_width(device_kind):
+    if fits(c):
+      best = c
+    c *= 2
+  return best
 
 
 def sublane_multiple(dtype):

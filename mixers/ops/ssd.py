@@ -137,9 +137,11 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
     return _core_scan(x, dt, A, B, C, impl=impl, **kw)
   dtype = shapes.compute_dtype(x, dt, B, C)
   kernel_inputs = (C, B, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(dt.shape, dtype))
-  return recurrence.select_at_lowering(
-      (x, dt, A, B, C), functools.partial(_grouped_scan, **kw), functools.partial(_kernel_scan, **kw),
-      recurrence.kernel_platforms(*kernel_inputs, chunk_size))
+  platforms = recurrence.kernel_platforms(*kernel_inputs, chunk_size, per_platform_chunk=True)
+  kernel = {p: functools.partial(_kernel_scan, **dict(kw, chunk_size=recurrence.kernel_chunk_size(p, x.shape[1],
+                                                                                                  chunk_size)))
+            for p in platforms}
+  return recurrence.select_at_lowering((x, dt, A, B, C), functools.partial(_grouped_scan, **kw), kernel, platforms)
 
 
 def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):

@@ -173,3 +173,44 @@ def test_tpu_grid_steps_per_head():
   from mixers.kernels import chunk_tpu  # pylint: disable=import-outside-toplevel
   assert [chunk_tpu.chunks_per_step(t, 64) for t in (8192, 640, 704, 64)] == [8, 5, 1, 1]
   assert chunk_tpu.chunks_per_step(8192, 128) == 4 and chunk_tpu.chunks_per_step(48, 16) == 3
+
+
+def test_tpu_chunk_follows_the_generation():
+  """The TPU kernel's chunk under impl="auto" grows to the MXU's width (128 to v5, 256 from v6e) unless padding T to
+  it costs more than T/16 tokens over the caller's chunk."""
+  from mixers.kernels import chunk_tpu  # pylint: disable=import-outside-toplevel
+  widths = {kind: chunk_tpu.mxu_width(kind) for kind in ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite", "TPU7x",
+                                                          None)}
+  assert widths == {"TPU v4": 128, "TPU v5 lite": 128, "TPU v5p": 128, "TPU v6 lite": 256, "TPU7x": 256, None: 128}
+  chunks = [chunk_tpu.preferred_chunk(t, 64, "TPU v6 lite") for t in (8192, 4100, 1000, 300, 40)]
+  assert chunks == [256, 256, 256, 64, 64]
+  assert chunk_tpu.preferred_chunk(8192, 64, "TPU v5 lite") == 128
+  assert chunk_tpu.preferred_chunk(8192, 512, "TPU v6 lite") == 512
+
+
+@pytest.mark.parametrize("platform,kind,want", [("tpu", "TPU v6 lite", 256), ("tpu", "TPU v5 lite", 128),
+                                                ("cuda", "TPU v6 lite", C)])
+def test_auto_lowers_the_kernel_in_the_platform_chunk(monkeypatch, platform, kind, want):
+  """Exported for `platform` from this CPU, the recurrence and SSD's scan call the kernel in the chunk
+  `kernel_chunk_size` gives for the target set by `lower_kernels_for(tpu_kind=...)`; on cuda the caller's."""
+  from mixers import kernels, ops  # pylint: disable=import-outside-toplevel
+  seen = []
+  original = kernels.chunked_recurrence
+
+  def recording(*args, chunk_size, **kwargs):
+    seen.append(chunk_size)
+    return original(*args, chunk_size=chunk_size, **kwargs)
+
+  monkeypatch.setattr(kernels, "chunked_recurrence", recording)
+  t = 512
+  q = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((1, t, 2), jnp.float32)
+  x, bc = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 1, 32), jnp.bfloat16)
+  a = jax.ShapeDtypeStruct((2,), jnp.float32)
+  glr = lambda q, g: gated_linear_recurrence(q, q, q, g, chunk_size=C)[0]
+  ssd = lambda x, dt, a, bc: ops.ssd(x, dt, a, bc, bc, chunk_size=C)
+  with lower_kernels_for(platform, tpu_kind=kind):
+    for fn, args in ((glr, (q, g)), (ssd, (x, g, a, bc))):
+      jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*args)
+  assert seen == [want, want]

@@ -45,21 +45,42 @@ def _platforms_with_devices():
   return tuple(found)
 
 
+@functools.lru_cache(maxsize=None)
+def _local_tpu_kind():
+  try:
+    return jax.devices("tpu")[0].device_kind
+  except RuntimeError:
+    return None
+
+
 @contextlib.contextmanager
-def lower_kernels_for(*platforms):
+def lower_kernels_for(*platforms, tpu_kind=None):
   """Within the block, `impl="auto"` also offers the kernels of `platforms` ("cuda", "tpu") to programs traced here,
   for exporting or compiling them for a platform this process has no device of (`jax.export` from a CPU host).
   Outside it only the platforms with local devices are offered: a kernel branch is traced even where it is not
-  lowered, and its custom VJP has no forward mode (`jax.jvp`, `jax.jacfwd`)."""
+  lowered, and its custom VJP has no forward mode (`jax.jvp`, `jax.jacfwd`). tpu_kind: the target TPU's
+  `device_kind` ("TPU v6 lite"), which sets the TPU kernel's chunk (`kernel_chunk_size`; default: the local TPU's,
+  else v5's)."""
   unknown = [p for p in platforms if p not in dict(_KERNEL_PLATFORMS)]
   if unknown:
     raise ValueError(f"platforms must be among {[p for p, _ in _KERNEL_PLATFORMS]}, got {unknown}")
-  previous = getattr(_offered, "platforms", ())
-  _offered.platforms = previous + tuple(platforms)
+  previous = getattr(_offered, "platforms", ()), getattr(_offered, "tpu_kind", None)
+  _offered.platforms = previous[0] + tuple(platforms)
+  _offered.tpu_kind = tpu_kind or previous[1]
   try:
     yield
   finally:
-    _offered.platforms = previous
+    _offered.platforms, _offered.tpu_kind = previous
+
+
+def kernel_chunk_size(platform, t, chunk_size):
+  """The chunk `impl="auto"` runs `platform`'s kernel in for T = t: chunk_size on cuda; on tpu, wider up to the TPU
+  generation's MXU width (128 to v5, 256 from v6e; `chunk_tpu.preferred_chunk`), for the target set by
+  `lower_kernels_for(tpu_kind=...)`, else the local TPU. The chunk changes the work's blocking, not the result."""
+  if platform != "tpu":
+    return chunk_size
+  from mixers.kernels import chunk_tpu  # pylint: disable=import-outside-toplevel
+  return chunk_tpu.preferred_chunk(t, chunk_size, getattr(_offered, "tpu_kind", None) or _local_tpu_kind())
 
 
 def kernel_supported(q, k, v, log_decay, chunk_size, backend):
@@ -75,21 +96,26 @@ def kernel_supported(q, k, v, log_decay, chunk_size, backend):
   return kernels.supports(like(q, dtype), like(k, dtype), like(v, dtype), g, chunk_size, backend)
 
 
-def kernel_platforms(q, k, v, log_decay, chunk_size):
+def kernel_platforms(q, k, v, log_decay, chunk_size, *, per_platform_chunk=False):
   """The platforms (as `lax.platform_dependent` names them) offered here (local devices, `lower_kernels_for`) whose
-  kernel takes these inputs (arrays or `jax.ShapeDtypeStruct`s)."""
+  kernel takes these inputs (arrays or `jax.ShapeDtypeStruct`s) in chunks of chunk_size, or with
+  `per_platform_chunk` in the platform's `kernel_chunk_size`."""
   offered = set(_platforms_with_devices()) | set(getattr(_offered, "platforms", ()))
+  chunk = lambda p: kernel_chunk_size(p, q.shape[1], chunk_size) if per_platform_chunk else chunk_size
   return tuple(p for p, backend in _KERNEL_PLATFORMS
-               if p in offered and kernel_supported(q, k, v, log_decay, chunk_size, backend))
+               if p in offered and kernel_supported(q, k, v, log_decay, chunk(p), backend))
 
 
 def select_at_lowering(args, default, kernel, platforms):
   """default(*args), or kernel(*args) where the program is lowered for one of `platforms`: the choice is made when
   lowering (`lax.platform_dependent`), so a program compiled or exported for a GPU or TPU from any host runs the
-  kernel there. Both must return the same shapes and dtypes."""
+  kernel there. kernel: one function for every platform, or a dict {platform: its function}. All must return the
+  same shapes and dtypes."""
   if not platforms:
     return default(*args)
-  return jax.lax.platform_dependent(*args, default=default, **{p: kernel for p in platforms})
+  by_platform = kernel if isinstance(kernel, dict) else {p: kernel for p in platforms}
+  return jax.lax.platform_dependent(*args, default=default, **{p: by_platform[p] for p in platforms})
+
 
 
 def _kernel(q, k, v, log_decay, **kw):
@@ -114,9 +140,11 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
     log_decay = jax.lax.optimization_barrier(log_decay)
   kw = dict(scale=scale, initial_state=initial_state, exclusive=exclusive, resets=resets)
   if impl == "auto":
+    platforms = kernel_platforms(q, k, v, log_decay, chunk_size, per_platform_chunk=True)
+    kernel = {p: functools.partial(_kernel, chunk_size=kernel_chunk_size(p, q.shape[1], chunk_size), **kw)
+              for p in platforms}
     return select_at_lowering((q, k, v, log_decay), functools.partial(chunked.recurrence, chunk_size=chunk_size, **kw),
-                              functools.partial(_kernel, chunk_size=chunk_size, **kw),
-                              kernel_platforms(q, k, v, log_decay, chunk_size))
+                              kernel, platforms)
   if impl == "reference":
     return reference.recurrence(q, k, v, log_decay, **kw)
   if impl == "recurrent":
@@ -126,5 +154,5 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   return chunked.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
 
 
-__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_platforms", "lower_kernels_for",
-           "select_at_lowering"]
+__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_chunk_size", "kernel_platforms",
+           "lower_kernels_for", "select_at_lowering"]
