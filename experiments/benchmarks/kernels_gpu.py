@@ -21,7 +21,7 @@ B, H, DK, DV, CHUNK = 1, 16, 128, 128, 64
 DECAYS = ("scalar", "channel")
 
 
-def _inputs(t, decay):
+def make_inputs(t, decay):
   ks = jax.random.split(jax.random.key(t), 4)
   q, k = (jax.random.normal(x, (B, t, H, DK), jnp.bfloat16) for x in ks[:2])
   k = k * DK**-0.5
@@ -105,7 +105,7 @@ def run(args):
   rows = []
   for decay in DECAYS:
     for t in lengths:
-      inputs = _inputs(t, decay)
+      inputs = make_inputs(t, decay)
       q, k, v, _ = inputs
       for mode in ("fwd", "fwd+bwd"):
         wrap = (lambda f: jax.jit(f)) if mode == "fwd" else common.fwd_bwd

@@ -30,7 +30,9 @@ Packed sequences add one operand, the in-chunk segment counter `r` `[BH,T,1]` (f
 Constraints (`supports_gpu`): C a power of two in [16, 128], K and V padded to powers of two >= 16 by the
 caller, K <= 256. q, k, v, do and the outputs stay in the models' `[B,T,H,D]` layout (BlockSpecs pick a head's
 rows; no transposes around the calls), as does a per-channel decay; scalar decays, the chunk totals and the segment
-counter are small `[B*H, ...]` rows. Not yet chosen per shape: warps and pipeline stages (4 warps, 1 stage).
+counter are small `[B*H, ...]` rows. Warps and pipeline stages: 4 and 1 for every phase unless `tuning` sets them
+per phase (`experiments.benchmark --suite kernels_gpu_tuning` measures the choices on a GPU; none is chosen per
+shape yet).
 """
 import functools
 
@@ -80,8 +82,24 @@ def edge_dtype(dtype):
   return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)
 
 
-def _params(num_warps=4):
-  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+PHASES = ("state_pass", "output", "dstate_pass", "gradients")
+
+
+def check_tuning(tuning):
+  """tuning: None (4 warps, 1 stage for every phase) or ((phase, num_warps, num_stages), ...) over `PHASES`, as a
+  tuple (a static argument); ValueError otherwise."""
+  for item in tuning or ():
+    if not (isinstance(item, tuple) and len(item) == 3 and item[0] in PHASES and isinstance(item[1], int)
+            and is_pow2(item[1]) and item[1] <= 16 and isinstance(item[2], int) and item[2] >= 1):
+      raise ValueError(f"tuning: expected a tuple of (phase, num_warps in 1..16 a power of two, num_stages >= 1) "
+                       f"with phase in {PHASES}, got item {item!r}")
+  return tuning
+
+
+def _params(tuning, phase):
+  """The Triton compiler parameters of one phase (4 warps and 1 stage unless `tuning` names it)."""
+  warps, stages = next(((w, s) for p, w, s in tuning or () if p == phase), (4, 1))
+  return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _chunk(q, k, v, g, aux, r, *, base, tot_base, chunk, per_channel, dtype):
@@ -124,7 +142,7 @@ def _walk_specs(shapes, *, chunk, per_channel, bk, group, edges_dtype):
 
 
 def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=None, group=1, q=None, do=None,
-               scale=1.0, edges_dtype=None):
+               scale=1.0, edges_dtype=None, tuning=None):
   """(states at every chunk edge `[BH, T/C, K, V]` in `edge_dtype(inputs)`, last state `[BH, K, V]` float32).
 
   Forward (q and do None): S before chunk i from S0, then the state after the last chunk. Reverse (q and do given,
@@ -159,7 +177,7 @@ def state_pass(k, v, g, g_aux, s0, *, chunk, per_channel, interpret=False, r=Non
       in_specs=chunk_math.with_optional(r, in_specs, r_spec, at=4),
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_params(),
+      compiler_params=_params(tuning, "dstate_pass" if reverse else "state_pass"),
       interpret=interpret,
       name="chunk_recurrence_dstate_pass" if reverse else "chunk_recurrence_state_pass",
   )(*chunk_math.with_optional(r, [keys_in, values_in, g, g_aux, s0], r, at=4))
@@ -183,15 +201,18 @@ def _per_chunk_specs(chunk, dk, dv, heads, per_channel, group):
   return keys, values, g, aux, r, edge, partial
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype"))
-def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1, edges_dtype=None):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype",
+                                              "tuning"))
+def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False, r=None, group=1, edges_dtype=None,
+            tuning=None):
   """Returns (o `[B,T,H,V]`, final state `[BH,K,V]` float32). q, k `[B,T,H/group,K]`, v `[B,T,H,V]` (head h reads
   q and k's group h // group); g `[B,T,H,K]` (per channel) or rows `[BH,T,1]`; r: None or the segment counter
-  `[BH,T,1]`; edges_dtype: the stored chunk-edge states' (None: `edge_dtype(q.dtype)`)."""
+  `[BH,T,1]`; edges_dtype: the stored chunk-edge states' (None: `edge_dtype(q.dtype)`); tuning: warps and stages per
+  phase (`check_tuning`)."""
   b, t, heads, dv = v.shape
   dk = q.shape[-1]
   states, last = state_pass(k, v, g, g_aux, s0, chunk=chunk, per_channel=per_channel, interpret=interpret, r=r,
-                            group=group, edges_dtype=edges_dtype)
+                            group=group, edges_dtype=edges_dtype, tuning=tuning)
   keys, values, g_spec, aux_spec, r_spec, edge, _ = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)
 
   def kernel(*refs):
@@ -206,23 +227,25 @@ def forward(q, k, v, g, g_aux, s0, *, scale, chunk, per_channel, interpret=False
       in_specs=chunk_math.with_optional(r, [keys, keys, values, g_spec, aux_spec, edge], r_spec, at=5),
       out_specs=values,
       out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
-      compiler_params=_params(),
+      compiler_params=_params(tuning, "output"),
       interpret=interpret,
       name="chunk_recurrence_fwd",
   )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, states], r, at=5))
   return o, last
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype"))
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "per_channel", "interpret", "group", "edges_dtype",
+                                              "tuning"))
 def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, interpret=False, r=None, group=1,
-             edges_dtype=None):
+             edges_dtype=None, tuning=None):
   """Returns (dq, dk `[B,T,H,K]` float32 per head (summed over a group by the caller), dv `[B,T,H,V]` float32,
   dS0 `[BH,K,V]` float32)."""
   b, t, heads, dv = v.shape
   dk = q.shape[-1]
   nvb = dv // value_block(dv)
   f32 = jnp.float32
-  walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group, edges_dtype=edges_dtype)
+  walk = dict(chunk=chunk, per_channel=per_channel, interpret=interpret, r=r, group=group, edges_dtype=edges_dtype,
+              tuning=tuning)
   states, _ = state_pass(k, v, g, g_aux, s0, **walk)
   dstates, ds0 = state_pass(None, None, g, g_aux, ds_final, q=q, do=do, scale=scale, **walk)
   keys, values, g_spec, aux_spec, r_spec, edge, partial = _per_chunk_specs(chunk, dk, dv, heads, per_channel, group)
@@ -243,7 +266,7 @@ def backward(q, k, v, g, g_aux, s0, do, ds_final, *, scale, chunk, per_channel, 
                                         at=5),
       out_specs=[partial, partial, values],
       out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct(v.shape, f32)],
-      compiler_params=_params(),
+      compiler_params=_params(tuning, "gradients"),
       interpret=interpret,
       name="chunk_recurrence_bwd",
   )(*chunk_math.with_optional(r, [q, k, v, g, g_aux, do, states, dstates], r, at=5))

@@ -44,6 +44,7 @@ class KernelConfig(NamedTuple):
   interpret: bool
   backend: Optional[str]  # "tpu" | "gpu", or None: chosen per platform at lowering
   group: int = 1  # heads per group of q and k (SSD's B and C): head h reads q and k's group h // group
+  tuning: Optional[tuple] = None  # GPU: ((phase, num_warps, num_stages), ...), see `chunk_gpu.check_tuning`
 _PLATFORM_TO_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}
 
 
@@ -91,7 +92,7 @@ def supports(q, k, v, log_decay=None, chunk_size=64, backend=None):
 
 
 def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, interpret=False,
-                       backend=None, resets=None):
+                       backend=None, resets=None, tuning=None):
   """Chunked gated linear recurrence on Pallas kernels; returns (o in q's dtype, final state f32).
 
   Args:
@@ -105,6 +106,8 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
     backend: "tpu" | "gpu" forces that kernel; None picks it per platform at lowering time.
     resets: None or bool `[B,T]` (packed sequences): True where a segment starts; each segment is computed as
       its own sequence (initial_state reaches the first, the final state is the last one's).
+    tuning: the GPU kernels' warps and pipeline stages per phase, ((phase, num_warps, num_stages), ...) (None: 4
+      warps, 1 stage; `chunk_gpu.check_tuning`); the TPU kernels ignore it.
   Returns:
     o `[B,T,H,V]` (q's dtype), final state `[B,H,K,V]` float32.
   """
@@ -118,7 +121,8 @@ def chunked_recurrence(q, k, v, log_decay, *, scale, initial_state, chunk_size, 
   g = (jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay)
   s0 = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend, h // groups)
+  tuning = chunk_gpu.check_tuning(None if tuning is None else tuple(tuple(item) for item in tuning))
+  config = KernelConfig(float(scale), chunk_size, per_channel, bool(interpret), backend, h // groups, tuning)
   starts = None if resets is None else resets.astype(jnp.float32)  # a float operand: its cotangent is zeros
   return _recurrence(config, q, k, v.astype(q.dtype), g, s0, starts)
 
@@ -190,12 +194,17 @@ def _module(backend):
   return chunk_tpu if backend == "tpu" else chunk_gpu
 
 
+def _backend_kwargs(backend, config):
+  return {} if backend == "tpu" else {"tuning": config.tuning}
+
+
 def _kernel_forward(backend, config, q, k, v, g, s0, resets):
   b, _, h, dv = v.shape
   dk = q.shape[-1]
   o, st = _module(backend).forward(*_prepare(backend, config, q, k, v, g, s0), scale=config.scale,
                                    chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
-                                   r=_segment_rows(resets, config.chunk, h), group=config.group)
+                                   r=_segment_rows(resets, config.chunk, h), group=config.group,
+                                   **_backend_kwargs(backend, config))
   return _from_layout(backend, o, b, h, dv), st[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
@@ -208,7 +217,7 @@ def _kernel_backward(backend, config, q, k, v, g, s0, resets, do, ds):
   dq, dk_, dv_, ds0 = _module(backend).backward(
       *ops, _to_layout(backend, do.astype(q.dtype), vp), _pad_state(ds, kp, vp), scale=config.scale,
       chunk=config.chunk, per_channel=config.per_channel, interpret=config.interpret,
-      r=_segment_rows(resets, config.chunk, h), group=config.group)
+      r=_segment_rows(resets, config.chunk, h), group=config.group, **_backend_kwargs(backend, config))
   return (_from_layout(backend, dq, b, h, dk), _from_layout(backend, dk_, b, h, dk),
           _from_layout(backend, dv_, b, h, dv), ds0[:, :dk, :dv].reshape(b, h, dk, dv))
 

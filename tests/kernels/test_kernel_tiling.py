@@ -108,6 +108,40 @@ def test_tpu_grid_at_the_target_shape(d, tiles):
       "chunk_recurrence_bwd_dq": (16, tiles, 16), "chunk_recurrence_bwd_dkdv": (16, tiles, 16)}
 
 
+def _compiler_params(fn, *args):
+  """{kernel name: (num_warps, num_stages)} of the pallas_calls in fn's jaxpr."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        params = eqn.params["compiler_params"]
+        found[str(eqn.params["name"]).split(" ")[0]] = (params.num_warps, params.num_stages)
+      for value in eqn.params.values():  # any nested jaxpr (jit, custom_vjp_call, ...)
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_gpu_tuning_sets_warps_and_stages_per_phase():
+  """`tuning` reaches each phase's Triton parameters through `chunked_recurrence` (others keep 4 warps, 1 stage);
+  an unknown phase or a warp count that is not a power of two is a ValueError naming the phases."""
+  q = k = v = jnp.zeros((1, 128, 2, 32), jnp.bfloat16)
+  g = jnp.zeros((1, 128, 2))
+  tuning = (("output", 8, 2), ("dstate_pass", 2, 3), ("gradients", 8, 1))
+  run = lambda q, k, v, g: kernels.chunked_recurrence(q, k, v, g, scale=1.0, initial_state=None, chunk_size=64,
+                                                      backend="gpu", tuning=tuning)[0].astype(jnp.float32).sum()
+  assert _compiler_params(jax.value_and_grad(run), q, k, v, g) == {
+      "chunk_recurrence_state_pass": (4, 1), "chunk_recurrence_fwd": (8, 2), "chunk_recurrence_dstate_pass": (2, 3),
+      "chunk_recurrence_bwd": (8, 1)}
+  for bad in ((("outputs", 4, 1),), (("output", 6, 1),), (("output", 4, 0),)):
+    with pytest.raises(ValueError, match="state_pass"):
+      kernels.chunked_recurrence(q, k, v, g, scale=1.0, initial_state=None, chunk_size=64, backend="gpu",
+                                 tuning=bad)
+
+
 def _edge_dtypes(fn, *args):
   """The dtypes of the chunk-edge states the state passes of fn's jaxpr store (their first output)."""
   found = []
