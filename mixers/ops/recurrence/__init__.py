@@ -117,7 +117,6 @@ def select_at_lowering(args, default, kernel, platforms):
   return jax.lax.platform_dependent(*args, default=default, **{p: by_platform[p] for p in platforms})
 
 
-
 def _kernel(q, k, v, log_decay, **kw):
   o, state = kernel_path.recurrence(q, k, v, log_decay, **kw)
   return o, state.astype(shapes.compute_dtype(q, k, v))  # the chunked form's dtype
