@@ -57,18 +57,25 @@ def test_tiled_kernels_equal_the_chunked_form(backend, decay, packed):
     assert_close(a, b, 1e-5, name)
 
 
-def _grids(fn, *args):
-  """{kernel name: grid} of the pallas_calls in fn's jaxpr (inside its jits)."""
-  found = {}
+def _pallas_calls(fn, *args):
+  """[(kernel name, pallas_call equation)] in fn's jaxpr, inside any nested jaxpr (jit, custom_vjp_call, ...)."""
+  found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":
-        found[str(eqn.params["name"]).split(" ")[0]] = tuple(eqn.params["grid_mapping"].grid)
-      elif "jaxpr" in eqn.params:
-        walk(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
+        found.append((str(eqn.params["name"]).split(" ")[0], eqn))
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          walk(inner)
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
+
+
+def _grids(fn, *args):
+  """{kernel name: grid} of the pallas_calls in fn's jaxpr."""
+  return {name: tuple(eqn.params["grid_mapping"].grid) for name, eqn in _pallas_calls(fn, *args)}
 
 
 def _operands(per_channel, *, bh=16, t=8192, d=128, c=64, tpu=False):
@@ -110,19 +117,8 @@ def test_tpu_grid_at_the_target_shape(d, tiles):
 
 def _compiler_params(fn, *args):
   """{kernel name: (num_warps, num_stages)} of the pallas_calls in fn's jaxpr."""
-  found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        params = eqn.params["compiler_params"]
-        found[str(eqn.params["name"]).split(" ")[0]] = (params.num_warps, params.num_stages)
-      for value in eqn.params.values():  # any nested jaxpr (jit, custom_vjp_call, ...)
-        inner = getattr(value, "jaxpr", value)
-        if hasattr(inner, "eqns"):
-          walk(inner)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return {name: (eqn.params["compiler_params"].num_warps, eqn.params["compiler_params"].num_stages)
+          for name, eqn in _pallas_calls(fn, *args)}
 
 
 def test_gpu_tuning_sets_warps_and_stages_per_phase():
@@ -144,16 +140,7 @@ def test_gpu_tuning_sets_warps_and_stages_per_phase():
 
 def _edge_dtypes(fn, *args):
   """The dtypes of the chunk-edge states the state passes of fn's jaxpr store (their first output)."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call" and "state_pass" in str(eqn.params["name"]):
-        found.append(eqn.outvars[0].aval.dtype)
-      elif "jaxpr" in eqn.params:
-        walk(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return [eqn.outvars[0].aval.dtype for name, eqn in _pallas_calls(fn, *args) if "state_pass" in name]
 
 
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
