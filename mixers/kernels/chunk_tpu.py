@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mixers.kernels import chunk_math
+from mixers.ops.recurrence.kernel_path import padded_length
 
 LANES = 128
 BLOCK_TOKENS = 512  # tokens per grid step at most (a block of whole chunks)
@@ -39,7 +40,7 @@ def preferred_chunk(t, chunk_size, device_kind):
   """The chunk `impl="auto"` runs the TPU kernels in: the largest of chunk_size, 2 chunk_size, ... up to the
   generation's MXU width (`mxu_width`; the chunk is the contraction and row dimension of every chunk matmul) whose
   zero-padding of T adds no more than T/16 tokens over chunk_size's; chunk_size when it is already wider."""
-  fits = lambda c: -(-t // c) * c <= -(-t // chunk_size) * chunk_size + t // 16
+  fits = lambda c: padded_length(t, c) <= padded_length(t, chunk_size) + t // 16
   best, c = chunk_size, 2 * chunk_size
   while c <= mxu_width(device_kind):
     if fits(c):
