@@ -78,10 +78,10 @@ def _reference(q, k, v, beta, log_decay, scale, initial_state, resets=None):
   return _scan_tokens(step, q, k, v, beta, log_decay, initial_state, resets)
 
 
-def _kernel_platforms(q, v, log_decay, chunk_size):
-  """The platforms whose chunk kernel takes the kernel path's shapes (q, k and U `[B,T,H,*]`, a per-token decay)."""
+def _kernel_like(q, v, log_decay):
+  """The kernel path's inputs' shapes: q, k and U `[B,T,H,*]`, a per-token float32 decay."""
   g = None if log_decay is None else jax.ShapeDtypeStruct(log_decay.shape, jnp.float32)
-  return recurrence.kernel_platforms(q, q, v, g, chunk_size)
+  return q, q, v, g
 
 
 def _empty(q, v, beta, initial_state):
@@ -116,9 +116,10 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   elif impl == "recurrent" and sequence.current_split() is None:
     o, final = _recurrent(q, k, v, beta, log_decay, scale, initial_state, resets)
   else:
-    kw = dict(scale=scale, initial_state=initial_state, chunk_size=chunk_size, resets=resets)
+    kw = dict(scale=scale, initial_state=initial_state, resets=resets)
     dtypes = shapes.output_dtype(q, k, v), shapes.compute_dtype(q, k, v, beta)
-    cast = lambda form: lambda *a: tuple(x.astype(d) for x, d in zip(form(*a, **kw), dtypes))
+    cast = lambda form: lambda *a, chunk_size=chunk_size: tuple(
+        x.astype(d) for x, d in zip(form(*a, chunk_size=chunk_size, **kw), dtypes))
     kernel, chunked = cast(delta_chunked.delta_rule_kernel), cast(delta_chunked.delta_rule)
     args = (q, k, v, beta, log_decay)
     if sequence.current_split() is not None or impl == "chunked":
@@ -126,7 +127,9 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
     elif impl == "pallas":
       o, final = kernel(*args)
     else:  # auto: the kernel where the program is lowered for a platform that has one for these shapes
-      o, final = recurrence.select_at_lowering(args, chunked, kernel, _kernel_platforms(q, v, log_decay, chunk_size))
+      # the chunk also sets the WY blocks: the caller's on every platform
+      o, final = recurrence.select_at_lowering(args, chunked, kernel, _kernel_like(q, v, log_decay), chunk_size,
+                                               retile=False)
   o = o.astype(shapes.output_dtype(q, k, v))
   return (o, final) if return_state else o
 

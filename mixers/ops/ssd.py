@@ -126,22 +126,19 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
     dtype = shapes.compute_dtype(x, dt, B, C)
     state = jnp.zeros((b, h, p, B.shape[-1]), dtype) if initial_state is None else initial_state.astype(dtype)
     return jnp.zeros(x.shape, dtype), state
-  kw = dict(chunk_size=chunk_size, initial_state=initial_state, reverse=reverse, segment_ids=segment_ids)
+  kw = dict(initial_state=initial_state, reverse=reverse, segment_ids=segment_ids)
   if sequence.current_split() is not None:
-    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
+    return _core_scan(x, dt, A, B, C, impl=impl, chunk_size=chunk_size, **kw)
   if impl == "chunked":
-    return _grouped_scan(x, dt, A, B, C, **kw)
+    return _grouped_scan(x, dt, A, B, C, chunk_size=chunk_size, **kw)
   if impl == "pallas":
-    return _kernel_scan(x, dt, A, B, C, **kw)
+    return _kernel_scan(x, dt, A, B, C, chunk_size=chunk_size, **kw)
   if impl != "auto":
-    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
+    return _core_scan(x, dt, A, B, C, impl=impl, chunk_size=chunk_size, **kw)
   dtype = shapes.compute_dtype(x, dt, B, C)
-  kernel_inputs = (C, B, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(dt.shape, dtype))
-  platforms = recurrence.kernel_platforms(*kernel_inputs, chunk_size, per_platform_chunk=True)
-  kernel = {p: functools.partial(_kernel_scan, **dict(kw, chunk_size=recurrence.kernel_chunk_size(p, x.shape[1],
-                                                                                                  chunk_size)))
-            for p in platforms}
-  return recurrence.select_at_lowering((x, dt, A, B, C), functools.partial(_grouped_scan, **kw), kernel, platforms)
+  like = (C, B, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(dt.shape, dtype))
+  return recurrence.select_at_lowering((x, dt, A, B, C), functools.partial(_grouped_scan, chunk_size=chunk_size, **kw),
+                                       functools.partial(_kernel_scan, **kw), like, chunk_size)
 
 
 def _grouped_scan(x, dt, A, B, C, *, chunk_size, initial_state, reverse, segment_ids):

@@ -96,25 +96,21 @@ def kernel_supported(q, k, v, log_decay, chunk_size, backend):
   return kernels.supports(like(q, dtype), like(k, dtype), like(v, dtype), g, chunk_size, backend)
 
 
-def kernel_platforms(q, k, v, log_decay, chunk_size, *, per_platform_chunk=False):
-  """The platforms (as `lax.platform_dependent` names them) offered here (local devices, `lower_kernels_for`) whose
-  kernel takes these inputs (arrays or `jax.ShapeDtypeStruct`s) in chunks of chunk_size, or with
-  `per_platform_chunk` in the platform's `kernel_chunk_size`."""
-  offered = set(_platforms_with_devices()) | set(getattr(_offered, "platforms", ()))
-  chunk = lambda p: kernel_chunk_size(p, q.shape[1], chunk_size) if per_platform_chunk else chunk_size
-  return tuple(p for p, backend in _KERNEL_PLATFORMS
-               if p in offered and kernel_supported(q, k, v, log_decay, chunk(p), backend))
-
-
-def select_at_lowering(args, default, kernel, platforms):
-  """default(*args), or kernel(*args) where the program is lowered for one of `platforms`: the choice is made when
+def select_at_lowering(args, default, kernel, like, chunk_size, *, retile=True):
+  """default(*args), or kernel(*args, chunk_size=c) where the program is lowered for a platform offered here (local
+  devices, `lower_kernels_for`) whose kernel takes `like` = (q, k, v, log_decay) (arrays or `jax.ShapeDtypeStruct`s)
+  in chunks of c: the platform's `kernel_chunk_size` with `retile`, else chunk_size. The choice is made when
   lowering (`lax.platform_dependent`), so a program compiled or exported for a GPU or TPU from any host runs the
-  kernel there. kernel: one function for every platform, or a dict {platform: its function}. All must return the
-  same shapes and dtypes."""
-  if not platforms:
+  kernel there. default and kernel must return the same shapes and dtypes."""
+  offered = set(_platforms_with_devices()) | set(getattr(_offered, "platforms", ()))
+  branches = {}
+  for platform, backend in (pb for pb in _KERNEL_PLATFORMS if pb[0] in offered):
+    chunk = kernel_chunk_size(platform, like[0].shape[1], chunk_size) if retile else chunk_size
+    if kernel_supported(*like, chunk, backend):
+      branches[platform] = functools.partial(kernel, chunk_size=chunk)
+  if not branches:
     return default(*args)
-  by_platform = kernel if isinstance(kernel, dict) else {p: kernel for p in platforms}
-  return jax.lax.platform_dependent(*args, default=default, **{p: by_platform[p] for p in platforms})
+  return jax.lax.platform_dependent(*args, default=default, **branches)
 
 
 def _kernel(q, k, v, log_decay, **kw):
@@ -139,11 +135,9 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
     log_decay = jax.lax.optimization_barrier(log_decay)
   kw = dict(scale=scale, initial_state=initial_state, exclusive=exclusive, resets=resets)
   if impl == "auto":
-    platforms = kernel_platforms(q, k, v, log_decay, chunk_size, per_platform_chunk=True)
-    kernel = {p: functools.partial(_kernel, chunk_size=kernel_chunk_size(p, q.shape[1], chunk_size), **kw)
-              for p in platforms}
-    return select_at_lowering((q, k, v, log_decay), functools.partial(chunked.recurrence, chunk_size=chunk_size, **kw),
-                              kernel, platforms)
+    args = (q, k, v, log_decay)
+    return select_at_lowering(args, functools.partial(chunked.recurrence, chunk_size=chunk_size, **kw),
+                              functools.partial(_kernel, **kw), args, chunk_size)
   if impl == "reference":
     return reference.recurrence(q, k, v, log_decay, **kw)
   if impl == "recurrent":
@@ -153,5 +147,5 @@ def gated_linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state
   return chunked.recurrence(q, k, v, log_decay, chunk_size=chunk_size, **kw)
 
 
-__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_chunk_size", "kernel_platforms",
-           "lower_kernels_for", "select_at_lowering"]
+__all__ = ["gated_linear_recurrence", "mixing_matrix", "step", "IMPLS", "kernel_chunk_size", "lower_kernels_for",
+           "select_at_lowering"]
