@@ -126,18 +126,19 @@ def causal_scan(x, dt, A, B, C, *, chunk_size, initial_state=None, reverse=False
     dtype = shapes.compute_dtype(x, dt, B, C)
     state = jnp.zeros((b, h, p, B.shape[-1]), dtype) if initial_state is None else initial_state.astype(dtype)
     return jnp.zeros(x.shape, dtype), state
-  kw = dict(initial_state=initial_state, reverse=reverse, segment_ids=segment_ids)
+  kw = dict(chunk_size=chunk_size, initial_state=initial_state, reverse=reverse, segment_ids=segment_ids)
   if sequence.current_split() is not None:
-    return _core_scan(x, dt, A, B, C, impl=impl, chunk_size=chunk_size, **kw)
+    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
   if impl == "chunked":
-    return _grouped_scan(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+    return _grouped_scan(x, dt, A, B, C, **kw)
   if impl == "pallas":
-    return _kernel_scan(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+    return _kernel_scan(x, dt, A, B, C, **kw)
   if impl != "auto":
-    return _core_scan(x, dt, A, B, C, impl=impl, chunk_size=chunk_size, **kw)
+    return _core_scan(x, dt, A, B, C, impl=impl, **kw)
   dtype = shapes.compute_dtype(x, dt, B, C)
   like = (C, B, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(dt.shape, dtype))
-  return recurrence.select_at_lowering((x, dt, A, B, C), functools.partial(_grouped_scan, chunk_size=chunk_size, **kw),
+  # select_at_lowering's chunk_size overrides kw's in the kernel branch
+  return recurrence.select_at_lowering((x, dt, A, B, C), functools.partial(_grouped_scan, **kw),
                                        functools.partial(_kernel_scan, **kw), like, chunk_size)
 
 

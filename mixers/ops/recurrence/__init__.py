@@ -104,7 +104,9 @@ def select_at_lowering(args, default, kernel, like, chunk_size, *, retile=True):
   kernel there. default and kernel must return the same shapes and dtypes."""
   offered = set(_platforms_with_devices()) | set(getattr(_offered, "platforms", ()))
   branches = {}
-  for platform, backend in (pb for pb in _KERNEL_PLATFORMS if pb[0] in offered):
+  for platform, backend in _KERNEL_PLATFORMS:
+    if platform not in offered:
+      continue
     chunk = kernel_chunk_size(platform, like[0].shape[1], chunk_size) if retile else chunk_size
     if kernel_supported(*like, chunk, backend):
       branches[platform] = functools.partial(kernel, chunk_size=chunk)
