@@ -13,7 +13,7 @@ import itertools
 import jax
 
 from experiments.benchmarks import common
-from experiments.benchmarks.kernels_gpu import CHUNK, DECAYS, DK, make_inputs
+from experiments.benchmarks import kernels_gpu
 from mixers.kernels import chunked_recurrence
 
 WARPS, STAGES = (2, 4, 8), (1, 2, 3)
@@ -23,26 +23,28 @@ MODES = {"state_pass": "fwd", "output": "fwd", "dstate_pass": "fwd+bwd", "gradie
 
 def _call(tuning, mode):
   def fn(q, k, v, g):
-    return chunked_recurrence(q, k, v, g, scale=DK**-0.5, initial_state=None, chunk_size=CHUNK, backend="gpu",
-                              tuning=tuning)[0]
+    return chunked_recurrence(q, k, v, g, scale=kernels_gpu.DK**-0.5, initial_state=None,
+                              chunk_size=kernels_gpu.CHUNK, backend="gpu", tuning=tuning,
+                              interpret=kernels_gpu.INTERPRET)[0]
   return jax.jit(fn) if mode == "fwd" else common.fwd_bwd(fn)
 
 
 def run(args):
-  if jax.default_backend() != "gpu":
-    return [{"note": f"kernels_gpu_tuning needs a CUDA GPU; JAX backend is {jax.default_backend()}"}]
+  note = kernels_gpu.unavailable("kernels_gpu_tuning")
+  if note:
+    return note
   repeats = max(args.repeats, 3)
   t = min(args.max_len, 32768)
   rows = []
-  for decay in DECAYS:
-    inputs = make_inputs(t, decay)
+  for decay in kernels_gpu.DECAYS:
+    inputs = kernels_gpu.make_inputs(t, decay)
+    base = {mode: 1e3 * common.time_fn(_call(None, mode), *inputs, repeats=repeats) for mode in set(MODES.values())}
     for phase, mode in MODES.items():
-      base = 1e3 * common.time_fn(_call(None, mode), *inputs, repeats=repeats)
       for warps, stages in itertools.product(WARPS, STAGES):
         row = {"decay": decay, "T": t, "phase": phase, "mode": mode, "num_warps": warps, "num_stages": stages}
         try:
           row["ms"] = 1e3 * common.time_fn(_call(((phase, warps, stages),), mode), *inputs, repeats=repeats)
-          row["x_vs_4w1s"] = base / row["ms"]
+          row["x_vs_4w1s"] = base[mode] / row["ms"]
         except Exception as e:  # pylint: disable=broad-except
           row["ms"], row["note"] = None, f"{type(e).__name__}: {str(e)[:80]}"  # e.g. shared memory exceeded
         rows.append(row)
