@@ -9,6 +9,8 @@ difference between the kernel and the chunked XLA form (outputs, and for fwd+bwd
 fla columns appear when `torch` and `flash-linear-attention` import (pip install torch
 flash-linear-attention). Without a CUDA GPU the suite returns one row saying so.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +27,12 @@ DECAYS = ("scalar", "channel")
 INTERPRET = False
 
 
-def unavailable(suite):
-  """The one row a GPU suite returns when it cannot run here (None when it can)."""
-  if jax.default_backend() == "gpu" or INTERPRET:
+def unavailable(suite, backend="gpu"):
+  """The one row a kernel suite returns when its backend ("gpu" | "tpu") is not here (None when it can run)."""
+  if jax.default_backend() == backend or INTERPRET:
     return None
-  return [{"note": f"{suite} needs a CUDA GPU; JAX backend is {jax.default_backend()}"}]
+  device = "a CUDA GPU" if backend == "gpu" else "a TPU"
+  return [{"note": f"{suite} needs {device}; JAX backend is {jax.default_backend()}"}]
 
 
 def make_inputs(t, decay):
@@ -47,7 +50,7 @@ def _pallas(q, k, v, g):
                             backend="gpu", interpret=INTERPRET)[0]
 
 
-def _chunked(q, k, v, g):
+def chunked(q, k, v, g):
   return gated_linear_recurrence(q, k, v, g, scale=DK**-0.5, chunk_size=CHUNK, impl="chunked")[0]
 
 
@@ -55,7 +58,7 @@ def _flash(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def _rel_err(a, b):
+def rel_err(a, b):
   a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
   return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-12))
 
@@ -107,6 +110,35 @@ def _fla_seconds(fla, decay, inputs, backward, repeats):
   return _time_torch(torch, call, repeats)
 
 
+def modes():
+  """(mode, how a function is compiled for it): the forward alone, and forward+backward."""
+  return (("fwd", jax.jit), ("fwd+bwd", common.fwd_bwd))
+
+
+def timer(fn, *args, repeats):
+  """A zero-argument callable giving the median seconds of the compiled fn(*args) (for `measure`)."""
+  return lambda: common.time_fn(fn, *args, repeats=repeats)
+
+
+def measure(row, pallas, xla, inputs, others, repeats):
+  """Fills row with `rel_err` (the Pallas call against the chunked XLA form, every output leaf), `pallas_ms`,
+  `chunked_xla_ms`, one `<name>_ms` per entry of others ({name: zero-argument callable giving seconds}; None and a
+  note when it fails here) and the kernel's speed-up over each, `x_vs_<name>`."""
+  row["rel_err"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(pallas(*inputs)), jax.tree.leaves(xla(*inputs))))
+  row["pallas_ms"] = 1e3 * common.time_fn(pallas, *inputs, repeats=repeats)
+  timed = {"chunked_xla": timer(xla, *inputs, repeats=repeats), **others}
+  for name, seconds in timed.items():
+    try:
+      row[name + "_ms"] = 1e3 * seconds()
+    except Exception as e:  # pylint: disable=broad-except
+      row[name + "_ms"] = None
+      row["note"] = f"{name}: {type(e).__name__}"
+  for name in timed:
+    if row[name + "_ms"]:
+      row["x_vs_" + name] = row[name + "_ms"] / row["pallas_ms"]
+  return row
+
+
 def run(args):
   note = unavailable("kernels_gpu")
   if note:
@@ -118,24 +150,10 @@ def run(args):
   for decay in DECAYS:
     for t in lengths:
       inputs = make_inputs(t, decay)
-      q, k, v, _ = inputs
-      for mode in ("fwd", "fwd+bwd"):
-        wrap = (lambda f: jax.jit(f)) if mode == "fwd" else common.fwd_bwd
-        pallas, chunked, flash = wrap(_pallas), wrap(_chunked), wrap(_flash)
-        row = {"decay": decay, "T": t, "mode": mode}
-        row["rel_err"] = max(_rel_err(a, b) for a, b in
-                             zip(jax.tree.leaves(pallas(*inputs)), jax.tree.leaves(chunked(*inputs))))
-        row["pallas_ms"] = 1e3 * common.time_fn(pallas, *inputs, repeats=repeats)
-        row["chunked_xla_ms"] = 1e3 * common.time_fn(chunked, *inputs, repeats=repeats)
-        try:
-          row["cudnn_flash_ms"] = 1e3 * common.time_fn(flash, q, k, v, repeats=repeats)
-        except Exception as e:  # pylint: disable=broad-except
-          row["cudnn_flash_ms"] = None
-          row["note"] = f"cudnn: {type(e).__name__}"
+      for mode, wrap in modes():
+        others = {"cudnn_flash": timer(wrap(_flash), *inputs[:3], repeats=repeats)}
         if fla is not None:
-          row["fla_ms"] = 1e3 * _fla_seconds(fla, decay, inputs, mode != "fwd", repeats)
-        for other in ("chunked_xla_ms", "cudnn_flash_ms", "fla_ms"):
-          if row.get(other):
-            row["x_vs_" + other[:-3]] = row[other] / row["pallas_ms"]
-        rows.append(row)
+          others["fla"] = functools.partial(_fla_seconds, fla, decay, inputs, mode != "fwd", repeats)
+        row = {"decay": decay, "T": t, "mode": mode}
+        rows.append(measure(row, wrap(_pallas), wrap(chunked), inputs, others, repeats))
   return rows

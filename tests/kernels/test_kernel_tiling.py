@@ -12,6 +12,8 @@ from mixers import kernels
 from mixers.kernels import chunk_gpu
 from mixers.kernels import dispatch
 from mixers.kernels import chunk_tpu
+from mixers.kernels.introspect import pallas_calls
+from mixers.kernels.introspect import pallas_grids
 from mixers.ops.recurrence import gated_linear_recurrence
 from tests.conftest import assert_close
 
@@ -57,27 +59,6 @@ def test_tiled_kernels_equal_the_chunked_form(backend, decay, packed):
     assert_close(a, b, 1e-5, name)
 
 
-def _pallas_calls(fn, *args):
-  """[(kernel name, pallas_call equation)] in fn's jaxpr, inside any nested jaxpr (jit, custom_vjp_call, ...)."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        found.append((str(eqn.params["name"]).split(" ")[0], eqn))
-      for value in eqn.params.values():
-        inner = getattr(value, "jaxpr", value)
-        if hasattr(inner, "eqns"):
-          walk(inner)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
-
-
-def _grids(fn, *args):
-  """{kernel name: grid} of the pallas_calls in fn's jaxpr."""
-  return {name: tuple(eqn.params["grid_mapping"].grid) for name, eqn in _pallas_calls(fn, *args)}
-
-
 def _operands(per_channel, *, bh=16, t=8192, d=128, c=64, tpu=False):
   """ShapeDtypeStructs of (q, k, v, g, aux, S0) as `dispatch` lays them out for the backend, B=1, K = V = d: GPU
   `[B,T,H,D]` (per-channel g too), TPU rows `[B*H,T,D]`."""
@@ -95,10 +76,10 @@ def test_gpu_programs_per_phase_at_the_target_shape(per_channel):
   output and gradient kernels run every (head, chunk, value block) in parallel: 16 * 128 * 2 = 4,096 programs."""
   kw = dict(scale=1.0, chunk=64, per_channel=per_channel)
   q, k, v, g, aux, state = _operands(per_channel)
-  forward = _grids(lambda *a: chunk_gpu.forward(*a, **kw), q, k, v, g, aux, state)
+  forward = pallas_grids(lambda *a: chunk_gpu.forward(*a, **kw), q, k, v, g, aux, state)
   assert forward == {"chunk_recurrence_state_pass": (16, 2, 2), "chunk_recurrence_fwd": (16, 128, 2)}
   assert np.prod(forward["chunk_recurrence_fwd"]) == 4096
-  backward = _grids(lambda *a: chunk_gpu.backward(*a, **kw), q, k, v, g, aux, state, v, state)
+  backward = pallas_grids(lambda *a: chunk_gpu.backward(*a, **kw), q, k, v, g, aux, state, v, state)
   assert backward == {"chunk_recurrence_state_pass": (16, 2, 2), "chunk_recurrence_dstate_pass": (16, 2, 2),
                       "chunk_recurrence_bwd": (16, 128, 2)}
 
@@ -109,16 +90,16 @@ def test_tpu_grid_at_the_target_shape(d, tiles):
   tiles of 128 lanes, forward and backward."""
   q, k, v, g, aux, state = _operands(True, d=d, tpu=True)
   kw = dict(scale=1.0, chunk=64, per_channel=True)
-  assert _grids(lambda *a: chunk_tpu.forward(*a, **kw), q, k, v, g, aux, state) == {
+  assert pallas_grids(lambda *a: chunk_tpu.forward(*a, **kw), q, k, v, g, aux, state) == {
       "chunk_recurrence_fwd": (16, tiles, 16)}
-  assert _grids(lambda *a: chunk_tpu.backward(*a, **kw), q, k, v, g, aux, state, v, state) == {
+  assert pallas_grids(lambda *a: chunk_tpu.backward(*a, **kw), q, k, v, g, aux, state, v, state) == {
       "chunk_recurrence_bwd_dq": (16, tiles, 16), "chunk_recurrence_bwd_dkdv": (16, tiles, 16)}
 
 
 def _compiler_params(fn, *args):
   """{kernel name: (num_warps, num_stages)} of the pallas_calls in fn's jaxpr."""
   return {name: (eqn.params["compiler_params"].num_warps, eqn.params["compiler_params"].num_stages)
-          for name, eqn in _pallas_calls(fn, *args)}
+          for name, eqn in pallas_calls(fn, *args)}
 
 
 def test_gpu_tuning_sets_warps_and_stages_per_phase():
@@ -140,7 +121,7 @@ def test_gpu_tuning_sets_warps_and_stages_per_phase():
 
 def _edge_dtypes(fn, *args):
   """The dtypes of the chunk-edge states the state passes of fn's jaxpr store (their first output)."""
-  return [eqn.outvars[0].aval.dtype for name, eqn in _pallas_calls(fn, *args) if "state_pass" in name]
+  return [eqn.outvars[0].aval.dtype for name, eqn in pallas_calls(fn, *args) if "state_pass" in name]
 
 
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
