@@ -36,6 +36,8 @@ def unavailable(suite, backend="gpu"):
 
 
 def make_inputs(t, decay):
+  """q, k, v `[B,t,H,D]` bf16 and the log decay `[B,t,H]` (scalar) or `[B,t,H,K]` (channel) float32, near 0
+  (gates sigmoid(N(4, 1)), mean 0.97): the suites' inputs, the same for every form compared."""
   ks = jax.random.split(jax.random.key(t), 4)
   q, k = (jax.random.normal(x, (B, t, H, DK), jnp.bfloat16) for x in ks[:2])
   k = k * DK**-0.5
