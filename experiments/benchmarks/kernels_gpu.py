@@ -47,9 +47,11 @@ def make_inputs(t, decay):
   return q, k, v, g
 
 
-def _pallas(q, k, v, g):
-  return chunked_recurrence(q, k, v, g, scale=DK**-0.5, initial_state=None, chunk_size=CHUNK,
-                            backend="gpu", interpret=INTERPRET)[0]
+def pallas(q, k, v, g, *, backend="gpu", chunk_size=None, tuning=None):
+  """The Pallas kernel's output on `backend`, in chunks of chunk_size (default CHUNK) with the GPU `tuning`; in the
+  interpreter when INTERPRET."""
+  return chunked_recurrence(q, k, v, g, scale=DK**-0.5, initial_state=None, chunk_size=chunk_size or CHUNK,
+                            backend=backend, tuning=tuning, interpret=INTERPRET)[0]
 
 
 def chunked(q, k, v, g):
@@ -157,5 +159,5 @@ def run(args):
         if fla is not None:
           others["fla"] = functools.partial(_fla_seconds, fla, decay, inputs, mode != "fwd", repeats)
         row = {"decay": decay, "T": t, "mode": mode}
-        rows.append(measure(row, wrap(_pallas), wrap(chunked), inputs, others, repeats))
+        rows.append(measure(row, wrap(pallas), wrap(chunked), inputs, others, repeats))
   return rows

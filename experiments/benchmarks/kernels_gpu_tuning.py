@@ -8,13 +8,13 @@ backward. One phase at a time takes each (num_warps, num_stages) in {2, 4, 8} x 
 backward's), and the ratio to 4 warps / 1 stage in the same run. A phase's best row is the `tuning` entry to pass to
 `mixers.kernels.chunked_recurrence` for that shape. Without a CUDA GPU the suite returns one row saying so.
 """
+import functools
 import itertools
 
 import jax
 
 from experiments.benchmarks import common
 from experiments.benchmarks import kernels_gpu
-from mixers.kernels import chunked_recurrence
 
 WARPS, STAGES = (2, 4, 8), (1, 2, 3)
 # the phases each call runs: the forward's in "fwd", all four in "fwd+bwd"
@@ -22,10 +22,7 @@ MODES = {"state_pass": "fwd", "output": "fwd", "dstate_pass": "fwd+bwd", "gradie
 
 
 def _call(tuning, mode):
-  def fn(q, k, v, g):
-    return chunked_recurrence(q, k, v, g, scale=kernels_gpu.DK**-0.5, initial_state=None,
-                              chunk_size=kernels_gpu.CHUNK, backend="gpu", tuning=tuning,
-                              interpret=kernels_gpu.INTERPRET)[0]
+  fn = functools.partial(kernels_gpu.pallas, tuning=tuning)
   return jax.jit(fn) if mode == "fwd" else common.fwd_bwd(fn)
 
 

@@ -4,30 +4,18 @@ r"""Pallas chunked-recurrence kernels on a TPU, beside the chunked XLA form and 
 
 The TPU twin of `kernels_gpu`: B=1, H=16, K=V=128, bf16, T = 2048..max_len (doubling), forward and
 forward+backward, scalar and per-key-channel decays. The kernel runs in the chunk `impl="auto"` picks for the
-local generation (`chunk_tpu.preferred_chunk`: 64 widened up to the MXU's 128 or 256 rows). Columns: milliseconds
+local generation (`kernel_chunk_size`: 64 widened up to the MXU's 128 or 256 rows). Columns: milliseconds
 per call, the kernel's speed-up over each other form, `rel_err` against the chunked XLA form, `grid_steps` of the
 forward's kernel and `x_fewer_steps`: a kernel taking one 64-token chunk per grid step (B*H*T/64 steps) over
 `grid_steps`. Without a TPU the suite returns one row saying so.
 """
-import jax
+import functools
+
 from jax.experimental.pallas.ops.tpu import flash_attention
 
 from experiments.benchmarks import kernels_gpu
-from mixers.kernels import chunk_tpu
-from mixers.kernels import chunked_recurrence
 from mixers.kernels.introspect import grid_steps
-
-
-def kernel_chunk(t):
-  device_kind = None if kernels_gpu.INTERPRET else jax.devices()[0].device_kind
-  return chunk_tpu.preferred_chunk(t, kernels_gpu.CHUNK, device_kind)
-
-
-def _pallas(chunk):
-  def fn(q, k, v, g):
-    return chunked_recurrence(q, k, v, g, scale=kernels_gpu.DK**-0.5, initial_state=None, chunk_size=chunk,
-                              backend="tpu", interpret=kernels_gpu.INTERPRET)[0]
-  return fn
+from mixers.ops.recurrence import kernel_chunk_size
 
 
 def _flash(q, k, v):
@@ -45,12 +33,13 @@ def run(args):
   for decay in kernels_gpu.DECAYS:
     for t in [t for t in kernels_gpu.LENGTHS if t <= args.max_len]:
       inputs = kernels_gpu.make_inputs(t, decay)
-      chunk = kernel_chunk(t)
-      steps = grid_steps(_pallas(chunk), *inputs)
+      chunk = kernel_chunk_size("tpu", t, kernels_gpu.CHUNK)
+      pallas = functools.partial(kernels_gpu.pallas, backend="tpu", chunk_size=chunk)
+      steps = grid_steps(pallas, *inputs)
       for mode, wrap in kernels_gpu.modes():
         row = {"decay": decay, "T": t, "mode": mode, "chunk": chunk, "grid_steps": steps,
                "x_fewer_steps": kernels_gpu.B * kernels_gpu.H * t / 64 / steps}
         others = {"pallas_flash": kernels_gpu.timer(wrap(_flash), *inputs[:3], repeats=repeats)}
-        rows.append(kernels_gpu.measure(row, wrap(_pallas(chunk)), wrap(kernels_gpu.chunked), inputs, others,
+        rows.append(kernels_gpu.measure(row, wrap(pallas), wrap(kernels_gpu.chunked), inputs, others,
                                         repeats))
   return rows

@@ -48,7 +48,7 @@ def test_kernels_gpu_rows_compare_the_kernel_with_the_chunked_form(small_interpr
 
 
 def test_kernels_gpu_rel_err_sees_a_wrong_kernel(small_interpreted, monkeypatch):
-  monkeypatch.setattr(kernels_gpu, "_pallas", lambda q, k, v, g: kernels_gpu.chunked(q, k, v, 0.5 * g))
+  monkeypatch.setattr(kernels_gpu, "pallas", lambda q, k, v, g: kernels_gpu.chunked(q, k, v, 0.5 * g))
   monkeypatch.setattr(kernels_gpu, "DECAYS", ("scalar",))
   rows = kernels_gpu.run(_args(32))
   assert all(r["rel_err"] > 0.1 for r in rows), rows
