@@ -30,17 +30,19 @@ MIXERS = ("attention", "linear_attention", "retention", "gla", "mamba2", "delta_
           "lightnet")
 
 # Full grid: Zoology's MQAR setting at T=256 (vocabulary 8192, 16..64 pairs, widths 32..256, a log-spaced
-# learning-rate sweep), with 2 layers for every mixer (Zoology's Figure 2: 2 for attention, 4 for the others).
+# learning-rate sweep, token 0 between the queries as in its Figure 2), with 2 layers for every mixer (Zoology's Figure 2
+# config: 2 for attention and 4 for the others, 2 for all since its last revision).
 FULL = dict(mixers=MIXERS, d_models=(32, 64, 128, 256), seq_lens=(256,), num_pairs=(16, 32, 64),
             learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2), seeds=(0, 1, 2), vocab_size=8192, num_train=100_000,
-            num_validation=3_000, batch_size=64, num_steps=20_000, warmup_steps=500)
+            num_validation=3_000, batch_size=64, num_steps=20_000, warmup_steps=500, random_non_queries=False)
 
 # Quick grid: 108 runs of 700 steps (about 30 s each on 2 idle CPU cores): every causal mixer, widths 32 and 64,
 # two learning rates, three seeds, short sequences (T=32, 4 pairs) on which attention's recall forms within a few
-# hundred steps. `--mixers`, `--seeds` and `--d_models` cut it down.
+# hundred steps; uniform noise between the queries (the harder filler, docs/RESULTS.md section 2). `--mixers`,
+# `--seeds` and `--d_models` cut it down.
 QUICK = dict(mixers=MIXERS, d_models=(32, 64), seq_lens=(32,), num_pairs=(4,), learning_rates=(1e-2, 3e-2),
              seeds=(0, 1, 2), vocab_size=256, num_train=4_000, num_validation=256, batch_size=32, num_steps=700,
-             warmup_steps=20)
+             warmup_steps=20, random_non_queries=True)
 
 # Extended grid: the quick grid's data and learning rates at Zoology's shape of the problem, the gap growing with T and
 # the number of pairs: (T, pairs) = (64, 4), (128, 8), (256, 16) at widths 64 and 128, 1,500 steps, three seeds.
@@ -76,7 +78,8 @@ def make_config(grid, mixer, d_model, seq_len, num_pairs, learning_rate, seed=0,
   config = mqar.get_config(mixer)
   config.model.d_model = d_model
   config.data.update(vocab_size=grid["vocab_size"], seq_len=seq_len, num_pairs=num_pairs,
-                     num_train=grid["num_train"], num_validation=grid["num_validation"])
+                     num_train=grid["num_train"], num_validation=grid["num_validation"],
+                     random_non_queries=grid["random_non_queries"])
   if data_dir:
     config.data.data_dir = data_dir
   config.seed = seed

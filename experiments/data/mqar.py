@@ -9,8 +9,8 @@ An example over vocabulary V with P pairs and length T:
 The sequence is laid out as a causal LM pair: `inputs[t]` is token t, `targets[t]` is the
 token the model must emit after reading `inputs[:t+1]`. Only query positions carry a target
 (the value paired with the queried key); every other target is IGNORE_INDEX (-100). Tokens
-that are neither context nor query are uniform noise over [0, V) (`random_non_queries`, as
-Zoology does) or 0.
+that are neither context nor query are uniform noise over [0, V) (`random_non_queries`, the
+default of Zoology's generator) or 0 (what Zoology's Figure 2 trains on, and configs/mqar.py's default).
 """
 import dataclasses
 

@@ -110,3 +110,12 @@ def test_extended_sweep_runs_its_listed_shapes_at_every_width_seed_and_rate():
   assert sorted({(t, p) for _, _, t, p, _, _ in pts}) == [(64, 4), (128, 8), (256, 16)]
   assert len(pts) == 3 * 2 * len(sweep.EXTENDED["learning_rates"]) * 3
   assert sweep.make_config(sweep.EXTENDED, *pts[-1]).data.seq_len == 256
+
+
+def test_mqar_filler_is_zoology_figure2_in_the_config_and_noise_in_the_cpu_grids():
+  from configs import mqar  # pylint: disable=import-outside-toplevel
+  assert mqar.get_config("m2,small").data.random_non_queries is False
+  point = ("m2", 64, 64, 4, 1e-2, 0)
+  assert sweep.make_config(sweep.FULL, *point).data.random_non_queries is False
+  for grid in (sweep.QUICK, sweep.EXTENDED):
+    assert sweep.make_config(grid, *point).data.random_non_queries is True
