@@ -1,6 +1,7 @@
 r"""Zoology's Hyena on this library's MQAR data and budget, in PyTorch: the reference point for M2 at equal budget.
 
-    python -m experiments.zoology_hyena --export results/mqar_v256_t64_p4.npz           # this environment
+    python -m experiments.zoology_hyena --export results/mqar_v256_t64_p4.npz           # this environment; noise
+    python -m experiments.zoology_hyena --export results/mqar_zeros.npz --filler zeros   # the config's default data
     pip install torch                                                                  # any environment with torch
     python experiments/zoology_hyena.py --data results/mqar_v256_t64_p4.npz --out results/hyena.jsonl
     python experiments/zoology_hyena.py --data ... --trainer mixers --lrs 1e-2 --out ...
@@ -8,7 +9,9 @@ r"""Zoology's Hyena on this library's MQAR data and budget, in PyTorch: the refe
 Zoology's Figure 2 (arXiv 2312.04927) reports Hyena after 64 epochs of 100,000 examples at batch 512; the M2 runs
 of docs/RESULTS.md section 2 see 1,500 steps of 32. This script trains Zoology's own model, rebuilt from its code
 (`zoology/model.py`, `zoology/mixers/hyena.py`, `zoology/train.py`), on the exact examples of `configs/mqar.py`
-(written out by `--export`) for the same steps and batch, so that the two are compared at equal budget.
+(written out by `--export`: `--filler noise`, the default here, gives the uniform-noise filler the CPU grids and the
+config's earlier runs used; `--filler zeros` the config's default now) for the same steps and batch, so that the two
+are compared at equal budget.
 
 Model (Zoology's LanguageModel, TransformerBlock, n_layers 2, identity state mixer): token embeddings N(0, 0.02)
 tied to the output head; embedding dropout 0.1; per block `residual += h; residual += hyena(LN1(residual));
@@ -138,9 +141,9 @@ def optimizer(model, trainer, lr, steps):
   if trainer == "zoology":
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))), 0.0
-  named = list(model.named_parameters())
-  decayed = [p for n, p in named if p.ndim >= 2 and ".filter." not in n]
-  others = [p for n, p in named if not (p.ndim >= 2 and ".filter." not in n)]
+  decays = {n: p.ndim >= 2 and ".filter." not in n for n, p in model.named_parameters()}
+  decayed = [p for n, p in model.named_parameters() if decays[n]]
+  others = [p for n, p in model.named_parameters() if not decays[n]]
   opt = torch.optim.AdamW([dict(params=decayed, weight_decay=0.1), dict(params=others, weight_decay=0.0)],
                           lr=lr, betas=(0.9, 0.98))
   warmup = min(100, steps - 1)  # as experiments.trainer.optimizer
@@ -206,7 +209,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   p.add_argument("--export", help="write configs/mqar.py's splits to this .npz and stop")
   p.add_argument("--filler", default="noise", choices=("noise", "zeros"),
-                 help="--export: the tokens between queries (noise: configs/mqar.py's; zeros: Zoology's Figure 2)")
+                 help="--export: the tokens between queries (noise: the CPU grids'; zeros: Zoology's Figure 2, "
+                      "configs/mqar.py's default)")
   p.add_argument("--data", help="the .npz written by --export")
   p.add_argument("--out", help="JSON lines, one per run (appended)")
   p.add_argument("--trainer", default="zoology", choices=("zoology", "mixers"))
